@@ -1,0 +1,12 @@
+"""netcl: optimizers for parameters that live in OpenCL memory.
+
+`netcl.optim.RMSProp` updates `pyopencl.array.Array` parameters with one fused OpenCL
+kernel, and accepts arrays of any array-API library too.
+"""
+
+from netcl._parameter import Parameter
+from netcl._types import Array, ArrayAPIArray, ClArrayLike, ParameterLike
+
+__all__ = ["Array", "ArrayAPIArray", "ClArrayLike", "Parameter", "ParameterLike", "__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,141 @@
+"""Array-API arrays (numpy, torch, array_api_strict, cupy, jax ...).
+
+The update runs in the array's own namespace, through `array_api_compat`, with the
+optimizer's reference maths. Mutable arrays are written in place, so the user's own array
+object holds the result; arrays that cannot be written (jax) are replaced: the parameter's
+`data` and the state entries are rebound to the new arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import numpy.typing as npt
+
+from netcl._backends.base import Backend, Work, describe
+from netcl._update import Step
+
+__all__ = ["ARRAY_API", "ArrayAPIBackend", "is_array_api"]
+
+
+def is_array_api(x: object) -> bool:
+    """Whether `x` is an array of a library that array-api-compat supports."""
+    return bool(array_api_compat.is_array_api_obj(x)) and hasattr(x, "shape")
+
+
+def _namespace(*arrays: object) -> ModuleType:
+    return array_api_compat.array_namespace(*arrays)
+
+
+def _rebinds(x: Any) -> bool:
+    """Whether `x` belongs to a library whose arrays are never written in place."""
+    return bool(array_api_compat.is_jax_array(x))
+
+
+class ArrayAPIBackend(Backend):
+    """Arrays of array-API libraries, updated with the reference maths."""
+
+    name = "array-api"
+
+    def check_param(self, data: Any, where: str) -> None:
+        xp = _namespace(data)
+        if data.dtype not in (xp.float32, xp.float64):
+            raise TypeError(
+                f"{where} has dtype {data.dtype}; netcl optimizes float32 and float64 arrays"
+            )
+        if not _rebinds(data) and not array_api_compat.is_writeable_array(data):
+            raise ValueError(
+                f"{where} is read-only; netcl updates parameters in place, so it needs a "
+                "writeable array"
+            )
+
+    def check_grad(self, data: Any, grad: Any, where: str) -> None:
+        if not is_array_api(grad):
+            raise TypeError(
+                f"{where} is a {describe(grad)}, but its parameter is a {describe(data)}; "
+                "the gradient must be an array of the same library"
+            )
+        try:
+            _namespace(data, grad)
+        except TypeError:
+            raise TypeError(
+                f"{where} is a {describe(grad)}, but its parameter is a {describe(data)}; "
+                "the gradient must be an array of the same library"
+            ) from None
+        _check_match(data, grad, where)
+
+    def check_state(self, data: Any, buffer: Any, where: str) -> None:
+        if not is_array_api(buffer):
+            raise TypeError(
+                f"{where} is a {describe(buffer)}, but the parameter is now a "
+                f"{describe(data)}; its state was made for another kind of array"
+            )
+        try:
+            _namespace(data, buffer)
+        except TypeError:
+            raise TypeError(
+                f"{where} is a {describe(buffer)}, but the parameter is now a "
+                f"{describe(data)}; its state was made for another kind of array"
+            ) from None
+        _check_match(data, buffer, where)
+
+    def dtype(self, data: Any) -> np.dtype[Any]:
+        xp = _namespace(data)
+        return np.dtype(np.float32 if data.dtype == xp.float32 else np.float64)
+
+    def zeros_like(self, data: Any) -> Any:
+        return _namespace(data).zeros_like(data)
+
+    def to_host(self, array: Any) -> npt.NDArray[Any]:
+        try:
+            return np.from_dlpack(array, device="cpu", copy=True)
+        except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+            return np.array(array, copy=True)
+
+    def from_host(self, host: npt.NDArray[Any], like: Any) -> Any:
+        xp = _namespace(like)
+        return xp.asarray(
+            host, dtype=like.dtype, device=array_api_compat.device(like), copy=True
+        )
+
+    def zero_(self, grad: Any) -> None:
+        grad[...] = 0
+
+    def apply(self, step: Step, work: Sequence[Work]) -> None:
+        for item in work:
+            data = item.data
+            xp = _namespace(data, item.grad)
+            buffers = {name: item.state[name] for name in step.buffers}
+            new_param, new_buffers = step.rule.reference(xp, data, item.grad, buffers, step.hyper)
+            if _rebinds(data):
+                setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
+                for name in step.buffers:
+                    item.state[name] = new_buffers[name]
+            else:
+                data[...] = new_param
+                for name in step.buffers:
+                    item.state[name][...] = new_buffers[name]
+
+
+def _check_match(data: Any, other: Any, where: str) -> None:
+    if tuple(other.shape) != tuple(data.shape):
+        raise ValueError(
+            f"{where} has shape {tuple(other.shape)}, but its parameter has shape "
+            f"{tuple(data.shape)}"
+        )
+    if other.dtype != data.dtype:
+        raise TypeError(
+            f"{where} has dtype {other.dtype}, but its parameter has dtype {data.dtype}"
+        )
+    if array_api_compat.device(other) != array_api_compat.device(data):
+        raise ValueError(
+            f"{where} is on device {array_api_compat.device(other)}, but its parameter is "
+            f"on {array_api_compat.device(data)}"
+        )
+
+
+ARRAY_API = ArrayAPIBackend()

@@ -1,0 +1,50 @@
+"""`Parameter`: a small typed holder of an array and its gradient."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from netcl._backends import backend_for
+from netcl._types import Array
+
+__all__ = ["Parameter"]
+
+A = TypeVar("A", bound=Array)
+
+
+class Parameter(Generic[A]):
+    """A parameter: an array to optimize and, once computed, its gradient.
+
+    ```python
+    import pyopencl.array as cl_array
+    weight = Parameter(cl_array.zeros(queue, (64, 10), np.float32))
+    weight.grad = my_backward_pass(...)  # an array of the same kind, shape and dtype
+    ```
+
+    Args:
+        data: The array to optimize: a `pyopencl.array.Array`, an object exposing an
+            OpenCL buffer ([`ClArrayLike`][netcl.ClArrayLike]) or an array-API array.
+        grad: Its gradient, or None (the optimizer then skips the parameter).
+
+    Raises:
+        TypeError: `data` or `grad` is not an array netcl can optimize.
+    """
+
+    __slots__ = ("data", "grad")
+
+    data: A
+    grad: A | None
+
+    def __init__(self, data: A, grad: A | None = None) -> None:
+        backend_for(data, "data")
+        if grad is not None:
+            backend_for(grad, "grad")
+        self.data = data
+        self.grad = grad
+
+    def __repr__(self) -> str:
+        shape = getattr(self.data, "shape", "?")
+        dtype = getattr(self.data, "dtype", "?")
+        kind = type(self.data).__qualname__
+        has_grad = "set" if self.grad is not None else "None"
+        return f"Parameter({kind}, shape={shape}, dtype={dtype}, grad={has_grad})"

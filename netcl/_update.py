@@ -1,0 +1,67 @@
+"""What an optimizer tells the backends about its update.
+
+An optimizer writes its per-element update twice: once as an OpenCL C function in
+`kernels/<name>.cl` (run by the fused kernel) and once in array-API calls (run for arrays
+that the kernel cannot reach, and the oracle the tests hold the kernel to). `UpdateRule`
+names both, with the state buffers and scalars they take; `Step` is one param group's
+update at one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol, TypeAlias
+
+__all__ = ["Hyper", "ReferenceUpdate", "Step", "UpdateRule"]
+
+Hyper: TypeAlias = Mapping[str, float | bool]
+"""A param group's hyperparameters, by name."""
+
+
+class ReferenceUpdate(Protocol):
+    """The update written in array-API calls on namespace `xp`.
+
+    Returns the new parameter and the new state buffers and changes none of its inputs.
+    `xp` is the arrays' namespace from `array_api_compat`, whose functions are untyped.
+    """
+
+    def __call__(
+        self, xp: ModuleType, param: Any, grad: Any, state: Mapping[str, Any], hyper: Hyper
+    ) -> tuple[Any, dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One optimizer's update, as the backends see it."""
+
+    kernel: str
+    """Stem of the OpenCL source in `kernels/` that defines the function `UPDATE`."""
+    buffers: tuple[str, ...]
+    """Every state buffer `UPDATE` takes, in its argument order."""
+    flags: tuple[str, ...]
+    """Every build-time switch of the source (`#if NAME`)."""
+    variant: Callable[[Hyper], tuple[frozenset[str], tuple[str, ...]]]
+    """The switches that are on, and the buffers that are used, for given hyperparameters."""
+    kernel_scalars: Callable[[Hyper], tuple[float, ...]]
+    """The scalar arguments of `UPDATE`, in its argument order."""
+    reference: ReferenceUpdate
+    """The same update in array-API calls."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One param group's update at one step."""
+
+    rule: UpdateRule
+    hyper: Hyper
+    flags: frozenset[str] = field(init=False)
+    buffers: tuple[str, ...] = field(init=False)
+    scalars: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        flags, buffers = self.rule.variant(self.hyper)
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "buffers", buffers)
+        object.__setattr__(self, "scalars", self.rule.kernel_scalars(self.hyper))

@@ -1,0 +1,442 @@
+"""`Optimizer`: what every netcl optimizer shares.
+
+Parameters and param groups, hyperparameter checks, lazily made state keyed on
+`id(parameter)`, the validated step, `zero_grad`, and torch-layout checkpoints. A
+concrete optimizer (see [`RMSProp`][netcl.optim.RMSProp]) adds its hyperparameters,
+which state buffers it keeps, and its update (an
+[`UpdateRule`][netcl._update.UpdateRule]).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any, ClassVar, Generic, TypeVar, cast, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from netcl._backends import Backend, Work, backend_for, describe
+from netcl._backends.array_api import is_array_api
+from netcl._types import ParameterLike
+from netcl._update import Step, UpdateRule
+from netcl.optim._hyper import HyperCheck
+
+__all__ = ["Optimizer"]
+
+GroupT = TypeVar("GroupT", bound=Mapping[str, Any])
+StateT = TypeVar("StateT", bound=Mapping[str, Any])
+StateDictT = TypeVar("StateDictT", bound=Mapping[str, Any])
+LossT = TypeVar("LossT")
+
+# Keys that torch.optim writes into a param group and that change how torch runs, not
+# what it computes: a torch checkpoint that carries them loads.
+_TORCH_ONLY_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused"})
+
+
+def _is_parameter_like(x: object) -> bool:
+    return hasattr(x, "data") and hasattr(x, "grad")
+
+
+class Optimizer(Generic[GroupT, StateT, StateDictT]):
+    """The base of netcl's optimizers; use a concrete one such as `RMSProp`.
+
+    Attributes:
+        param_groups: The param groups: each holds `params` (a list of parameters) and
+            every hyperparameter, by name. Change a hyperparameter here (a learning-rate
+            schedule) and the next `step()` uses it; nothing is rebuilt.
+        state: Per-parameter state, keyed on `id(parameter)`: empty until the first
+            step, filled lazily, with no entry for a parameter that never had a gradient.
+        defaults: The hyperparameters given to the constructor.
+    """
+
+    rule: ClassVar[UpdateRule]
+    """The update, as the backends run it."""
+    hyperparameters: ClassVar[Mapping[str, HyperCheck]]
+    """Every hyperparameter and how its values are checked."""
+
+    param_groups: list[GroupT]
+    state: dict[int, StateT]
+    defaults: dict[str, float | bool]
+
+    def __init__(
+        self, params: Iterable[ParameterLike] | Iterable[Mapping[str, Any]], defaults: Mapping[str, object]
+    ) -> None:
+        self._lock = threading.RLock()
+        self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
+        self.state = {}
+        self.param_groups = []
+        for group in _as_groups(params):
+            self.add_param_group(group)
+
+    # --- parameters and groups -------------------------------------------------------
+
+    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+        """Add a param group: a dict with `params` and any hyperparameters to override.
+
+        Raises:
+            TypeError: A parameter is not parameter-like or holds an array netcl cannot
+                optimize, or a value has the wrong type.
+            ValueError: An unknown key, a hyperparameter out of range, or a parameter
+                that is already in this or another group.
+        """
+        where = f"param_groups[{len(self.param_groups)}]"
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"{where} must be a dict with a 'params' entry, got {describe(param_group)}")
+        if "params" not in param_group:
+            raise ValueError(f"{where} has no 'params' entry")
+        unknown = sorted(set(param_group) - {"params", *self.hyperparameters})
+        if unknown:
+            raise ValueError(
+                f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: 'params', {', '.join(map(repr, self.hyperparameters))}"
+            )
+        params = _as_param_list(param_group["params"], f"{where}['params']")
+        seen = {id(p) for group in self.param_groups for p in group["params"]}
+        for index, param in enumerate(params):
+            at = f"{where}['params'][{index}]"
+            _check_parameter(param, at)
+            if id(param) in seen:
+                raise ValueError(
+                    f"{at} appears more than once in the optimizer's parameters; "
+                    "give each parameter once, in one group"
+                )
+            seen.add(id(param))
+        group: dict[str, Any] = {"params": params}
+        for name, check in self.hyperparameters.items():
+            value = param_group.get(name, self.defaults[name])
+            group[name] = check(f"{where}: {name}" if name in param_group else name, value)
+        self.param_groups.append(cast(GroupT, group))
+
+    def _hyper(self, group: GroupT) -> dict[str, float | bool]:
+        return {name: group[name] for name in self.hyperparameters}
+
+    # --- the step ----------------------------------------------------------------------
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], LossT]) -> LossT: ...
+
+    def step(self, closure: Callable[[], LossT] | None = None) -> LossT | None:
+        """Update every parameter that has a gradient.
+
+        Every parameter, gradient and state buffer is checked before any is written, so
+        a step that raises changes nothing. OpenCL arrays are updated by the fused kernel
+        on their own queue, without waiting on the host.
+
+        Args:
+            closure: Called first, to recompute the loss (and the gradients); its result
+                is returned.
+
+        Raises:
+            TypeError: A gradient is not an array of the parameter's kind, or has
+                another dtype.
+            ValueError: A gradient has another shape, device, context or layout than
+                its parameter.
+        """
+        loss: LossT | None = None
+        if closure is not None:
+            if not callable(closure):
+                raise TypeError(f"closure must be callable, got {describe(closure)}")
+            loss = closure()
+        with self._lock:
+            plan = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+            for step, batches in plan:
+                for backend, work in batches.items():
+                    for item in work:
+                        self.state[id(item.param)] = cast(StateT, item.state)
+                        item.state["step"] += 1
+                        for name in step.buffers:
+                            if name not in item.state:
+                                item.state[name] = backend.zeros_like(item.data)
+                    backend.apply(step, work)
+        return loss
+
+    def _plan(self, index: int, group: GroupT) -> tuple[Step, dict[Backend, list[Work]]]:
+        """Check one group's parameters for this step; change nothing."""
+        step = Step(self.rule, self._hyper(group))
+        batches: dict[Backend, list[Work]] = {}
+        for k, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is None:
+                continue
+            at = f"param_groups[{index}]['params'][{k}]"
+            data = param.data
+            backend = backend_for(data, f"{at}.data")
+            backend.check_param(data, f"{at}.data")
+            backend.check_grad(data, grad, f"{at}.grad")
+            state = cast("MutableMapping[str, Any] | None", self.state.get(id(param)))
+            if state is None:
+                state = {"step": 0}
+            for name in self.rule.buffers:
+                if name in state:
+                    backend.check_state(data, state[name], f"state[{name!r}] of {at}")
+            batches.setdefault(backend, []).append(Work(param, data, grad, state))
+        return step, batches
+
+    # --- gradients -------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of every parameter.
+
+        Args:
+            set_to_none: Set each `grad` to None (the default, as in torch), or else fill
+                each gradient array with zeros in place.
+        """
+        for index, group in enumerate(self.param_groups):
+            for k, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None:
+                    continue
+                if set_to_none:
+                    try:
+                        setattr(param, "grad", None)  # noqa: B010 (read-only to checkers)
+                    except AttributeError:
+                        raise TypeError(
+                            f"param_groups[{index}]['params'][{k}].grad cannot be set; "
+                            "use zero_grad(set_to_none=False)"
+                        ) from None
+                else:
+                    backend_for(grad, f"param_groups[{index}]['params'][{k}].grad").zero_(grad)
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def state_dict(self) -> StateDictT:
+        """A snapshot of the optimizer, laid out like torch's `Optimizer.state_dict()`.
+
+        `state` maps each parameter's index (counted across groups, in order) to its
+        `step` (an int) and its state buffers as host numpy arrays; `param_groups` lists
+        each group's hyperparameters with `params` as a list of indices. The snapshot is
+        picklable and shares no memory with the optimizer. For OpenCL arrays it waits
+        for the buffers' pending work.
+        """
+        with self._lock:
+            state: dict[int, dict[str, Any]] = {}
+            groups: list[dict[str, Any]] = []
+            index = 0
+            for group in self.param_groups:
+                indices: list[int] = []
+                for param in group["params"]:
+                    live = cast("Mapping[str, Any] | None", self.state.get(id(param)))
+                    if live is not None:
+                        saved: dict[str, Any] = {"step": int(live["step"])}
+                        for name in self.rule.buffers:
+                            if name in live:
+                                buffer = live[name]
+                                saved[name] = backend_for(buffer, name).to_host(buffer)
+                        state[index] = saved
+                    indices.append(index)
+                    index += 1
+                groups.append({**self._hyper(group), "params": indices})
+            return cast(StateDictT, {"state": state, "param_groups": groups})
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a snapshot from `state_dict()` (netcl's or torch's for the same optimizer).
+
+        Everything is checked before anything changes: the number of groups and of
+        parameters in each, every hyperparameter, and every state entry's keys, step,
+        shape, dtype and values (finite; `square_avg` non-negative). The hyperparameters
+        are restored, and the state buffers are copied onto each parameter's device, so
+        the optimizer shares no memory with `state_dict`. Keys that only steer how torch
+        runs (`foreach`, `capturable`, `differentiable`, `fused`) are accepted and ignored.
+
+        Raises:
+            TypeError: A value has the wrong type.
+            ValueError: Anything in `state_dict` does not fit this optimizer.
+        """
+        with self._lock:
+            hypers, id_map, saved_state = self._check_state_dict(state_dict)
+            new_state: dict[int, StateT] = {}
+            for index, entry in saved_state.items():
+                param = id_map[index]
+                backend = backend_for(param.data, f"parameter {index}")
+                restored: dict[str, Any] = {"step": entry["step"]}
+                for name in self.rule.buffers:
+                    if name in entry:
+                        restored[name] = backend.from_host(entry[name], param.data)
+                new_state[id(param)] = cast(StateT, restored)
+            for group, hyper in zip(self.param_groups, hypers, strict=True):
+                cast(dict[str, Any], group).update(hyper)
+            self.state.clear()
+            self.state.update(new_state)
+
+    def _check_state_dict(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[list[dict[str, float | bool]], dict[int, ParameterLike], dict[int, dict[str, Any]]]:
+        """Everything `load_state_dict` needs, checked; raises on the first problem."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {describe(state_dict)}")
+        keys = set(state_dict)
+        if keys != {"state", "param_groups"}:
+            raise ValueError(
+                "state_dict must have exactly the keys 'state' and 'param_groups', "
+                f"got {sorted(map(str, keys))}"
+            )
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, list | tuple):
+            raise TypeError(f"state_dict['param_groups'] must be a list, got {describe(saved_groups)}")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param group(s), "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        hypers: list[dict[str, float | bool]] = []
+        id_map: dict[int, ParameterLike] = {}
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            where = f"state_dict['param_groups'][{g}]"
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"{where} must be a dict, got {describe(saved)}")
+            known = {"params", *self.hyperparameters}
+            unknown = sorted(set(saved) - known - _TORCH_ONLY_KEYS)
+            missing = sorted(known - set(saved))
+            if unknown or missing:
+                raise ValueError(
+                    f"{where} does not fit {type(self).__name__}: "
+                    f"unknown key(s) {unknown}, missing key(s) {missing}"
+                )
+            hypers.append(
+                {name: check(f"{where}: {name}", saved[name]) for name, check in self.hyperparameters.items()}
+            )
+            indices = saved["params"]
+            if not isinstance(indices, list | tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indices
+            ):
+                raise TypeError(f"{where}['params'] must be a list of int indices")
+            if len(indices) != len(group["params"]):
+                raise ValueError(
+                    f"{where} has {len(indices)} parameter(s), but param_groups[{g}] of "
+                    f"this optimizer has {len(group['params'])}"
+                )
+            for i, param in zip(indices, group["params"], strict=True):
+                if i in id_map:
+                    raise ValueError(f"{where}['params'] repeats index {i}")
+                id_map[i] = param
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(f"state_dict['state'] must be a dict, got {describe(saved_state)}")
+        checked: dict[int, dict[str, Any]] = {}
+        for index, entry in saved_state.items():
+            where = f"state_dict['state'][{index!r}]"
+            if index not in id_map:
+                raise ValueError(f"{where} belongs to no parameter in state_dict['param_groups']")
+            checked[index] = self._check_saved_entry(entry, id_map[index], where)
+        return hypers, id_map, checked
+
+    def _check_saved_entry(self, entry: object, param: ParameterLike, where: str) -> dict[str, Any]:
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"{where} must be a dict, got {describe(entry)}")
+        required = {"step", self.rule.buffers[0]}
+        allowed = {"step", *self.rule.buffers}
+        if not required <= set(entry) <= allowed:
+            raise ValueError(
+                f"{where} has keys {sorted(map(str, entry))}; it needs {sorted(required)} "
+                f"and may have {sorted(allowed - required)}"
+            )
+        data = param.data
+        backend = backend_for(data, f"the parameter of {where}")
+        backend.check_param(data, f"the parameter of {where}")
+        checked: dict[str, Any] = {"step": _saved_step(entry["step"], f"{where}['step']")}
+        shape = tuple(int(n) for n in data.shape)
+        dtype = backend.dtype(data)
+        for name in self.rule.buffers:
+            if name not in entry:
+                continue
+            at = f"{where}[{name!r}]"
+            host = _to_host(entry[name], at)
+            if host.shape != shape:
+                raise ValueError(f"{at} has shape {host.shape}, but its parameter has shape {shape}")
+            if host.dtype != dtype:
+                raise TypeError(f"{at} has dtype {host.dtype}, but its parameter has dtype {dtype}")
+            if not np.isfinite(host).all():
+                raise ValueError(f"{at} holds NaN or infinite values")
+            if name == self.rule.buffers[0] and (host < 0).any():
+                raise ValueError(f"{at} holds negative values; it is an average of squares")
+            checked[name] = host
+        return checked
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            lines += [f"    {name}: {group[name]}" for name in sorted(self.hyperparameters)]
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def _to_host(value: object, where: str) -> npt.NDArray[Any]:
+    if isinstance(value, np.ndarray):
+        return value
+    if is_array_api(value):
+        return backend_for(value, where).to_host(value)
+    raise TypeError(f"{where} must be an array, got {describe(value)}")
+
+
+def _saved_step(value: object, where: str) -> int:
+    if is_array_api(value) and getattr(value, "shape", None) == ():
+        value = _to_host(value, where).item()
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{where} must be a number of steps, got {describe(value)}")
+    if not np.isfinite(value) or value < 0 or value != int(value):
+        raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def _as_groups(params: object) -> list[Mapping[str, Any]]:
+    """The constructor's `params` as a list of param-group dicts (torch's rules)."""
+    if isinstance(params, Mapping):
+        raise TypeError(
+            "params must be an iterable of parameters or of param-group dicts, got one dict; "
+            "wrap it in a list"
+        )
+    items = _as_param_list(params, "params")
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    dicts = [isinstance(item, Mapping) for item in items]
+    if all(dicts):
+        return cast(list[Mapping[str, Any]], items)
+    if any(dicts):
+        raise TypeError("params mixes parameters and param-group dicts; use one or the other")
+    return [{"params": items}]
+
+
+def _as_param_list(params: object, where: str) -> list[Any]:
+    """An ordered list from an iterable of parameters (or of group dicts)."""
+    if _is_parameter_like(params) or backend_or_none(params) is not None:
+        raise TypeError(
+            f"{where} must be an iterable of parameters, got a single {describe(params)}; "
+            "wrap it in a list"
+        )
+    if isinstance(params, set | frozenset):
+        raise TypeError(
+            f"{where} must be an ordered iterable (a list or tuple), got a set: "
+            "its order changes from run to run and checkpoints match parameters by order"
+        )
+    if isinstance(params, str | bytes) or not isinstance(params, Iterable):
+        raise TypeError(f"{where} must be an iterable of parameters, got {describe(params)}")
+    return list(params)
+
+
+def backend_or_none(x: object) -> Backend | None:
+    try:
+        return backend_for(x, "")
+    except TypeError:
+        return None
+
+
+def _check_parameter(param: object, where: str) -> None:
+    if isinstance(param, Mapping):
+        raise TypeError(f"{where} is a dict; param groups cannot be nested")
+    if not _is_parameter_like(param):
+        hint = (
+            "; wrap the array in netcl.Parameter(array)"
+            if backend_or_none(param) is not None or hasattr(param, "data")
+            else ""
+        )
+        raise TypeError(
+            f"{where} is a {describe(param)}, not a parameter: a parameter has `data` "
+            f"(an array) and `grad` attributes{hint}"
+        )
+    data = param.data  # type: ignore[attr-defined]  # checked by _is_parameter_like
+    backend = backend_for(data, f"{where}.data")
+    backend.check_param(data, f"{where}.data")

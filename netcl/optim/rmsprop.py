@@ -1,0 +1,256 @@
+"""RMSProp: hyperparameters, state, and the update written once for arrays in any library.
+
+The fused OpenCL form of the same update is `kernels/rmsprop.cl`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import Any, NotRequired, Required, TypedDict
+
+import numpy.typing as npt
+
+from netcl._types import Array, ParameterLike
+from netcl._update import Hyper, UpdateRule
+from netcl.optim._hyper import Flag, HyperCheck, Real
+from netcl.optim.optimizer import Optimizer
+
+__all__ = [
+    "RMSProp",
+    "RMSPropHyperparameters",
+    "RMSPropParamGroup",
+    "RMSPropParamGroupInput",
+    "RMSPropSavedGroup",
+    "RMSPropSavedState",
+    "RMSPropState",
+    "RMSPropStateDict",
+]
+
+
+class RMSPropHyperparameters(TypedDict):
+    """RMSProp's hyperparameters, as a param group holds them."""
+
+    lr: float
+    alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    centered: bool
+    maximize: bool
+
+
+class RMSPropParamGroup(RMSPropHyperparameters):
+    """One entry of `RMSProp.param_groups`."""
+
+    params: list[ParameterLike]
+
+
+class RMSPropParamGroupInput(TypedDict, total=False):
+    """A param group as given to `RMSProp(...)` or `add_param_group`: `params` and any
+    hyperparameters that differ from the optimizer's defaults."""
+
+    params: Required[Iterable[ParameterLike]]
+    lr: float
+    alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    centered: bool
+    maximize: bool
+
+
+class RMSPropState(TypedDict):
+    """One entry of `RMSProp.state`: the state of one parameter, on its device."""
+
+    step: int
+    """Steps taken with a gradient."""
+    square_avg: Array
+    """v: the moving average of the squared gradient."""
+    momentum_buffer: NotRequired[Array]
+    """b: present once a step ran with momentum > 0."""
+    grad_avg: NotRequired[Array]
+    """m: the moving average of the gradient; present once a step ran with centered=True."""
+
+
+class RMSPropSavedState(TypedDict):
+    """The state of one parameter in a state dict: host numpy copies."""
+
+    step: int
+    square_avg: npt.NDArray[Any]
+    momentum_buffer: NotRequired[npt.NDArray[Any]]
+    grad_avg: NotRequired[npt.NDArray[Any]]
+
+
+class RMSPropSavedGroup(RMSPropHyperparameters):
+    """A param group in a state dict: the parameters as indices."""
+
+    params: list[int]
+
+
+class RMSPropStateDict(TypedDict):
+    """What `RMSProp.state_dict()` returns: torch's layout, with numpy arrays."""
+
+    state: dict[int, RMSPropSavedState]
+    param_groups: list[RMSPropSavedGroup]
+
+
+def _variant(hyper: Hyper) -> tuple[frozenset[str], tuple[str, ...]]:
+    momentum, centered = hyper["momentum"] > 0, bool(hyper["centered"])
+    flags = {
+        "MAXIMIZE": bool(hyper["maximize"]),
+        "WEIGHT_DECAY": hyper["weight_decay"] != 0,
+        "CENTERED": centered,
+        "MOMENTUM": momentum,
+    }
+    buffers = ("square_avg",) + ("momentum_buffer",) * momentum + ("grad_avg",) * centered
+    return frozenset(name for name, on in flags.items() if on), buffers
+
+
+def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
+    alpha = float(hyper["alpha"])
+    return (
+        float(hyper["lr"]),
+        alpha,
+        1.0 - alpha,
+        float(hyper["eps"]),
+        float(hyper["weight_decay"]),
+        float(hyper["momentum"]),
+    )
+
+
+def _reference(
+    xp: ModuleType, param: Any, grad: Any, state: Mapping[str, Any], hyper: Hyper
+) -> tuple[Any, dict[str, Any]]:
+    """RMSProp in array-API calls: the expressions of `kernels/rmsprop.cl`, in its order."""
+    lr, alpha, eps = hyper["lr"], hyper["alpha"], hyper["eps"]
+    weight_decay, momentum = hyper["weight_decay"], hyper["momentum"]
+    g = -grad if hyper["maximize"] else grad
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    v = state["square_avg"] * alpha + (1.0 - alpha) * g * g
+    new: dict[str, Any] = {"square_avg": v}
+    if hyper["centered"]:
+        m = state["grad_avg"] * alpha + (1.0 - alpha) * g
+        new["grad_avg"] = m
+        avg = xp.sqrt(v - m * m) + eps
+    else:
+        avg = xp.sqrt(v) + eps
+    if momentum > 0:
+        b = state["momentum_buffer"] * momentum + g / avg
+        new["momentum_buffer"] = b
+        return param + (-lr) * b, new
+    return param + (-lr) * (g / avg), new
+
+
+_RULE = UpdateRule(
+    kernel="rmsprop",
+    buffers=("square_avg", "momentum_buffer", "grad_avg"),
+    flags=("MAXIMIZE", "WEIGHT_DECAY", "CENTERED", "MOMENTUM"),
+    variant=_variant,
+    kernel_scalars=_kernel_scalars,
+    reference=_reference,
+)
+
+_PROBABILITY = Real(0.0, 1.0)  # 0 <= x < 1
+
+_HYPERPARAMETERS: dict[str, HyperCheck] = {
+    "lr": Real(0.0),
+    "alpha": _PROBABILITY,
+    "eps": Real(0.0, low_open=True),
+    "weight_decay": Real(0.0),
+    "momentum": _PROBABILITY,
+    "centered": Flag(),
+    "maximize": Flag(),
+}
+
+
+class RMSProp(Optimizer[RMSPropParamGroup, RMSPropState, RMSPropStateDict]):
+    r"""RMSProp, with one fused OpenCL kernel per parameter and step.
+
+    For each parameter with a gradient, element by element (torch's semantics):
+
+    ```
+    g = -grad if maximize else grad
+    g = g + weight_decay * param                       (coupled weight decay)
+    v = alpha * v + (1 - alpha) * g * g                (square_avg)
+    if centered:
+        m = alpha * m + (1 - alpha) * g                (grad_avg)
+        denom = sqrt(v - m * m) + eps
+    else:
+        denom = sqrt(v) + eps
+    if momentum > 0:
+        b = momentum * b + g / denom                   (momentum_buffer)
+        param = param - lr * b
+    else:
+        param = param - lr * g / denom
+    ```
+
+    `eps` is added after the square root, as in torch (optax's `rmsprop` adds it
+    inside by default). State is made lazily on a parameter's first step with a gradient
+    and kept in `state[id(parameter)]`; `zero_grad()` resets the gradients, never the
+    state. A buffer that a later change of hyperparameters needs (turning momentum or
+    centered on) starts at zero.
+
+    Parameters may hold `pyopencl.array.Array`s (updated in place by the fused kernel on
+    their own queue), objects exposing an OpenCL buffer ([`ClArrayLike`][netcl.ClArrayLike]),
+    or array-API arrays (numpy, torch, array_api_strict ...; updated with the same maths
+    in their own library), in float32 or float64.
+
+    Args:
+        params: Parameters (objects with `data` and `grad`), or param-group dicts
+            (`{"params": [...], "lr": 0.01}`) whose entries override the defaults.
+        lr: Learning rate; `lr >= 0`, finite.
+        alpha: Smoothing constant of the averages; `0 <= alpha < 1`.
+        eps: Added to the denominator for numerical stability; `eps > 0`, finite.
+        weight_decay: Coupled (L2) weight decay, added to the gradient; `>= 0`, finite.
+        momentum: Polyak momentum factor; `0 <= momentum < 1` (0 keeps no buffer).
+        centered: Normalize by an estimate of the gradient's variance instead of its
+            second moment.
+        maximize: Maximize the objective instead of minimizing it.
+
+    Raises:
+        TypeError: `params` is not an iterable of parameters or group dicts, a parameter
+            holds an array netcl cannot optimize, or a hyperparameter is not a number
+            (not a bool for `centered` and `maximize`).
+        ValueError: `params` is empty or repeats a parameter, a group has an unknown key,
+            or a hyperparameter is out of range.
+
+    Example:
+        ```python
+        from netcl.optim import RMSProp
+
+        optimizer = RMSProp(params, lr=1e-3, alpha=0.99, eps=1e-8)
+        for batch in data:
+            optimizer.zero_grad()
+            compute_gradients(batch)  # sets each parameter's .grad
+            optimizer.step()
+        ```
+    """
+
+    rule = _RULE
+    hyperparameters = _HYPERPARAMETERS
+
+    def __init__(
+        self,
+        params: Iterable[ParameterLike] | Iterable[RMSPropParamGroupInput],
+        lr: float = 1e-3,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        *,
+        centered: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "alpha": alpha,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "centered": centered,
+            "maximize": maximize,
+        }
+        super().__init__(params, defaults)
+
