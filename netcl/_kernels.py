@@ -20,7 +20,11 @@ from typing import Any
 import numpy as np
 import pyopencl as cl
 from pyopencl.elementwise import ElementwiseKernel
-from pyopencl.tools import context_dependent_memoize, dtype_to_ctype
+from pyopencl.tools import (
+    context_dependent_memoize,
+    dtype_to_ctype,
+    get_arg_list_scalar_arg_dtypes,
+)
 
 __all__ = ["Geometry", "FusedKernel", "fused_kernel", "geometry", "kernel_source"]
 
@@ -90,18 +94,17 @@ class FusedKernel:
         width, local_size = self.geometry.width, self.geometry.local_size
         chunks = -(-size // width)
         global_size = -(-chunks // local_size) * local_size
-        return self.kernel(  # type: ignore[no-any-return]  # pyopencl's Kernel.__call__ returns Any
-            queue,
-            (global_size,),
-            (local_size,),
-            param,
-            grad,
-            *buffers,
-            *scalars,
-            size,
-            chunks,
+        arrays = [arg for x in (param, grad, *buffers) for arg in _buffer_args(x)]
+        event: cl.Event = self.kernel(
+            queue, (global_size,), (local_size,), *arrays, *scalars, size, chunks,
             wait_for=wait_for,
         )
+        return event
+
+
+def _buffer_args(x: Any) -> tuple[cl.Buffer, int]:
+    """An array argument as the kernel takes it: its buffer and its byte offset."""
+    return x.base_data, int(x.offset)
 
 
 _build_lock = threading.Lock()
@@ -218,5 +221,8 @@ def _fused_kernel(
         preamble="\n".join(preamble),
         options=list(_BUILD_OPTIONS),
     )
-    kernel, _ = elementwise.get_kernel(use_range=False)
+    kernel, arg_descriptions = elementwise.get_kernel(use_range=False)
+    # Arrays are passed as (buffer, byte offset) pairs, so any object exposing a buffer
+    # works and netcl, not the invoker, decides which events to wait for.
+    kernel.set_scalar_arg_dtypes(get_arg_list_scalar_arg_dtypes(arg_descriptions))
     return FusedKernel(kernel=kernel, geometry=geo)

@@ -62,9 +62,14 @@ class ArrayAPIArray(Protocol):
     """An array of an array-API library (numpy, torch, array_api_strict, cupy, jax ...).
 
     Any array that takes part in DLPack has `__dlpack_device__`; netcl uses that
-    method only to tell such arrays from other objects, and reaches the library's
+    method and `shape` only to tell such arrays from other objects, and reaches the library's
     functions through `array_api_compat.array_namespace`.
     """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape."""
+        ...
 
     def __dlpack_device__(self) -> tuple[int, int]:
         """The DLPack device type and id of the array."""

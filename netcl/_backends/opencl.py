@@ -62,9 +62,10 @@ def _layout(x: Any) -> Layout | None:
 
 
 def _context(x: Any) -> cl.Context:
-    if isinstance(x, cl_array.Array):
-        return x.context
-    context: cl.Context = x.base_data.context
+    """The context of an OpenCL array (an empty pyopencl array has no buffer, but a context)."""
+    context: cl.Context | None = x.context if isinstance(x, cl_array.Array) else x.base_data.context
+    if context is None:
+        raise ValueError(f"{describe(x)} has no OpenCL context")
     return context
 
 
@@ -144,21 +145,18 @@ class OpenCLBackend(Backend):
             )
 
     def dtype(self, data: Any) -> np.dtype[Any]:
-        return np.dtype(data.dtype)
+        dtype: np.dtype[Any] = np.dtype(data.dtype)
+        return dtype
 
     def zeros_like(self, data: Any) -> cl_array.Array:
-        return cl_array.zeros(data.queue, tuple(data.shape), data.dtype, order=_layout(data))
+        return cl_array.zeros(data.queue, tuple(data.shape), data.dtype, order=_layout(data) or "C")
 
     def to_host(self, array: Any) -> npt.NDArray[Any]:
         host: npt.NDArray[Any] = array.get()
         return host
 
     def from_host(self, host: npt.NDArray[Any], like: Any) -> cl_array.Array:
-        if _layout(like) == "F":
-            host = np.asfortranarray(host)
-        else:
-            host = np.ascontiguousarray(host)
-        return cl_array.to_device(like.queue, host)
+        return cl_array.to_device(like.queue, np.asarray(host, order=_layout(like)))
 
     def zero_(self, grad: Any) -> None:
         if isinstance(grad, cl_array.Array):

@@ -1,0 +1,200 @@
+"""Bad input gets a clear TypeError or ValueError, and a failed call changes nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import array_api_strict
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+import torch
+
+from netcl import Parameter
+from netcl.optim import RMSProp
+from tests.kinds import KIND_IDS, KINDS, Kind
+
+F32 = np.float32
+
+
+def ok() -> Parameter[Any]:
+    return Parameter(np.ones(3, F32))
+
+
+HYPERPARAMETER_CASES: list[tuple[str, object, type[Exception]]] = [
+    ("lr", -1e-3, ValueError), ("lr", math.nan, ValueError), ("lr", math.inf, ValueError),
+    ("lr", "0.1", TypeError), ("lr", None, TypeError), ("lr", True, TypeError),
+    ("alpha", -0.1, ValueError), ("alpha", 1.0, ValueError), ("alpha", 1.5, ValueError),
+    ("alpha", math.nan, ValueError),
+    ("eps", 0.0, ValueError), ("eps", -1e-8, ValueError), ("eps", math.inf, ValueError),
+    ("weight_decay", -0.1, ValueError), ("weight_decay", math.inf, ValueError),
+    ("weight_decay", math.nan, ValueError),
+    ("momentum", -0.5, ValueError), ("momentum", 1.0, ValueError), ("momentum", math.nan, ValueError),
+    ("momentum", [0.9], TypeError),
+    ("centered", "yes", TypeError), ("centered", 1, TypeError), ("maximize", 0, TypeError),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "error"), HYPERPARAMETER_CASES,
+                         ids=[f"{n}={v!r}" for n, v, _ in HYPERPARAMETER_CASES])
+def test_bad_hyperparameters(name: str, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=name) as caught:
+        RMSProp([ok()], **{name: value})  # type: ignore[arg-type]
+    assert repr(value)[:6] in str(caught.value) or type(value).__name__ in str(caught.value)
+    # the same value in a param group
+    with pytest.raises(error, match=rf"param_groups\[0\]: {name}"):
+        RMSProp([{"params": [ok()], name: value}])  # type: ignore[arg-type]
+
+
+def test_hyperparameter_message_says_what_is_allowed() -> None:
+    with pytest.raises(ValueError, match=r"Invalid alpha value: 1.5 \(allowed: 0.0 <= alpha < 1.0\)"):
+        RMSProp([ok()], alpha=1.5)
+
+
+def test_boundary_values_are_accepted() -> None:
+    RMSProp([ok()], lr=0.0, alpha=0.0, eps=1e-300, weight_decay=0.0, momentum=0.0)
+    RMSProp([ok()], lr=np.float32(0.1), alpha=np.float64(0.5), centered=np.bool_(True))  # type: ignore[arg-type]
+
+
+PARAMS_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("empty", lambda: [], ValueError, "empty parameter list"),
+    ("bare numpy array", lambda: np.ones(3, F32), TypeError, "single numpy.ndarray"),
+    ("single parameter", lambda: ok(), TypeError, "single netcl._parameter.Parameter"),
+    ("set", lambda: {ok()}, TypeError, "got a set"),
+    ("one dict", lambda: {"params": [ok()]}, TypeError, "got one dict"),
+    ("not iterable", lambda: 3, TypeError, "got builtins.int"),
+    ("a string", lambda: "weights", TypeError, "got builtins.str"),
+    ("arrays in a list", lambda: [np.ones(3, F32)], TypeError, r"wrap the array in netcl.Parameter"),
+    ("numbers", lambda: [1.0, 2.0], TypeError, "not a parameter"),
+    ("objects", lambda: [object()], TypeError, "not a parameter"),
+    ("duplicate", lambda: [p := ok(), p], ValueError, "more than once"),
+    ("duplicate across groups", lambda: [{"params": [p := ok()]}, {"params": [p]}], ValueError, "more than once"),
+    ("mixed", lambda: [ok(), {"params": [ok()]}], TypeError, "mixes"),
+    ("unknown group key", lambda: [{"params": [ok()], "betas": 0.9}], ValueError, "unknown key.*'betas'"),
+    ("group without params", lambda: [{"lr": 0.1}], ValueError, "no 'params'"),
+    ("nested group", lambda: [{"params": [{"params": [ok()]}]}], TypeError, "cannot be nested"),
+    ("group params is a set", lambda: [{"params": {ok()}}], TypeError, "got a set"),
+    ("int array", lambda: [Parameter(np.arange(3))], TypeError, "dtype int64"),
+    ("bool array", lambda: [Parameter(np.ones(3, bool))], TypeError, "dtype bool"),
+    ("complex array", lambda: [Parameter(np.ones(3, np.complex64))], TypeError, "dtype complex64"),
+    ("float16 array", lambda: [Parameter(np.ones(3, np.float16))], TypeError, "dtype float16"),
+    ("int torch tensor", lambda: [Parameter(torch.arange(3))], TypeError, "dtype torch.int64"),
+    ("read-only numpy", lambda: [Parameter(np.broadcast_to(np.ones(1, F32), (3,)))], ValueError, "read-only"),
+    ("data not an array", lambda: [type("P", (), {"data": [1.0], "grad": None})()], TypeError, "not an array"),
+]
+
+
+@pytest.mark.parametrize(("params", "error", "match"), [c[1:] for c in PARAMS_CASES],
+                         ids=[c[0] for c in PARAMS_CASES])
+def test_bad_params(params: Callable[[], object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        RMSProp(params())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data", [[1.0, 2.0], "abc", 3.0, None], ids=["list", "str", "float", "None"])
+def test_parameter_rejects_non_arrays(data: object) -> None:
+    with pytest.raises(TypeError, match="data is a .* not an array netcl can optimize"):
+        Parameter(data)  # type: ignore[type-var]
+
+
+def test_opencl_parameter_problems(queue: cl.CommandQueue) -> None:
+    no_queue = cl_array.to_device(queue, np.ones(4, F32)).with_queue(None)
+    with pytest.raises(ValueError, match="has no queue"):
+        RMSProp([Parameter(no_queue)])
+    strided = cl_array.to_device(queue, np.ones(8, F32))[::2]
+    with pytest.raises(ValueError, match="not contiguous"):
+        RMSProp([Parameter(strided)])
+    ints = cl_array.to_device(queue, np.ones(4, np.int32))
+    with pytest.raises(TypeError, match="dtype int32"):
+        RMSProp([Parameter(ints)])
+
+
+def _snapshot(opt: RMSProp, params: list[Parameter[Any]], kind: Kind) -> list[Any]:
+    data = [kind.get(p.data).tobytes() for p in params]
+    state = [
+        (key, {name: kind.get(value).tobytes() if name != "step" else value for name, value in entry.items()})
+        for key, entry in sorted(opt.state.items())
+    ]
+    return [data, state]
+
+
+def _other_kind_array(kind: Kind, queue: cl.CommandQueue, shape: tuple[int, ...]) -> Any:
+    if kind.fused:
+        return np.ones(shape, F32)
+    if kind.name == "torch":
+        return np.ones(shape, F32)
+    return torch.ones(shape)
+
+
+GRAD_CASES: list[tuple[str, Callable[[Kind, cl.CommandQueue], Any], type[Exception], str]] = [
+    ("wrong shape", lambda k, q: k.make(q, np.ones(5, F32)), ValueError, r"has shape \(5,\)"),
+    ("wrong dtype", lambda k, q: k.make(q, np.ones((2, 3), np.float64)), TypeError, "dtype"),
+    ("other library", lambda k, q: _other_kind_array(k, q, (2, 3)), TypeError, "same library|OpenCL array"),
+    ("not an array", lambda k, q: [[1.0] * 3] * 2, TypeError, "grad is a builtins.list"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize(("make_grad", "error", "match"), [c[1:] for c in GRAD_CASES], ids=[c[0] for c in GRAD_CASES])
+def test_a_failed_step_changes_nothing(kind: Kind, make_grad: Callable[[Kind, cl.CommandQueue], Any],
+                                       error: type[Exception], match: str, queue: cl.CommandQueue,
+                                       rng: np.random.Generator) -> None:
+    params = [Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(F32))) for _ in range(3)]
+    fresh = Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(F32)))
+    opt = RMSProp([*params, fresh], lr=0.1, momentum=0.9, centered=True)
+    for p in params:
+        p.grad = kind.make(queue, rng.standard_normal((2, 3)).astype(F32))
+    opt.step()
+    before = _snapshot(opt, [*params, fresh], kind)
+    # two good gradients (one for a parameter without state yet), then a bad one
+    params[0].grad = kind.make(queue, rng.standard_normal((2, 3)).astype(F32))
+    fresh.grad = kind.make(queue, rng.standard_normal((2, 3)).astype(F32))
+    params[2].grad = make_grad(kind, queue)
+    with pytest.raises(error, match=match) as caught:
+        opt.step()
+    assert r"param_groups[0]['params'][2].grad" in str(caught.value)
+    assert id(fresh) not in opt.state
+    assert _snapshot(opt, [*params, fresh], kind) == before
+
+
+def test_grad_in_another_context_is_refused(queue: cl.CommandQueue) -> None:
+    other = cl.Context(devices=[queue.device])
+    other_queue = cl.CommandQueue(other)
+    p = Parameter(cl_array.to_device(queue, np.ones(4, F32)), cl_array.to_device(other_queue, np.ones(4, F32)))
+    with pytest.raises(ValueError, match="another OpenCL context"):
+        RMSProp([p]).step()
+    np.testing.assert_array_equal(p.data.get(), np.ones(4, F32))
+
+
+def test_transposed_opencl_grad_is_refused(queue: cl.CommandQueue) -> None:
+    """A Fortran-ordered gradient of a C-ordered parameter would pair the wrong elements."""
+    host = np.arange(16, dtype=F32).reshape(4, 4)
+    p = Parameter(cl_array.to_device(queue, host), cl_array.to_device(queue, host).T)
+    with pytest.raises(ValueError, match="in F order but its parameter is in C order"):
+        RMSProp([p]).step()
+    np.testing.assert_array_equal(p.data.get(), host)
+
+
+def test_transposed_numpy_grad_is_handled_correctly() -> None:
+    """The array-API path works on logical elements, so views are fine there."""
+    host = np.arange(1, 17, dtype=F32).reshape(4, 4)
+    grad = np.ascontiguousarray(host.T).T.T  # a C array whose transpose is F-ordered
+    a = Parameter(host.copy(), grad.T)
+    b = Parameter(host.copy(), np.array(grad.T, order="C"))
+    RMSProp([a], lr=0.1).step()
+    RMSProp([b], lr=0.1).step()
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_strict_and_numpy_grads_do_not_mix() -> None:
+    p = Parameter(array_api_strict.ones(3, dtype=array_api_strict.float32), np.ones(3, F32))
+    with pytest.raises(TypeError, match="same library"):
+        RMSProp([p]).step()
+
+
+def test_closure_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="closure must be callable"):
+        RMSProp([ok()]).step(3)  # type: ignore[call-overload]
