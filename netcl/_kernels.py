@@ -5,13 +5,18 @@ folder inside the package as `netcl/kernels/`; an editable install reads it from
 checkout. `kernel_source` looks in both places, in that order.
 
 `fused_kernel` builds one `pyopencl.elementwise.ElementwiseKernel` per (context, dtype,
-source, variant, vector width) and memoizes it per context, so every optimizer instance
-shares it and a step never rebuilds anything. Hyperparameters are kernel arguments.
+source, variant, number of parameters per launch) and memoizes it per context, so every
+optimizer instance shares it and a step never rebuilds anything. Hyperparameters are
+kernel arguments. One launch updates up to 16 parameters, each in its own buffer: the
+kernel takes each one's arrays as separate arguments, and work-item `i` finds its
+parameter by comparing `i` with the running ends of their chunks.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,14 +24,21 @@ from typing import Any
 
 import numpy as np
 import pyopencl as cl
+from pyopencl._cl import _Program  # what Kernel.program is: a built program
 from pyopencl.elementwise import ElementwiseKernel
-from pyopencl.tools import (
-    context_dependent_memoize,
-    dtype_to_ctype,
-    get_arg_list_scalar_arg_dtypes,
-)
+from pyopencl.tools import context_dependent_memoize, dtype_to_ctype
 
-__all__ = ["Geometry", "FusedKernel", "fused_kernel", "geometry", "kernel_source"]
+__all__ = [
+    "FusedKernel",
+    "Geometry",
+    "KernelSpec",
+    "Launcher",
+    "Member",
+    "fused_kernel",
+    "geometry",
+    "kernel_source",
+    "max_slots",
+]
 
 _CHECKOUT_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -40,28 +52,50 @@ def kernel_source(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class KernelSpec:
+    """Which fused kernel: the source and the variant of it."""
+
+    source: str
+    """Stem of the OpenCL source in `kernels/` that defines `UPDATE`."""
+    flags: frozenset[str]
+    """The build-time switches that are on."""
+    all_flags: tuple[str, ...]
+    """Every switch of the source (the others are defined as 0)."""
+    buffers: tuple[str, ...]
+    """The state buffers the variant reads and writes."""
+    all_buffers: tuple[str, ...]
+    """Every state buffer `UPDATE` takes, in its argument order."""
+    scalar_count: int
+    """How many scalar arguments `UPDATE` takes after the buffers."""
+
+
+@dataclass(frozen=True)
 class Geometry:
     """How the fused kernel is launched on one device for one dtype."""
 
     width: int
     """Elements per work-item: an OpenCL vector width (1, 2, 4 or 8)."""
     local_size: int
-    """Work-items per work-group."""
+    """Work-items per work-group for a large launch."""
+    single_group: int
+    """A launch of at most this many work-items runs as one work-group."""
 
 
 def geometry(device: cl.Device, dtype: np.dtype[Any]) -> Geometry:
     """The launch geometry of the fused kernel on `device` for `dtype`.
 
-    On a CPU, each work-item takes one vector of 8 float32 (4 float64) values: OpenCL CPU
-    drivers run a work-group's items one after another, and vector types are what makes
-    them use the SIMD units. 16-wide vectors are never used, whatever the device prefers:
-    `sqrt` on them aborts PoCL 3.0's compiler. On other devices (GPUs), each work-item
-    takes one value and neighbouring work-items read neighbouring values.
+    On a CPU each work-item takes one vector of 8 float32 (4 float64) values, 32 bytes:
+    OpenCL CPU drivers run a work-group's items one after another, and vector types are
+    what makes them use the SIMD units. 16-wide vectors are never used, whatever the
+    device prefers: `sqrt` on them aborts PoCL 3.0's compiler. A small launch runs as one
+    work-group, which a CPU driver hands to one thread instead of waking them all.
+    On other devices (GPUs) each work-item takes one value, so that neighbouring
+    work-items read neighbouring values, in groups of 256.
     """
     if device.type & cl.device_type.CPU:
         width = 8 if dtype.itemsize == 4 else 4
-        return Geometry(width=width, local_size=64)
-    return Geometry(width=1, local_size=256)
+        return Geometry(width=width, local_size=64, single_group=min(1024, device.max_work_group_size))
+    return Geometry(width=1, local_size=256, single_group=0)
 
 
 _BUILD_OPTIONS = (
@@ -71,110 +105,141 @@ _BUILD_OPTIONS = (
     "-cl-fp32-correctly-rounded-divide-sqrt",
 )
 
+_SLOT_COUNTS = (1, 2, 4, 8, 16)
+
+
+@functools.cache
+def max_slots(device: cl.Device, spec: KernelSpec) -> int:
+    """The most parameters one launch of `spec` can take on `device`.
+
+    Each parameter costs the kernel a (buffer, offset) pair per array and its size; the
+    device bounds the bytes of a kernel's arguments (1024 on some drivers).
+    """
+    per_slot = (2 + len(spec.buffers)) * 16 + 8
+    fixed = 8 * spec.scalar_count + 8
+    fitting = [n for n in _SLOT_COUNTS if fixed + n * per_slot <= device.max_parameter_size]
+    return max(fitting, default=1)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter in a launch: its arrays (parameter, gradient, state buffers; each
+    exposing `base_data` and `offset`) and its number of elements (> 0)."""
+
+    arrays: tuple[Any, ...]
+    size: int
+
 
 @dataclass(frozen=True)
 class FusedKernel:
-    """A built fused kernel and how to launch it."""
+    """A built fused kernel over up to `slots` parameters."""
 
-    kernel: cl.Kernel
+    program: _Program
+    name: str
     geometry: Geometry
+    slots: int
+    arrays: int
+    """Arrays per parameter: the parameter, its gradient and the variant's state buffers."""
+    scalar_count: int
+    dtype: np.dtype[Any]
 
-    def __call__(
-        self,
-        queue: cl.CommandQueue,
-        param: object,
-        grad: object,
-        buffers: tuple[object, ...],
-        scalars: tuple[float, ...],
-        size: int,
-        wait_for: list[cl.Event],
-    ) -> cl.Event:
-        """Enqueue the update of `size` elements; `param`, `grad` and `buffers` expose
-        `base_data` and `offset` (pyopencl arrays do)."""
-        width, local_size = self.geometry.width, self.geometry.local_size
-        chunks = -(-size // width)
-        global_size = -(-chunks // local_size) * local_size
-        arrays = [arg for x in (param, grad, *buffers) for arg in _buffer_args(x)]
-        event: cl.Event = self.kernel(
-            queue, (global_size,), (local_size,), *arrays, *scalars, size, chunks,
-            wait_for=wait_for,
+    def launcher(self) -> Launcher:
+        return Launcher(self)
+
+
+class Launcher:
+    """A kernel object of its own for one recurring launch, whose arguments stay bound.
+
+    A training loop launches the same parameters, gradients and state buffers step after
+    step: `bind` sets only the arguments whose object or size changed, `run` only the
+    hyperparameters that changed, so a repeated step costs one enqueue per launch. The
+    kernel object comes from the already built program: no build.
+    """
+
+    def __init__(self, fused: FusedKernel) -> None:
+        self.fused = fused
+        self.kernel = cl.Kernel(fused.program, fused.name)
+        self.bound: list[object] = [None] * (fused.slots * fused.arrays)
+        self.sizes: list[int] = [-1] * fused.slots
+        self.scalars: tuple[float, ...] | None = None
+        self.global_size = 0
+
+    def bind(self, members: Sequence[Member]) -> None:
+        """Make the next runs update `members` (at most `slots`, each of size > 0)."""
+        fused, kernel = self.fused, self.kernel
+        per_slot = 2 * fused.arrays + 1
+        per_group = fused.geometry.width * fused.geometry.local_size
+        groups = 0
+        for k in range(fused.slots):
+            member = members[k] if k < len(members) else None
+            arrays = (member or members[0]).arrays
+            size = member.size if member else 0  # an unused slot repeats member 0, empty
+            for j, x in enumerate(arrays):
+                if self.bound[k * fused.arrays + j] is not x:
+                    kernel.set_arg(k * per_slot + 2 * j, x.base_data)
+                    kernel.set_arg(k * per_slot + 2 * j + 1, np.int64(x.offset))
+                    self.bound[k * fused.arrays + j] = x
+            if self.sizes[k] != size:
+                kernel.set_arg(k * per_slot + 2 * fused.arrays, np.int64(size))
+                self.sizes[k] = size
+            groups += -(-size // per_group)
+        global_size = groups * fused.geometry.local_size
+        if global_size != self.global_size:
+            kernel.set_arg(fused.slots * per_slot + fused.scalar_count, np.intp(global_size))
+            self.global_size = global_size
+
+    def run(self, queue: cl.CommandQueue, scalars: tuple[float, ...], wait_for: list[cl.Event]) -> cl.Event:
+        """Enqueue the update of the bound members with these scalars."""
+        fused = self.fused
+        if scalars != self.scalars:
+            first = fused.slots * (2 * fused.arrays + 1)
+            for j, value in enumerate(scalars):
+                self.kernel.set_arg(first + j, fused.dtype.type(value))
+            self.scalars = scalars
+        event: cl.Event = cl.enqueue_nd_range_kernel(
+            queue, self.kernel, (self.global_size,), (fused.geometry.local_size,),
+            wait_for=wait_for or None,
         )
         return event
-
-
-def _buffer_args(x: Any) -> tuple[cl.Buffer, int]:
-    """An array argument as the kernel takes it: its buffer and its byte offset."""
-    return x.base_data, int(x.offset)
 
 
 _build_lock = threading.Lock()
 
 
 def fused_kernel(
-    context: cl.Context,
-    device: cl.Device,
-    dtype: np.dtype[Any],
-    source: str,
-    flags: frozenset[str],
-    all_flags: tuple[str, ...],
-    buffers: tuple[str, ...],
-    all_buffers: tuple[str, ...],
-    scalar_count: int,
+    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
 ) -> FusedKernel:
-    """The fused kernel of `kernels/<source>.cl` for one variant, built once per context.
-
-    `buffers` are the state buffers the variant uses; the others among `all_buffers` are
-    passed to `UPDATE` as private dummies that it never reads.
-    """
+    """The fused kernel of `spec` for `dtype` over `slots` parameters, built once per context."""
     with _build_lock:
-        return _fused_kernel(
-            context, device, dtype, source, flags, all_flags, buffers, all_buffers, scalar_count
-        )
+        return _fused_kernel(context, device, dtype, spec, slots)
 
 
 @context_dependent_memoize
 def _fused_kernel(
-    context: cl.Context,
-    device: cl.Device,
-    dtype: np.dtype[Any],
-    source: str,
-    flags: frozenset[str],
-    all_flags: tuple[str, ...],
-    buffers: tuple[str, ...],
-    all_buffers: tuple[str, ...],
-    scalar_count: int,
+    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
 ) -> FusedKernel:
     geo = geometry(device, dtype)
     real = dtype_to_ctype(dtype)
-    scalars = [f"s{k}" for k in range(scalar_count)]
+    scalars = [f"s{k}" for k in range(spec.scalar_count)]
+    arrays = ("param", "grad", *spec.buffers)
     arguments = ", ".join(
-        [f"{real} *param", f"{real} *grad"]
-        + [f"{real} *{name}" for name in buffers]
+        [
+            decl
+            for k in range(slots)
+            for decl in [f"{real} *{name}{k}" for name in arrays] + [f"long size{k}"]
+        ]
         + [f"{real} {name}" for name in scalars]
-        + ["long size"]
     )
-    text = kernel_source(source)
-    switches = "\n".join(f"#define {flag} {int(flag in flags)}" for flag in all_flags)
+    text = kernel_source(spec.source)
     preamble = [
         "#pragma OPENCL FP_CONTRACT OFF",
         f"#define real {real}",
-        switches,
+        *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
     ]
-    if geo.width > 1:
-        preamble += [
-            f"#define real_t {real}{geo.width}",
-            "#define UPDATE update_vector",
-            text,
-            "#undef real_t",
-            "#undef UPDATE",
-        ]
-    preamble += [
-        "#define real_t real",
-        "#define UPDATE update_scalar",
-        text,
-        "#undef real_t",
-        "#undef UPDATE",
-    ]
+    for name, vector in (("update_vector", f"{real}{geo.width}"), ("update_scalar", "real")):
+        if name == "update_vector" and geo.width == 1:
+            continue
+        preamble += [f"#define real_t {vector}", f"#define UPDATE {name}", text, "#undef real_t", "#undef UPDATE"]
 
     def call(function: str, w: int, at: str) -> str:
         """Load `w` elements at `at`, update them with `function`, store them."""
@@ -189,40 +254,58 @@ def _fused_kernel(
             return f"{name}[{at}] = {name}_v;"
 
         lines = [f"{vtype} param_v = {load('param')};"]
-        for name in all_buffers:
-            value = load(name) if name in buffers else "0"
+        for name in spec.all_buffers:
+            value = load(name) if name in spec.buffers else "0"
             lines.append(f"{vtype} {name}_v = {value};")
-        args = ", ".join(
-            ["&param_v", load("grad")] + [f"&{name}_v" for name in all_buffers] + scalars
-        )
-        lines.append(f"{function}({args});")
-        lines += [store(name) for name in ("param", *buffers)]
+        update_args = ["&param_v", load("grad"), *(f"&{name}_v" for name in spec.all_buffers), *scalars]
+        lines.append(f"{function}({', '.join(update_args)});")
+        lines += [store(name) for name in ("param", *spec.buffers)]
         return "\n".join(lines)
 
-    if geo.width > 1:
-        operation = f"""
-        const long first = i * {geo.width};
-        if (first + {geo.width} <= size) {{
-            {call("update_vector", geo.width, "first")}
-        }} else {{
-            for (long j = first; j < size; ++j) {{
-                {call("update_scalar", 1, "j")}
-            }}
-        }}
-        """
+    # Each parameter gets whole work-groups. Work-item i first picks its parameter's
+    # arrays: those of the last parameter whose first group is at or before i's group
+    # (the same choice for a whole work-group). One copy of the update follows.
+    per_group = geo.width * geo.local_size
+    pick = [
+        "const long group = i / " + str(geo.local_size) + ";",
+        *(f"__global {real} *{name} = {name}0;" for name in arrays),
+        "long size = size0, begin = 0, end = (size0 + " + f"{per_group - 1}) / {per_group};",
+    ]
+    for k in range(1, slots):
+        assignments = " ".join(f"{name} = {name}{k};" for name in arrays)
+        pick.append(
+            f"if (group >= end) {{ begin = end; end += (size{k} + {per_group - 1}) / {per_group}; "
+            f"size = size{k}; {assignments} }}"
+        )
+    pick.append(f"const long c = i - begin * {geo.local_size};")
+    if geo.width == 1:
+        update = f"if (c < size) {{ {call('update_scalar', 1, 'c')} }}"
     else:
-        operation = call("update_scalar", 1, "i")
-
+        update = f"""
+            const long first = c * {geo.width};
+            if (first + {geo.width} <= size) {{
+                {call("update_vector", geo.width, "first")}
+            }} else {{
+                for (long j = first; j < size; ++j) {{
+                    {call("update_scalar", 1, "j")}
+                }}
+            }}"""
+    operation = "\n".join([*pick, update])
     elementwise = ElementwiseKernel(
         context,
         arguments,
         operation,
-        name=f"netcl_{source}",
+        name=f"netcl_{spec.source}_{slots}",
         preamble="\n".join(preamble),
         options=list(_BUILD_OPTIONS),
     )
-    kernel, arg_descriptions = elementwise.get_kernel(use_range=False)
-    # Arrays are passed as (buffer, byte offset) pairs, so any object exposing a buffer
-    # works and netcl, not the invoker, decides which events to wait for.
-    kernel.set_scalar_arg_dtypes(get_arg_list_scalar_arg_dtypes(arg_descriptions))
-    return FusedKernel(kernel=kernel, geometry=geo)
+    kernel, _ = elementwise.get_kernel(use_range=False)
+    return FusedKernel(
+        program=kernel.program,
+        name=kernel.function_name,
+        geometry=geo,
+        slots=slots,
+        arrays=len(arrays),
+        scalar_count=spec.scalar_count,
+        dtype=dtype,
+    )

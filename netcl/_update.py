@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol, TypeAlias
 
+from netcl._kernels import KernelSpec
+
 __all__ = ["Hyper", "ReferenceUpdate", "Step", "UpdateRule"]
 
 Hyper: TypeAlias = Mapping[str, float | bool]
@@ -57,11 +59,26 @@ class Step:
     rule: UpdateRule
     hyper: Hyper
     flags: frozenset[str] = field(init=False)
+    """The switches that are on."""
     buffers: tuple[str, ...] = field(init=False)
+    """The state buffers the variant uses."""
     scalars: tuple[float, ...] = field(init=False)
+    """The kernel's scalar arguments."""
+    kernel: KernelSpec = field(init=False)
+    """The fused kernel that runs this step."""
 
     def __post_init__(self) -> None:
         flags, buffers = self.rule.variant(self.hyper)
         object.__setattr__(self, "flags", flags)
         object.__setattr__(self, "buffers", buffers)
-        object.__setattr__(self, "scalars", self.rule.kernel_scalars(self.hyper))
+        scalars = self.rule.kernel_scalars(self.hyper)
+        object.__setattr__(self, "scalars", scalars)
+        spec = KernelSpec(
+            source=self.rule.kernel,
+            flags=flags,
+            all_flags=self.rule.flags,
+            buffers=buffers,
+            all_buffers=self.rule.buffers,
+            scalar_count=len(scalars),
+        )
+        object.__setattr__(self, "kernel", spec)

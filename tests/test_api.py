@@ -13,6 +13,7 @@ import pytest
 
 import netcl._backends.array_api as array_api_backend
 import netcl._kernels
+from netcl._update import Step
 from netcl import Parameter
 from netcl.optim import RMSProp, RMSPropParamGroupInput
 from tests.kinds import KIND_IDS, KINDS, Kind
@@ -141,12 +142,11 @@ def test_changing_hyperparameters_never_rebuilds(queue: cl.CommandQueue, monkeyp
 
 
 def test_kernels_are_shared_per_context_dtype_and_variant(queue: cl.CommandQueue) -> None:
+    spec = Step(RMSProp.rule, {**RMSProp([Parameter(np.zeros(1, np.float32))]).defaults, "momentum": 0.9}).kernel
+    assert spec.flags == frozenset({"MOMENTUM"}) and spec.buffers == ("square_avg", "momentum_buffer")
+
     def kernel() -> Any:
-        return netcl._kernels.fused_kernel(
-            queue.context, queue.device, np.dtype(np.float32), "rmsprop", frozenset({"MOMENTUM"}),
-            ("MAXIMIZE", "WEIGHT_DECAY", "CENTERED", "MOMENTUM"),
-            ("square_avg", "momentum_buffer"), ("square_avg", "momentum_buffer", "grad_avg"), 6,
-        )
+        return netcl._kernels.fused_kernel(queue.context, queue.device, np.dtype(np.float32), spec, 4)
 
     assert kernel() is kernel()
 

@@ -8,7 +8,7 @@ object holds the result; arrays that cannot be written (jax) are replaced: the p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, MutableMapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +40,7 @@ class ArrayAPIBackend(Backend):
     """Arrays of array-API libraries, updated with the reference maths."""
 
     name = "array-api"
+    stable = False
 
     def check_param(self, data: Any, where: str) -> None:
         xp = _namespace(data)
@@ -105,7 +106,7 @@ class ArrayAPIBackend(Backend):
     def zero_(self, grad: Any) -> None:
         grad[...] = 0
 
-    def apply(self, step: Step, work: Sequence[Work]) -> None:
+    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
         for item in work:
             data = item.data
             xp = _namespace(data, item.grad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,9 @@ class Backend(ABC):
     """
 
     name: str
+    stable: bool
+    """Whether an array cannot change what `check_*` checked (so the same objects
+    pass again without a check)."""
 
     @abstractmethod
     def check_param(self, data: Any, where: str) -> None:
@@ -77,5 +80,9 @@ class Backend(ABC):
         """Set every element of `grad` to zero, in place."""
 
     @abstractmethod
-    def apply(self, step: Step, work: Sequence[Work]) -> None:
-        """Update every parameter in `work` by `step` (in place where the array allows)."""
+    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
+        """Update every parameter in `work` by `step` (in place where the array allows).
+
+        `cache` belongs to the calling optimizer and this backend, and lasts from one step
+        to the next: what the backend keeps there to make the next step cheaper.
+        """

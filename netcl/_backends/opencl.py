@@ -7,7 +7,9 @@ its own event is recorded on each of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Hashable, MutableMapping, Sequence
+from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal
 
@@ -17,7 +19,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from netcl._backends.base import SUPPORTED_DTYPES, Backend, Work, describe
-from netcl._kernels import fused_kernel
+from netcl._kernels import Launcher, Member, fused_kernel, max_slots
 from netcl._update import Step
 
 __all__ = ["OPENCL", "OpenCLBackend", "is_opencl"]
@@ -74,15 +76,38 @@ def _events(x: object) -> list[cl.Event]:
 
 
 def _record(x: object, event: cl.Event) -> None:
+    """Record `event`, which waited for every event pending on `x`, on `x`.
+
+    A pyopencl array's events are those its contents wait for; since `event` waited for
+    all of them, it alone now stands for them, and the list stays one event long.
+    """
+    if isinstance(x, cl_array.Array):
+        x.events = [event]
+        return
     add_event = getattr(x, "add_event", None)
     if add_event is not None:
         add_event(event)
+
+
+@dataclass(frozen=True)
+class _QueueFacts:
+    context: cl.Context
+    device: cl.Device
+    in_order: bool
+
+
+@functools.cache
+def _queue_facts(queue: cl.CommandQueue) -> _QueueFacts:
+    """What a step needs to know of a queue, asked of the driver once."""
+    out_of_order = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    return _QueueFacts(queue.context, queue.device, not queue.properties & out_of_order)
 
 
 class OpenCLBackend(Backend):
     """Arrays in OpenCL buffers, updated by the fused kernel."""
 
     name = "opencl"
+    stable = True
 
     def _check_array(self, x: Any, where: str) -> None:
         dtype = np.dtype(x.dtype)
@@ -172,22 +197,64 @@ class OpenCLBackend(Backend):
             )
             _record(grad, event)
 
-    def apply(self, step: Step, work: Sequence[Work]) -> None:
-        rule = step.rule
+    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
+        """Update `work` with as few launches as the kernel's slots allow.
+
+        Parameters are launched together when they share a queue and a dtype, in the
+        order given. The launches are prepared once and kept in `cache` until a step
+        brings other arrays, so a training loop's step only enqueues them.
+        """
+        ids = tuple(
+            id(x) for item in work for x in (item.data, item.grad, *(item.state[name] for name in step.buffers))
+        )
+        prepared = cache.get("prepared")
+        if not isinstance(prepared, _Prepared) or prepared.ids != ids or prepared.spec != step.kernel:
+            old = prepared.launchers if isinstance(prepared, _Prepared) else {}
+            prepared = _Prepared(ids, step, work, old)
+            cache["prepared"] = prepared
+        prepared.run(step.scalars)
+
+
+class _Prepared:
+    """A step's launches for one list of arrays, with their kernels' arguments bound.
+
+    Each launch waits for the events pending on the parameters and gradients it touches
+    and records its event on them; on an out-of-order queue it does the same for the
+    state buffers (on an in-order queue, the queue orders them).
+    """
+
+    def __init__(self, ids: tuple[int, ...], step: Step, work: Sequence[Work],
+                 old: dict[Hashable, Launcher]) -> None:
+        self.ids = ids
+        self.spec = step.kernel
+        batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[Member]] = {}
         for item in work:
-            data, grad = item.data, item.grad
-            size = prod(int(n) for n in data.shape)
-            if size == 0:
-                continue
-            queue: cl.CommandQueue = data.queue
-            kernel = fused_kernel(
-                _context(data), queue.device, np.dtype(data.dtype), rule.kernel,
-                step.flags, rule.flags, step.buffers, rule.buffers, len(step.scalars),
-            )
-            buffers = tuple(item.state[name] for name in step.buffers)
-            touched = (data, grad, *buffers)
+            data = item.data
+            size = prod(data.shape)
+            if size:
+                arrays = (data, item.grad, *(item.state[name] for name in step.buffers))
+                batches.setdefault((data.queue, np.dtype(data.dtype)), []).append(Member(arrays, size))
+        self.launchers: dict[Hashable, Launcher] = {}
+        self.launches: list[tuple[cl.CommandQueue, Launcher, list[Any]]] = []
+        for (queue, dtype), members in batches.items():
+            facts = _queue_facts(queue)
+            limit = max_slots(facts.device, step.kernel)
+            for n, start in enumerate(range(0, len(members), limit)):
+                chunk = members[start : start + limit]
+                slots = next(k for k in (1, 2, 4, 8, 16) if k >= len(chunk))
+                key = (queue, dtype, step.kernel, slots, n)
+                launcher = old.get(key)
+                if launcher is None:
+                    launcher = fused_kernel(facts.context, facts.device, dtype, step.kernel, slots).launcher()
+                launcher.bind(chunk)
+                self.launchers[key] = launcher
+                touched = [x for m in chunk for x in (m.arrays[:2] if facts.in_order else m.arrays)]
+                self.launches.append((queue, launcher, touched))
+
+    def run(self, scalars: tuple[float, ...]) -> None:
+        for queue, launcher, touched in self.launches:
             wait_for = [event for x in touched for event in _events(x)]
-            event = kernel(queue, data, grad, buffers, step.scalars, size, wait_for)
+            event = launcher.run(queue, scalars, wait_for)
             for x in touched:
                 _record(x, event)
 

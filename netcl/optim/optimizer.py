@@ -10,7 +10,8 @@ which state buffers it keeps, and its update (an
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
 from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
 import numpy as np
@@ -32,6 +33,29 @@ LossT = TypeVar("LossT")
 # Keys that torch.optim writes into a param group and that change how torch runs, not
 # what it computes: a torch checkpoint that carries them loads.
 _TORCH_ONLY_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused"})
+
+
+class _Checked:
+    """The objects a parameter's last full check passed with.
+
+    For a backend whose arrays cannot change the properties that were checked (OpenCL
+    arrays: shape, dtype, layout, buffer, queue), the same objects pass again, so a step
+    with the same parameter array, gradient and state buffers skips the checks.
+    """
+
+    __slots__ = ("backend", "data", "grad", "state")
+
+    def __init__(self, data: object, grad: object, state: Mapping[str, object], backend: Backend) -> None:
+        self.data, self.grad, self.backend = data, grad, backend
+        self.state = [(name, value) for name, value in state.items() if name != "step"]
+
+    def holds(self, data: object, grad: object, state: Mapping[str, object]) -> bool:
+        if data is not self.data or grad is not self.grad or len(state) != len(self.state) + 1:
+            return False
+        for name, value in self.state:
+            if state.get(name) is not value:
+                return False
+        return True
 
 
 def _is_parameter_like(x: object) -> bool:
@@ -63,6 +87,8 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
         self, params: Iterable[ParameterLike] | Iterable[Mapping[str, Any]], defaults: Mapping[str, object]
     ) -> None:
         self._lock = threading.RLock()
+        self._checked: dict[int, _Checked] = {}
+        self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
         self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
         self.state = {}
         self.param_groups = []
@@ -142,7 +168,7 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
             loss = closure()
         with self._lock:
             plan = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
-            for step, batches in plan:
+            for index, (step, batches) in enumerate(plan):
                 for backend, work in batches.items():
                     for item in work:
                         self.state[id(item.param)] = cast(StateT, item.state)
@@ -150,7 +176,7 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
                         for name in step.buffers:
                             if name not in item.state:
                                 item.state[name] = backend.zeros_like(item.data)
-                    backend.apply(step, work)
+                    backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}))
         return loss
 
     def _plan(self, index: int, group: GroupT) -> tuple[Step, dict[Backend, list[Work]]]:
@@ -161,19 +187,29 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
             grad = param.grad
             if grad is None:
                 continue
-            at = f"param_groups[{index}]['params'][{k}]"
             data = param.data
-            backend = backend_for(data, f"{at}.data")
-            backend.check_param(data, f"{at}.data")
-            backend.check_grad(data, grad, f"{at}.grad")
             state = cast("MutableMapping[str, Any] | None", self.state.get(id(param)))
             if state is None:
                 state = {"step": 0}
-            for name in self.rule.buffers:
-                if name in state:
-                    backend.check_state(data, state[name], f"state[{name!r}] of {at}")
+            checked = self._checked.get(id(param))
+            if checked is not None and checked.holds(data, grad, state):
+                backend = checked.backend
+            else:
+                backend = self._check(f"param_groups[{index}]['params'][{k}]", data, grad, state)
+                if backend.stable:
+                    self._checked[id(param)] = _Checked(data, grad, state, backend)
             batches.setdefault(backend, []).append(Work(param, data, grad, state))
         return step, batches
+
+    def _check(self, at: str, data: Any, grad: Any, state: Mapping[str, Any]) -> Backend:
+        """Check a parameter's array, gradient and state buffers; return their backend."""
+        backend = backend_for(data, f"{at}.data")
+        backend.check_param(data, f"{at}.data")
+        backend.check_grad(data, grad, f"{at}.grad")
+        for name in self.rule.buffers:
+            if name in state:
+                backend.check_state(data, state[name], f"state[{name!r}] of {at}")
+        return backend
 
     # --- gradients -------------------------------------------------------------------
 
