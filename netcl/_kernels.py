@@ -76,9 +76,7 @@ class Geometry:
     width: int
     """Elements per work-item: an OpenCL vector width (1, 2, 4 or 8)."""
     local_size: int
-    """Work-items per work-group for a large launch."""
-    single_group: int
-    """A launch of at most this many work-items runs as one work-group."""
+    """Work-items per work-group."""
 
 
 def geometry(device: cl.Device, dtype: np.dtype[Any]) -> Geometry:
@@ -87,15 +85,13 @@ def geometry(device: cl.Device, dtype: np.dtype[Any]) -> Geometry:
     On a CPU each work-item takes one vector of 8 float32 (4 float64) values, 32 bytes:
     OpenCL CPU drivers run a work-group's items one after another, and vector types are
     what makes them use the SIMD units. 16-wide vectors are never used, whatever the
-    device prefers: `sqrt` on them aborts PoCL 3.0's compiler. A small launch runs as one
-    work-group, which a CPU driver hands to one thread instead of waking them all.
-    On other devices (GPUs) each work-item takes one value, so that neighbouring
+    device prefers: `sqrt` on them aborts PoCL 3.0's compiler. On other devices (GPUs) each work-item takes one value, so that neighbouring
     work-items read neighbouring values, in groups of 256.
     """
     if device.type & cl.device_type.CPU:
         width = 8 if dtype.itemsize == 4 else 4
-        return Geometry(width=width, local_size=64, single_group=min(1024, device.max_work_group_size))
-    return Geometry(width=1, local_size=256, single_group=0)
+        return Geometry(width=width, local_size=256)
+    return Geometry(width=1, local_size=256)
 
 
 _BUILD_OPTIONS = (

@@ -1,0 +1,136 @@
+"""The fused kernel on host arrays: numpy arrays and CPU torch tensors, in place.
+
+A CPU OpenCL device (PoCL after `pip install "netcl[pocl]"`) addresses host memory
+directly: a buffer made with `USE_HOST_PTR` over a numpy array is that array. For large
+contiguous host arrays one fused launch then beats the many passes of the array-API path,
+and gives bit-identical results (the same expressions in the same order).
+
+The sequence follows the OpenCL memory model for host pointers, so it is right on drivers
+that copy as well as on those that don't: the buffers are made at the step (a copying
+driver copies the host data in then), the kernel runs, the written arrays are mapped for
+reading (a copying driver copies the results out then) and the buffers are released
+before `step()` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyopencl as cl
+
+from netcl._backends.base import SUPPORTED_DTYPES, Work
+from netcl._kernels import Member, fused_kernel, max_slots
+from netcl._update import Step
+
+__all__ = ["HOST_MIN_SIZE", "host_queue", "update_on_host"]
+
+HOST_MIN_SIZE = 1 << 19
+"""Smaller arrays are updated by the array-API path: below this size a launch and its
+wait cost more than the passes they save."""
+
+
+@functools.cache
+def host_queue() -> cl.CommandQueue | None:
+    """A queue on a CPU OpenCL device, or None when there is none.
+
+    The device is the one `pyopencl.create_some_context(interactive=False)` picks
+    (`PYOPENCL_CTX` chooses) when that is a CPU, else the first CPU device found.
+    """
+    try:
+        default = cl.create_some_context(interactive=False)
+        if default.devices[0].type & cl.device_type.CPU:
+            return cl.CommandQueue(default)
+        for platform in cl.get_platforms():
+            for device in platform.get_devices(device_type=cl.device_type.CPU):
+                return cl.CommandQueue(cl.Context([device]))
+    except (cl.Error, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def _host_view(x: Any) -> npt.NDArray[Any] | None:
+    """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
+    if isinstance(x, np.ndarray):
+        view = x
+    else:
+        try:
+            view = np.from_dlpack(x)
+        except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+            return None
+    if not (view.flags.writeable and view.flags.aligned and view.dtype in SUPPORTED_DTYPES):
+        return None
+    if not (view.flags.c_contiguous or view.flags.f_contiguous):
+        return None
+    return view
+
+
+class _Wrapped:
+    """A host array seen through an OpenCL buffer, as the fused kernel takes it."""
+
+    __slots__ = ("base_data", "host", "offset")
+
+    def __init__(self, context: cl.Context, host: npt.NDArray[Any]) -> None:
+        flags = cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR
+        self.host = host
+        self.base_data = cl.Buffer(context, flags, hostbuf=host)
+        self.offset = 0
+
+
+def update_on_host(step: Step, work: Sequence[Work]) -> list[Work]:
+    """Update the items of `work` that the fused kernel can take on the host device;
+    return the others, for the array-API path."""
+    queue = host_queue()
+    if queue is None:
+        return list(work)
+    rest: list[Work] = []
+    taken: list[tuple[npt.NDArray[Any], ...]] = []
+    for item in work:
+        arrays = (item.data, item.grad, *(item.state[name] for name in step.buffers))
+        views = [_host_view(x) for x in arrays]
+        present = [v for v in views if v is not None]
+        layouts = {"C" if v.flags.c_contiguous else "F" for v in present if v.ndim > 1 and v.size > 1}
+        if len(present) == len(views) and present[0].size >= HOST_MIN_SIZE and len(layouts) <= 1:
+            taken.append(tuple(present))
+        else:
+            rest.append(item)
+    if taken:
+        _launch(queue, step, taken)
+    return rest
+
+
+def _launch(queue: cl.CommandQueue, step: Step, arrays: list[tuple[npt.NDArray[Any], ...]]) -> None:
+    context, device = queue.context, queue.device
+    by_dtype: dict[np.dtype[Any], list[tuple[npt.NDArray[Any], ...]]] = {}
+    for views in arrays:
+        by_dtype.setdefault(views[0].dtype, []).append(views)
+    wrapped: list[_Wrapped] = []
+    try:
+        for dtype, group in by_dtype.items():
+            limit = max_slots(device, step.kernel)
+            for start in range(0, len(group), limit):
+                chunk = group[start : start + limit]
+                members = []
+                for views in chunk:
+                    buffers = tuple(_Wrapped(context, v) for v in views)
+                    wrapped += buffers
+                    members.append(Member(buffers, views[0].size))
+                slots = next(k for k in (1, 2, 4, 8, 16) if k >= len(members))
+                launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
+                launcher.bind(members)
+                kernel_event = launcher.run(queue, step.scalars, [])
+                for member in members:
+                    written = (member.arrays[0], *member.arrays[2:])
+                    for w in written:
+                        mapped, event = cl.enqueue_map_buffer(
+                            queue, w.base_data, cl.map_flags.READ, 0, (w.host.nbytes,), np.dtype(np.uint8),
+                            wait_for=[kernel_event], is_blocking=False,
+                        )
+                        mapped.base.release(queue, wait_for=[event])
+        queue.finish()
+    finally:
+        for w in wrapped:
+            w.base_data.release()

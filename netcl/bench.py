@@ -1,0 +1,387 @@
+"""Measure netcl's RMSProp step against the memory-traffic floor, torch and numpy.
+
+    python -m netcl.bench [--device P:D] [--sizes 1e3,1e4,...] [--json PATH] [--plot PATH]
+
+Every case times its contenders side by side, in turns, in one run, and reports medians:
+
+* netcl: `RMSProp.step()` on pyopencl arrays, then `queue.finish()`;
+* floor: an OpenCL kernel that moves the same bytes as the step (reads the parameter, the
+  gradient and the state, writes the parameter and the state) with trivial arithmetic,
+  built with the best vector width and work-group size of several tried on the device;
+* torch: `torch.optim.RMSprop(foreach=True)` on CPU tensors (when torch is installed);
+* numpy: the fewest in-place passes of numpy ufuncs that compute the step (plain variant).
+
+Cases: one parameter of each size, in float32 and float64, plain and with momentum or
+centered; 160 parameters of 64 to 20,000 values each, each in its own buffer (the floor
+moves the same total bytes in one buffer); numpy float32 parameters stepped by netcl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+import netcl
+from netcl import Parameter
+from netcl.device import create_queue, describe_device
+from netcl.optim import RMSProp
+
+__all__ = ["Row", "main", "run"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "momentum": {"momentum": 0.9},
+    "centered": {"centered": True},
+}
+LR, ALPHA, EPS = 1e-3, 0.99, 1e-8
+
+
+@dataclass
+class Row:
+    """One case's medians (milliseconds per step) and ratios."""
+
+    case: str
+    dtype: str
+    variant: str
+    size: int
+    params: int
+    bytes_per_step: int
+    median_ms: dict[str, float] = field(default_factory=dict)
+    repeats: int = 0
+
+    def ratio(self, a: str, b: str) -> float | None:
+        if a in self.median_ms and b in self.median_ms:
+            return self.median_ms[a] / self.median_ms[b]
+        return None
+
+
+def _state_arrays(variant: str) -> int:
+    return 1 + ("momentum" in VARIANTS[variant]) + ("centered" in VARIANTS[variant])
+
+
+def _bytes(variant: str, size: int, itemsize: int) -> int:
+    buffers = _state_arrays(variant)
+    return size * itemsize * ((2 + buffers) + (1 + buffers))  # reads + writes
+
+
+# --- the floor ---------------------------------------------------------------------------
+
+class Floor:
+    """A kernel that moves a step's bytes: reads p, g and the state, writes p and the state."""
+
+    def __init__(self, queue: cl.CommandQueue, dtype: np.dtype[Any], buffers: int) -> None:
+        self.queue, self.dtype, self.buffers = queue, dtype, buffers
+        self.choice: tuple[int, int] | None = None
+        self._kernels: dict[int, cl.Kernel] = {}
+
+    def kernel(self, width: int) -> cl.Kernel:
+        """The floor kernel with `width`-wide vectors, one vector per work-item."""
+        if width not in self._kernels:
+            ctype = "float" if self.dtype == np.float32 else "double"
+            written = ["param"] + [f"state{k}" for k in range(self.buffers)]
+            args = ", ".join(f"__global {ctype} *{name}" for name in ["grad", *written])
+            if width > 1:
+                load = f"{ctype}{width} g = vload{width}(i, grad);"
+                body = [f"vstore{width}(vload{width}(i, {n}) + g, i, {n});" for n in written]
+            else:
+                load = f"{ctype} g = grad[i];"
+                body = [f"{n}[i] = {n}[i] + g;" for n in written]
+            pragma = "#pragma OPENCL EXTENSION cl_khr_fp64: enable" if ctype == "double" else ""
+            source = f"""{pragma}
+            __kernel void floor_kernel({args}, long n) {{
+                long i = get_global_id(0);
+                if ((i + 1) * {width} <= n) {{ {load} {" ".join(body)} }}
+            }}"""
+            kernel = cl.Kernel(cl.Program(self.queue.context, source).build(), "floor_kernel")
+            kernel.set_scalar_arg_dtypes([None] * (2 + self.buffers) + [np.int64])
+            self._kernels[width] = kernel
+        return self._kernels[width]
+
+    def launcher(self, arrays: Sequence[cl_array.Array], size: int) -> Callable[[], None]:
+        if self.choice is None:
+            self.choice = self._choose()
+        width, local = self.choice
+        kernel = self.kernel(width)
+        groups = -(-size // (width * local))
+        buffers = [cast(cl.Buffer, a.base_data) for a in arrays]
+
+        def step() -> None:
+            kernel(self.queue, (groups * local,), (local,), *buffers, size)
+            self.queue.finish()
+
+        return step
+
+    def _choose(self) -> tuple[int, int]:
+        """The fastest (vector width, work-group size) of several, on 4M values."""
+        size = 4 << 20
+        arrays = [cl_array.zeros(self.queue, size, self.dtype) for _ in range(2 + self.buffers)]
+        best: tuple[float, tuple[int, int]] | None = None
+        for width in (1, 4, 8):
+            for local in (64, 256):
+                kernel = self.kernel(width)
+                groups = -(-size // (width * local))
+                args = [cast(cl.Buffer, a.base_data) for a in arrays]
+                times = []
+                for _ in range(7):
+                    start = time.perf_counter()
+                    kernel(self.queue, (groups * local,), (local,), *args, size)
+                    self.queue.finish()
+                    times.append(time.perf_counter() - start)
+                candidate = (float(np.median(times[2:])), (width, local))
+                if best is None or candidate[0] < best[0]:
+                    best = candidate
+        assert best is not None
+        return best[1]
+
+
+# --- contenders --------------------------------------------------------------------------
+
+
+def _torch_step(size: int | Sequence[int], dtype: np.dtype[Any], flags: dict[str, Any]) -> Callable[[], None] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    sizes = [size] if isinstance(size, int) else list(size)
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    params = [torch.rand(n, dtype=tdtype, requires_grad=True) for n in sizes]
+    for p in params:
+        p.grad = torch.rand_like(p)
+    optimizer = torch.optim.RMSprop(params, lr=LR, alpha=ALPHA, eps=EPS, foreach=True, **flags)
+    return optimizer.step
+
+
+def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
+    """RMSProp (plain) in the fewest in-place numpy passes, no temporaries per step."""
+    rng = np.random.default_rng(0)
+    p, g = rng.random(size).astype(dtype), rng.random(size).astype(dtype)
+    v, t = np.zeros(size, dtype), np.empty(size, dtype)
+
+    def step() -> None:
+        np.multiply(g, g, out=t)
+        np.multiply(t, 1 - ALPHA, out=t)
+        np.multiply(v, ALPHA, out=v)
+        np.add(v, t, out=v)
+        np.sqrt(v, out=t)
+        np.add(t, EPS, out=t)
+        np.divide(g, t, out=t)
+        np.multiply(t, -LR, out=t)
+        np.add(p, t, out=p)
+
+    return step
+
+
+def _netcl_step(queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any],
+                flags: dict[str, Any]) -> Callable[[], None]:
+    rng = np.random.default_rng(0)
+    params = [
+        Parameter(cl_array.to_device(queue, rng.random(n).astype(dtype)),
+                  cl_array.to_device(queue, rng.random(n).astype(dtype)))
+        for n in sizes
+    ]
+    optimizer = RMSProp(params, lr=LR, alpha=ALPHA, eps=EPS, **flags)
+
+    def step() -> None:
+        optimizer.step()
+        queue.finish()
+
+    return step
+
+
+def _netcl_numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
+    rng = np.random.default_rng(0)
+    param = Parameter(rng.random(size).astype(dtype), rng.random(size).astype(dtype))
+    return RMSProp([param], lr=LR, alpha=ALPHA, eps=EPS).step
+
+
+def _time(contenders: dict[str, Callable[[], None]], budget_s: float, min_repeats: int,
+          max_repeats: int) -> tuple[dict[str, float], int]:
+    """Median seconds of each contender, timed in turns so noise hits all alike."""
+    for fn in contenders.values():
+        fn()  # warm up: builds, first-touch allocation
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    started = time.perf_counter()
+    repeats = 0
+    while repeats < max_repeats and (repeats < min_repeats or time.perf_counter() - started < budget_s):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+        repeats += 1
+    return {name: float(np.median(times)) * 1e3 for name, times in samples.items()}, repeats
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def run(queue: cl.CommandQueue, sizes: Sequence[int], *, dtypes: Sequence[str] = ("float32", "float64"),
+        variants: Sequence[str] = tuple(VARIANTS), many: int = 160, budget_s: float = 1.0,
+        min_repeats: int = 5, max_repeats: int = 300, progress: bool = True) -> list[Row]:
+    """Run every case and return its row."""
+    from tqdm import tqdm
+
+    plan: list[tuple[str, str, str, int]] = [
+        ("single", dtype, variant, size) for dtype in dtypes for variant in variants for size in sizes
+    ]
+    if many:
+        plan.append(("many", "float32", "plain", many))
+    if "float32" in dtypes:
+        plan += [("numpy-params", "float32", "plain", size) for size in sizes]
+    floors: dict[tuple[str, int], Floor] = {}
+    rows: list[Row] = []
+    for case, dtype_name, variant, size in tqdm(plan, disable=not progress, unit="case", file=sys.stderr):
+        dtype = np.dtype(dtype_name)
+        flags = VARIANTS[variant]
+        buffers = _state_arrays(variant)
+        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
+        contenders: dict[str, Callable[[], None]] = {}
+        if case == "many":
+            counts = np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), size)).astype(int)
+            total = int(counts.sum())
+            contenders["netcl"] = _netcl_step(queue, counts.tolist(), dtype, flags)
+            floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
+            contenders["floor"] = floor.launcher(floor_arrays, total)
+            torch_step = _torch_step(counts.tolist(), dtype, flags)
+            row = Row(case, dtype_name, variant, total, size, _bytes(variant, total, dtype.itemsize))
+        elif case == "numpy-params":
+            contenders["netcl"] = _netcl_numpy_step(size, dtype)
+            contenders["numpy"] = _numpy_step(size, dtype)
+            torch_step = None
+            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
+        else:
+            contenders["netcl"] = _netcl_step(queue, [size], dtype, flags)
+            floor_arrays = [cl_array.zeros(queue, size, dtype) for _ in range(2 + buffers)]
+            contenders["floor"] = floor.launcher(floor_arrays, size)
+            torch_step = _torch_step(size, dtype, flags)
+            if variant == "plain":
+                contenders["numpy"] = _numpy_step(size, dtype)
+            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
+        if torch_step is not None:
+            contenders["torch"] = torch_step
+        row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats)
+        rows.append(row)
+        del contenders
+        gc.collect()
+    return rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The rows as a text table of medians and ratios."""
+    header = ("case", "dtype", "variant", "values", "netcl ms", "floor ms", "netcl/floor",
+              "torch ms", "torch/netcl", "numpy ms", "numpy/netcl")
+    lines = [header]
+
+    def ms(row: Row, name: str) -> str:
+        return f"{row.median_ms[name]:.4g}" if name in row.median_ms else "-"
+
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    for row in rows:
+        values = f"{row.size:,}" + (f" in {row.params}" if row.params > 1 else "")
+        lines.append((row.case, row.dtype, row.variant, values, ms(row, "netcl"), ms(row, "floor"),
+                      ratio(row.ratio("netcl", "floor")), ms(row, "torch"), ratio(row.ratio("torch", "netcl")),
+                      ms(row, "numpy"), ratio(row.ratio("numpy", "netcl"))))
+    widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def plot(rows: Sequence[Row], path: str, device: str) -> None:
+    """A PNG of time per step against size, one panel per dtype, with the floor drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    singles = [r for r in rows if r.case == "single" and r.variant == "plain"]
+    dtypes = sorted({r.dtype for r in singles})
+    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(6 * max(1, len(dtypes)), 4.5),
+                             constrained_layout=True, squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=False):
+        mine = [r for r in singles if r.dtype == dtype]
+        sizes = [r.size for r in mine]
+        for name, style in (("floor", "k--"), ("netcl", "C0-o"), ("torch", "C1-s"), ("numpy", "C2-^")):
+            points = [(s, r.median_ms[name]) for s, r in zip(sizes, mine, strict=True) if name in r.median_ms]
+            if points:
+                label = "floor (same bytes)" if name == "floor" else name
+                ax.plot(*zip(*points, strict=True), style, label=label)
+        ax.set(xscale="log", yscale="log", xlabel="values per parameter", ylabel="ms per step (median)",
+               title=f"RMSProp step, {dtype}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"netcl {netcl.__version__} on {device}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(part)) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes must be numbers separated by commas, got {text!r}") from None
+    if not sizes or any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m netcl.bench", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--device", help="OpenCL device as P or P:D (default: PYOPENCL_CTX or the first)")
+    parser.add_argument("--sizes", type=_sizes, default=_sizes("1e3,1e4,1e5,1e6,1e7,1e8"),
+                        help="values per parameter, comma-separated (1e3,...,1e8)")
+    parser.add_argument("--dtypes", default="float32,float64", help="float32,float64")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="plain,momentum,centered")
+    parser.add_argument("--many", type=int, default=160, help="parameters in the many-parameter case (160; 0: skip)")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (1.0)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG of time per step against size")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks it works")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    variants = [v for v in args.variants.split(",") if v]
+    for name, allowed, given in (("dtypes", ("float32", "float64"), dtypes), ("variants", tuple(VARIANTS), variants)):
+        if not given or not set(given) <= set(allowed):
+            parser.error(f"--{name} must be some of {','.join(allowed)}, got {','.join(given)!r}")
+    try:
+        queue = create_queue(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    sizes, many, budget, min_repeats = args.sizes, args.many, args.budget, 5
+    if args.smoke:
+        sizes, many, budget, min_repeats = [1000, 10_000], min(many, 8), 0.0, 2
+    rows = run(queue, sizes, dtypes=dtypes, variants=variants, many=many, budget_s=budget,
+               min_repeats=min_repeats, progress=not args.quiet)
+    device = describe_device(queue)
+    print(f"device: {device}")
+    print(table(rows))
+    if args.json:
+        meta = {
+            "device": device,
+            "netcl": netcl.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m netcl.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, out, indent=2)
+    if args.plot:
+        plot(rows, args.plot, device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""`python -m netcl.bench` keeps working (a seconds-long smoke run; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from netcl import bench
+
+
+def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert bench.main(["--smoke", "--quiet", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "netcl/floor" in text and "torch/netcl" in text
+    data = json.loads(out_json.read_text())
+    cases = {(row["case"], row["dtype"], row["variant"]) for row in data["rows"]}
+    assert ("single", "float64", "centered") in cases and ("many", "float32", "plain") in cases
+    assert ("numpy-params", "float32", "plain") in cases
+    for row in data["rows"]:
+        assert row["median_ms"]["netcl"] > 0 and row["repeats"] >= 2
+    assert data["meta"]["device"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv", [["--sizes", "abc"], ["--sizes", "0"], ["--dtypes", "int8"], ["--variants", "nesterov"]])
+def test_bad_options_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        bench.main([*argv, "--quiet"])
+    assert caught.value.code == 2

@@ -1,0 +1,89 @@
+"""Large host arrays (numpy, CPU torch) go through the fused kernel: same bits, in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+import torch
+
+import netcl._backends.host as host
+from netcl import Parameter
+from netcl.optim import RMSProp
+from tests.reference import FLAG_COMBINATIONS, flag_id
+
+SIZE = host.HOST_MIN_SIZE + 13  # not a multiple of any vector width
+
+
+def test_a_cpu_device_is_available() -> None:
+    """The test machines have PoCL (the pocl extra), so the host path is exercised."""
+    queue = host.host_queue()
+    assert queue is not None and queue.device.type & cl.device_type.CPU
+
+
+def _run(make: Any, get: Any, p0: Any, grads: list[Any], flags: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    param = Parameter(make(p0))
+    data = param.data
+    opt = RMSProp([param], lr=1e-2, **flags)
+    for g in grads:
+        param.grad = make(g)
+        opt.step()
+    assert param.data is data, "updated in place"
+    state = dict(opt.state[id(param)])
+    return get(param.data), {k: get(v) for k, v in state.items() if k != "step"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::3], ids=[flag_id(f) for f in FLAG_COMBINATIONS[::3]])
+def test_host_path_is_bitwise_the_reference_and_the_device_kernel(
+        dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(SIZE).astype(dtype)
+    grads = [rng.standard_normal(SIZE).astype(dtype) for _ in range(3)]
+
+    def copy(a: Any) -> Any:
+        return np.array(a, copy=True)
+
+    fused_host = _run(copy, copy, p0, grads, flags)
+    fused_device = _run(lambda a: cl_array.to_device(queue, a), lambda a: a.get(), p0, grads, flags)
+    tensors = _run(lambda a: torch.tensor(a), lambda t: t.numpy().copy(), p0, grads, flags)
+    monkeypatch.setattr(host, "HOST_MIN_SIZE", 1 << 62)  # now the array-API path
+    reference = _run(copy, copy, p0, grads, flags)
+    for other in (fused_device, tensors, reference):
+        assert fused_host[0].tobytes() == other[0].tobytes()
+        assert fused_host[1].keys() == other[1].keys()
+        for name in fused_host[1]:
+            assert fused_host[1][name].tobytes() == other[1][name].tobytes(), name
+
+
+def test_fortran_ordered_host_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(6)
+    shape = (SIZE // 64 + 1, 64)
+    p0 = np.asfortranarray(rng.standard_normal(shape).astype(np.float32))
+    grads = [np.asfortranarray(rng.standard_normal(shape).astype(np.float32)) for _ in range(2)]
+    fused = _run(lambda a: np.array(a, order="F"), np.array, p0, grads, {"momentum": 0.9})
+    monkeypatch.setattr(host, "HOST_MIN_SIZE", 1 << 62)
+    reference = _run(lambda a: np.array(a, order="F"), np.array, p0, grads, {"momentum": 0.9})
+    assert np.array_equal(fused[0], reference[0])
+
+
+def test_mixed_layouts_and_views_take_the_array_api_path() -> None:
+    """A C-ordered parameter with an F-ordered gradient, or a strided view, is still right."""
+    rng = np.random.default_rng(7)
+    shape = (SIZE // 64 + 1, 64)
+    p0 = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    a = Parameter(p0.copy(), np.asfortranarray(g))
+    b = Parameter(p0.copy(), g.copy())
+    RMSProp([a], lr=0.1).step()
+    RMSProp([b], lr=0.1).step()
+    assert np.array_equal(a.data, b.data)
+    big = rng.standard_normal(2 * SIZE).astype(np.float32)
+    view = Parameter(big[::2], big[1::2].copy())
+    dense = Parameter(big[::2].copy(), big[1::2].copy())
+    RMSProp([view], lr=0.1).step()
+    RMSProp([dense], lr=0.1).step()
+    assert np.array_equal(view.data, dense.data) and np.array_equal(big[::2], dense.data)
