@@ -16,9 +16,15 @@ class Parameter(Generic[A]):
     """A parameter: an array to optimize and, once computed, its gradient.
 
     ```python
+    import numpy as np
+    import pyopencl as cl
     import pyopencl.array as cl_array
+
+    from netcl import Parameter
+
+    queue = cl.CommandQueue(cl.create_some_context(interactive=False))
     weight = Parameter(cl_array.zeros(queue, (64, 10), np.float32))
-    weight.grad = my_backward_pass(...)  # an array of the same kind, shape and dtype
+    weight.grad = cl_array.zeros_like(weight.data)  # filled by your backward pass
     ```
 
     Args:

@@ -218,12 +218,16 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropState, RMSPropStateDict]):
 
     Example:
         ```python
+        import numpy as np
+
+        from netcl import Parameter
         from netcl.optim import RMSProp
 
-        optimizer = RMSProp(params, lr=1e-3, alpha=0.99, eps=1e-8)
-        for batch in data:
+        param = Parameter(np.zeros(3, np.float32))
+        optimizer = RMSProp([param], lr=1e-3, alpha=0.99, eps=1e-8)
+        for _ in range(3):
             optimizer.zero_grad()
-            compute_gradients(batch)  # sets each parameter's .grad
+            param.grad = np.ones(3, np.float32)  # from your backward pass
             optimizer.step()
         ```
     """
