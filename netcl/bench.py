@@ -62,6 +62,7 @@ class Row:
     repeats: int = 0
 
     def ratio(self, a: str, b: str) -> float | None:
+        """Median of contender `a` over that of `b`, or None if either is missing."""
         if a in self.median_ms and b in self.median_ms:
             return self.median_ms[a] / self.median_ms[b]
         return None
@@ -82,7 +83,9 @@ class Floor:
     """A kernel that moves a step's bytes: reads p, g and the state, writes p and the state."""
 
     def __init__(self, queue: cl.CommandQueue, dtype: np.dtype[Any], buffers: int) -> None:
-        self.queue, self.dtype, self.buffers = queue, dtype, buffers
+        self.queue: cl.CommandQueue = queue
+        self.dtype: np.dtype[Any] = dtype
+        self.buffers: int = buffers
         self.choice: tuple[int, int] | None = None
         self._kernels: dict[int, cl.Kernel] = {}
 
@@ -110,6 +113,7 @@ class Floor:
         return self._kernels[width]
 
     def launcher(self, arrays: Sequence[cl_array.Array], size: int) -> Callable[[], None]:
+        """A timed step: the floor kernel over `size` values of `arrays`, then finish."""
         if self.choice is None:
             self.choice = self._choose()
         width, local = self.choice
@@ -337,6 +341,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: run the benchmark, print the table, write JSON and the plot."""
     parser = argparse.ArgumentParser(prog="python -m netcl.bench", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", help="OpenCL device as P or P:D (default: PYOPENCL_CTX or the first)")
     parser.add_argument("--sizes", type=_sizes, default=_sizes("1e3,1e4,1e5,1e6,1e7,1e8"),

@@ -109,12 +109,13 @@ class MLP:
     """A 64-64-10 ReLU network whose parameters and gradients are pyopencl arrays."""
 
     def __init__(self, queue: cl.CommandQueue, sizes: Sequence[int], seed: int) -> None:
-        self.queue = queue
-        self.sizes = list(sizes)
+        self.queue: cl.CommandQueue = queue
+        self.sizes: list[int] = list(sizes)
         program = cl.Program(queue.context, KERNELS).build()
-        self.dense, self.softmax_xent, self.dense_grad, self.input_grad = (
-            cl.Kernel(program, name) for name in ("dense", "softmax_xent", "dense_grad", "input_grad")
-        )
+        self.dense: cl.Kernel = cl.Kernel(program, "dense")
+        self.softmax_xent: cl.Kernel = cl.Kernel(program, "softmax_xent")
+        self.dense_grad: cl.Kernel = cl.Kernel(program, "dense_grad")
+        self.input_grad: cl.Kernel = cl.Kernel(program, "input_grad")
         rng = np.random.default_rng(seed)
         self.weights: list[Parameter[cl_array.Array]] = []
         self.biases: list[Parameter[cl_array.Array]] = []
@@ -124,6 +125,7 @@ class MLP:
             self.biases.append(Parameter(cl_array.zeros(queue, n_out, F32), cl_array.zeros(queue, n_out, F32)))
 
     def parameters(self) -> list[Parameter[cl_array.Array]]:
+        """The weights and biases, layer by layer."""
         return [p for pair in zip(self.weights, self.biases, strict=True) for p in pair]
 
     def forward(self, x: cl_array.Array) -> list[cl_array.Array]:
@@ -250,6 +252,7 @@ def _positive(kind: type[int] | type[float]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: train, print a summary, write the plot."""
     parser = argparse.ArgumentParser(prog="python -m netcl.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=_positive(int), default=30, help="passes over the training set (30)")
     parser.add_argument("--lr", type=_positive(float), default=1e-3, help="RMSProp learning rate (1e-3)")

@@ -231,3 +231,31 @@ def test_immutable_arrays_are_rebound(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_repr_lists_groups() -> None:
     text = repr(RMSProp([Parameter(np.zeros(1, np.float32))], lr=0.5))
     assert text.startswith("RMSProp (") and "lr: 0.5" in text and "Parameter Group 0" in text
+
+
+def test_after_the_first_step_nothing_is_allocated_or_rebuilt(queue: cl.CommandQueue,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """State buffers and launch kernels are made once; later steps only enqueue."""
+    params = [Parameter(cl_array.to_device(queue, np.ones(n, np.float32)),
+                        cl_array.to_device(queue, np.ones(n, np.float32))) for n in (10, 1000, 100_000)]
+    opt = RMSProp(params, lr=0.01, momentum=0.9, centered=True)
+    opt.step()
+    made: list[str] = []
+    zeros, kernel = cl_array.zeros, cl.Kernel
+
+    def counting_zeros(*args: Any, **kwargs: Any) -> Any:
+        made.append("state buffer")
+        return zeros(*args, **kwargs)
+
+    def counting_kernel(*args: Any, **kwargs: Any) -> Any:
+        made.append("kernel object")
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cl_array, "zeros", counting_zeros)
+    monkeypatch.setattr(cl, "Kernel", counting_kernel)
+    monkeypatch.setattr(cl.Program, "build", lambda *a, **k: made.append("build"))
+    for lr in (0.01, 0.005, 0.002):
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+    queue.finish()
+    assert made == []

@@ -46,7 +46,7 @@ def test_bad_hyperparameters(name: str, value: object, error: type[Exception]) -
     assert repr(value)[:6] in str(caught.value) or type(value).__name__ in str(caught.value)
     # the same value in a param group
     with pytest.raises(error, match=rf"param_groups\[0\]: {name}"):
-        RMSProp([{"params": [ok()], name: value}])  # type: ignore[arg-type]
+        RMSProp([{"params": [ok()], name: value}])  # type: ignore[list-item]
 
 
 def test_hyperparameter_message_says_what_is_allowed() -> None:

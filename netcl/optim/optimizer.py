@@ -84,7 +84,7 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
     defaults: dict[str, float | bool]
 
     def __init__(
-        self, params: Iterable[ParameterLike] | Iterable[Mapping[str, Any]], defaults: Mapping[str, object]
+        self, params: Iterable[ParameterLike | Mapping[str, Any]], defaults: Mapping[str, object]
     ) -> None:
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
@@ -438,7 +438,7 @@ def _as_groups(params: object) -> list[Mapping[str, Any]]:
 
 def _as_param_list(params: object, where: str) -> list[Any]:
     """An ordered list from an iterable of parameters (or of group dicts)."""
-    if _is_parameter_like(params) or backend_or_none(params) is not None:
+    if _is_parameter_like(params) or _backend_or_none(params) is not None:
         raise TypeError(
             f"{where} must be an iterable of parameters, got a single {describe(params)}; "
             "wrap it in a list"
@@ -453,7 +453,8 @@ def _as_param_list(params: object, where: str) -> list[Any]:
     return list(params)
 
 
-def backend_or_none(x: object) -> Backend | None:
+def _backend_or_none(x: object) -> Backend | None:
+    """The backend of `x` if it is an array netcl can optimize, else None."""
     try:
         return backend_for(x, "")
     except TypeError:
@@ -466,7 +467,7 @@ def _check_parameter(param: object, where: str) -> None:
     if not _is_parameter_like(param):
         hint = (
             "; wrap the array in netcl.Parameter(array)"
-            if backend_or_none(param) is not None or hasattr(param, "data")
+            if _backend_or_none(param) is not None or hasattr(param, "data")
             else ""
         )
         raise TypeError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from types import ModuleType
-from typing import Any, NotRequired, Required, TypedDict
+from typing import Any, ClassVar, NotRequired, Required, TypedDict
 
 import numpy.typing as npt
 
@@ -232,12 +232,12 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropState, RMSPropStateDict]):
         ```
     """
 
-    rule = _RULE
-    hyperparameters = _HYPERPARAMETERS
+    rule: ClassVar[UpdateRule] = _RULE
+    hyperparameters: ClassVar[Mapping[str, HyperCheck]] = _HYPERPARAMETERS
 
     def __init__(
         self,
-        params: Iterable[ParameterLike] | Iterable[RMSPropParamGroupInput],
+        params: Iterable[ParameterLike | RMSPropParamGroupInput],
         lr: float = 1e-3,
         alpha: float = 0.99,
         eps: float = 1e-8,
