@@ -5,6 +5,7 @@ from netcl.optim import RMSProp
 ```
 """
 
+from netcl.optim import checkpoint
 from netcl.optim.optimizer import Optimizer
 from netcl.optim.rmsprop import (
     RMSProp,
@@ -19,6 +20,7 @@ from netcl.optim.rmsprop import (
 
 __all__ = [
     "Optimizer",
+    "checkpoint",
     "RMSProp",
     "RMSPropHyperparameters",
     "RMSPropParamGroup",
