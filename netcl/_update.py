@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Protocol, TypeAlias
+from typing import Protocol, TypeAlias, TypeVar
 
 from netcl._kernels import KernelSpec
+from netcl._xp import ArrayNamespace, XArray
+
+A = TypeVar("A", bound=XArray)
 
 __all__ = ["Hyper", "ReferenceUpdate", "Step", "UpdateRule"]
 
@@ -26,12 +28,11 @@ class ReferenceUpdate(Protocol):
     """The update written in array-API calls on namespace `xp`.
 
     Returns the new parameter and the new state buffers and changes none of its inputs.
-    `xp` is the arrays' namespace from `array_api_compat`, whose functions are untyped.
     """
 
     def __call__(
-        self, xp: ModuleType, param: Any, grad: Any, state: Mapping[str, Any], hyper: Hyper
-    ) -> tuple[Any, dict[str, Any]]: ...
+        self, xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper
+    ) -> tuple[A, dict[str, A]]: ...
 
 
 @dataclass(frozen=True)

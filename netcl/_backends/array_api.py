@@ -9,7 +9,6 @@ object holds the result; arrays that cannot be written (jax) are replaced: the p
 from __future__ import annotations
 
 from collections.abc import Hashable, MutableMapping, Sequence
-from types import ModuleType
 from typing import Any
 
 import array_api_compat
@@ -19,6 +18,7 @@ import numpy.typing as npt
 from netcl._backends.base import Backend, Work, describe
 from netcl._backends.host import update_on_host
 from netcl._update import Step
+from netcl._xp import ArrayNamespace
 
 __all__ = ["ARRAY_API", "ArrayAPIBackend", "is_array_api"]
 
@@ -28,7 +28,7 @@ def is_array_api(x: object) -> bool:
     return bool(array_api_compat.is_array_api_obj(x)) and hasattr(x, "shape")
 
 
-def _namespace(*arrays: object) -> ModuleType:
+def _namespace(*arrays: object) -> ArrayNamespace:
     return array_api_compat.array_namespace(*arrays)
 
 

@@ -50,16 +50,21 @@ _META = "meta.json"
 _savez: Callable[..., None] = np.savez
 
 
-def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+def save(state_dict: Mapping[str, object], path: str | os.PathLike[str]) -> None:
     """Write `state_dict` to `path` atomically, as an `.npz` archive without pickles.
 
     Raises:
         TypeError: A value is neither an array, a number, a bool, a string, None, nor a
             list or dict of those.
     """
+    entries, groups = state_dict.get("state"), state_dict.get("param_groups")
+    if not isinstance(entries, Mapping) or not isinstance(groups, list | tuple):
+        raise TypeError("state_dict must have a 'state' dict and a 'param_groups' list")
     arrays: dict[str, npt.NDArray[Any]] = {}
     state: dict[str, dict[str, Any]] = {}
-    for index, entry in state_dict["state"].items():
+    for index, entry in entries.items():
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"state_dict['state'][{index!r}] must be a dict")
         saved: dict[str, Any] = {}
         for name, value in entry.items():
             if isinstance(value, int | float | bool):
@@ -69,7 +74,7 @@ def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
                 arrays[key] = _host(value, key)
                 saved[name] = {"array": key}
         state[str(index)] = saved
-    meta = {"format": FORMAT, "state": state, "param_groups": _plain(state_dict["param_groups"])}
+    meta = {"format": FORMAT, "state": state, "param_groups": _plain(groups)}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     target = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -84,7 +89,7 @@ def save(state_dict: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         raise
 
 
-def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load(path: str | os.PathLike[str]) -> dict[str, object]:
     """Read a checkpoint written by `save`; it runs no code from the file.
 
     Pass the result to the optimizer's `load_state_dict`, which checks that it fits.

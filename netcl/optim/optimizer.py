@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
-from typing import Any, ClassVar, Generic, TypeVar, cast, overload
+from typing import Any, ClassVar, Generic, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ from netcl.optim._hyper import HyperCheck
 __all__ = ["Optimizer"]
 
 GroupT = TypeVar("GroupT", bound=Mapping[str, Any])
+GroupInputT = TypeVar("GroupInputT", bound=Mapping[str, object])
 StateT = TypeVar("StateT", bound=Mapping[str, Any])
 StateDictT = TypeVar("StateDictT", bound=Mapping[str, Any])
 LossT = TypeVar("LossT")
@@ -58,11 +59,11 @@ class _Checked:
         return True
 
 
-def _is_parameter_like(x: object) -> bool:
+def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
     return hasattr(x, "data") and hasattr(x, "grad")
 
 
-class Optimizer(Generic[GroupT, StateT, StateDictT]):
+class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     """The base of netcl's optimizers; use a concrete one such as `RMSProp`.
 
     Attributes:
@@ -84,7 +85,7 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
     defaults: dict[str, float | bool]
 
     def __init__(
-        self, params: Iterable[ParameterLike | Mapping[str, Any]], defaults: Mapping[str, object]
+        self, params: Iterable[ParameterLike | GroupInputT], defaults: Mapping[str, object]
     ) -> None:
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
@@ -93,11 +94,11 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
         self.state = {}
         self.param_groups = []
         for group in _as_groups(params):
-            self.add_param_group(group)
+            self._add_group(group)
 
     # --- parameters and groups -------------------------------------------------------
 
-    def add_param_group(self, param_group: Mapping[str, Any]) -> None:
+    def add_param_group(self, param_group: GroupInputT) -> None:
         """Add a param group: a dict with `params` and any hyperparameters to override.
 
         Raises:
@@ -106,6 +107,10 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
             ValueError: An unknown key, a hyperparameter out of range, or a parameter
                 that is already in this or another group.
         """
+        with self._lock:
+            self._add_group(param_group)
+
+    def _add_group(self, param_group: Mapping[str, object]) -> None:
         where = f"param_groups[{len(self.param_groups)}]"
         if not isinstance(param_group, Mapping):
             raise TypeError(f"{where} must be a dict with a 'params' entry, got {describe(param_group)}")
@@ -267,7 +272,7 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
                 groups.append({**self._hyper(group), "params": indices})
             return cast(StateDictT, {"state": state, "param_groups": groups})
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
         """Restore a snapshot from `state_dict()` (netcl's or torch's for the same optimizer).
 
         Everything is checked before anything changes: the number of groups and of
@@ -298,7 +303,7 @@ class Optimizer(Generic[GroupT, StateT, StateDictT]):
             self.state.update(new_state)
 
     def _check_state_dict(
-        self, state_dict: Mapping[str, Any]
+        self, state_dict: Mapping[str, object]
     ) -> tuple[list[dict[str, float | bool]], dict[int, ParameterLike], dict[int, dict[str, Any]]]:
         """Everything `load_state_dict` needs, checked; raises on the first problem."""
         if not isinstance(state_dict, Mapping):
@@ -474,6 +479,6 @@ def _check_parameter(param: object, where: str) -> None:
             f"{where} is a {describe(param)}, not a parameter: a parameter has `data` "
             f"(an array) and `grad` attributes{hint}"
         )
-    data = param.data  # type: ignore[attr-defined]  # checked by _is_parameter_like
+    data = param.data
     backend = backend_for(data, f"{where}.data")
     backend.check_param(data, f"{where}.data")

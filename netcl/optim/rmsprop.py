@@ -6,17 +6,21 @@ The fused OpenCL form of the same update is `kernels/rmsprop.cl`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import ModuleType
-from typing import Any, ClassVar, NotRequired, Required, TypedDict
+from typing import Any, ClassVar, NotRequired, Required, TypeAlias, TypedDict, TypeVar
 
+import numpy as np
 import numpy.typing as npt
 
 from netcl._types import Array, ParameterLike
 from netcl._update import Hyper, UpdateRule
+from netcl._xp import ArrayNamespace, XArray
 from netcl.optim._hyper import Flag, HyperCheck, Real
 from netcl.optim.optimizer import Optimizer
 
+A = TypeVar("A", bound=XArray)
+
 __all__ = [
+    "FloatArray",
     "RMSProp",
     "RMSPropHyperparameters",
     "RMSPropParamGroup",
@@ -73,13 +77,17 @@ class RMSPropState(TypedDict):
     """m: the moving average of the gradient; present once a step ran with centered=True."""
 
 
+FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+"""A host numpy array of the parameter's dtype."""
+
+
 class RMSPropSavedState(TypedDict):
     """The state of one parameter in a state dict: host numpy copies."""
 
     step: int
-    square_avg: npt.NDArray[Any]
-    momentum_buffer: NotRequired[npt.NDArray[Any]]
-    grad_avg: NotRequired[npt.NDArray[Any]]
+    square_avg: FloatArray
+    momentum_buffer: NotRequired[FloatArray]
+    grad_avg: NotRequired[FloatArray]
 
 
 class RMSPropSavedGroup(RMSPropHyperparameters):
@@ -120,8 +128,8 @@ def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
 
 
 def _reference(
-    xp: ModuleType, param: Any, grad: Any, state: Mapping[str, Any], hyper: Hyper
-) -> tuple[Any, dict[str, Any]]:
+    xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper
+) -> tuple[A, dict[str, A]]:
     """RMSProp in array-API calls: the expressions of `kernels/rmsprop.cl`, in its order."""
     lr, alpha, eps = hyper["lr"], hyper["alpha"], hyper["eps"]
     weight_decay, momentum = hyper["weight_decay"], hyper["momentum"]
@@ -129,7 +137,7 @@ def _reference(
     if weight_decay != 0:
         g = g + weight_decay * param
     v = state["square_avg"] * alpha + (1.0 - alpha) * g * g
-    new: dict[str, Any] = {"square_avg": v}
+    new: dict[str, A] = {"square_avg": v}
     if hyper["centered"]:
         m = state["grad_avg"] * alpha + (1.0 - alpha) * g
         new["grad_avg"] = m
@@ -165,7 +173,7 @@ _HYPERPARAMETERS: dict[str, HyperCheck] = {
 }
 
 
-class RMSProp(Optimizer[RMSPropParamGroup, RMSPropState, RMSPropStateDict]):
+class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState, RMSPropStateDict]):
     r"""RMSProp, with one fused OpenCL kernel per parameter and step.
 
     For each parameter with a gradient, element by element (torch's semantics):

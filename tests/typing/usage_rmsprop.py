@@ -6,7 +6,7 @@ mistake that the checkers stop catching fails CI."""
 from __future__ import annotations
 
 import pickle
-from typing import Any, assert_type
+from typing import assert_type
 
 import numpy as np
 import numpy.typing as npt
@@ -71,7 +71,7 @@ grouped.add_param_group({"params": [mine], "alpha": 0.9})
 # --- the state_dict round trip ---------------------------------------------------------
 saved = optimizer.state_dict()
 assert_type(saved, RMSPropStateDict)
-assert_type(saved["state"][0]["square_avg"], npt.NDArray[Any])
+assert_type(saved["state"][0]["square_avg"], npt.NDArray[np.float32] | npt.NDArray[np.float64])
 assert_type(saved["param_groups"][0]["params"], list[int])
 assert_type(saved["param_groups"][0]["eps"], float)
 optimizer.load_state_dict(pickle.loads(pickle.dumps(saved)))
@@ -93,3 +93,5 @@ RMSProp([{"params": [weight], "betas": (0.9, 0.99)}])  # type: ignore[list-item]
 RMSProp([np.zeros(3, np.float32)])  # type: ignore[list-item]
 optimizer.param_groups[0]["lr"] = "fast"  # type: ignore[typeddict-item]
 optimizer.param_groups[0]["learning_rate"]  # type: ignore[typeddict-item]
+grouped.add_param_group({"params": [mine], "betas": (0.9, 0.99)})  # type: ignore[typeddict-unknown-key]
+grouped.add_param_group({"lr": 0.1})  # type: ignore[typeddict-item]

@@ -1,0 +1,67 @@
+"""The part of the array API that netcl uses, as types.
+
+`array_api_compat.array_namespace` returns a module, so to a type checker every call made
+through it would be untyped. netcl's stub of array-api-compat (`stubs/array_api_compat`)
+says that it returns an `ArrayNamespace`, and netcl's reference maths is written against
+`XArray`, so that path is type-checked like the rest.
+"""
+
+from __future__ import annotations
+
+from types import EllipsisType
+from typing import Protocol, Self, TypeVar
+
+__all__ = ["ArrayNamespace", "XArray"]
+
+
+class XArray(Protocol):
+    """The operations netcl's reference maths applies to an array-API array."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape."""
+        ...
+
+    @property
+    def dtype(self) -> object:
+        """The array's dtype, an object of its namespace."""
+        ...
+
+    def __neg__(self) -> Self: ...
+    def __add__(self, other: Self | float, /) -> Self: ...
+    def __radd__(self, other: float, /) -> Self: ...
+    def __sub__(self, other: Self | float, /) -> Self: ...
+    def __mul__(self, other: Self | float, /) -> Self: ...
+    def __rmul__(self, other: float, /) -> Self: ...
+    def __truediv__(self, other: Self | float, /) -> Self: ...
+    def __setitem__(self, key: EllipsisType, value: Self | float, /) -> None: ...
+
+
+A = TypeVar("A", bound=XArray)
+
+
+class ArrayNamespace(Protocol):
+    """The functions and dtypes of an array-API namespace that netcl uses."""
+
+    @property
+    def float32(self) -> object:
+        """The float32 dtype."""
+        ...
+
+    @property
+    def float64(self) -> object:
+        """The float64 dtype."""
+        ...
+
+    def sqrt(self, x: A, /) -> A:
+        """Element-wise square root, correctly rounded."""
+        ...
+
+    def zeros_like(self, x: A, /) -> A:
+        """Zeros of `x`'s shape, dtype and device."""
+        ...
+
+    def asarray(self, obj: object, /, *, dtype: object = None, device: object = None,
+                copy: bool | None = None) -> XArray:
+        """An array of this namespace from `obj`."""
+        ...
