@@ -230,6 +230,7 @@ def _fused_kernel(
     preamble = [
         "#pragma OPENCL FP_CONTRACT OFF",
         f"#define real {real}",
+        f"#define REAL_MAX {'FLT_MAX' if dtype == np.float32 else 'DBL_MAX'}",
         *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
     ]
     for name, vector in (("update_vector", f"{real}{geo.width}"), ("update_scalar", "real")):

@@ -40,6 +40,15 @@ class XArray(Protocol):
 A = TypeVar("A", bound=XArray)
 
 
+class FInfo(Protocol):
+    """What `finfo` says of a floating dtype (the part netcl reads)."""
+
+    @property
+    def max(self) -> float:
+        """The largest finite value."""
+        ...
+
+
 class ArrayNamespace(Protocol):
     """The functions and dtypes of an array-API namespace that netcl uses."""
 
@@ -55,6 +64,30 @@ class ArrayNamespace(Protocol):
 
     def sqrt(self, x: A, /) -> A:
         """Element-wise square root, correctly rounded."""
+        ...
+
+    def minimum(self, x: A, y: A | float, /) -> A:
+        """Element-wise minimum."""
+        ...
+
+    def maximum(self, x: A, y: A | float, /) -> A:
+        """Element-wise maximum."""
+        ...
+
+    def clip(self, x: A, /, min: float | None = None, max: float | None = None) -> A:
+        """`x` clamped to [min, max]."""
+        ...
+
+    def isfinite(self, x: XArray, /) -> XArray:
+        """Element-wise: neither NaN nor infinite (a bool array)."""
+        ...
+
+    def where(self, condition: XArray, x: A, y: A, /) -> A:
+        """`x` where `condition` holds, else `y`."""
+        ...
+
+    def finfo(self, dtype: object, /) -> FInfo:
+        """Limits of a floating dtype."""
         ...
 
     def zeros_like(self, x: A, /) -> A:

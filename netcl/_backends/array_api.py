@@ -114,7 +114,10 @@ class ArrayAPIBackend(Backend):
             data = item.data
             xp = _namespace(data, item.grad)
             buffers = {name: item.state[name] for name in step.buffers}
-            new_param, new_buffers = step.rule.reference(xp, data, item.grad, buffers, step.hyper)
+            # Overflow and non-finite values are handled by the update's policy (saturation,
+            # skipping); numpy's warnings about them would only be noise.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                new_param, new_buffers = step.rule.reference(xp, data, item.grad, buffers, step.hyper)
             if _rebinds(data):
                 setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
                 for name in step.buffers:

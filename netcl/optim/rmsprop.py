@@ -5,6 +5,7 @@ The fused OpenCL form of the same update is `kernels/rmsprop.cl`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, NotRequired, Required, TypeAlias, TypedDict, TypeVar
 
@@ -115,6 +116,11 @@ def _variant(hyper: Hyper) -> tuple[frozenset[str], tuple[str, ...]]:
     return frozenset(name for name, on in flags.items() if on), buffers
 
 
+def _clip(alpha: float) -> float:
+    """The bound of |g| / sqrt(v): v >= (1 - alpha) * g^2 in exact arithmetic."""
+    return 1.0 / math.sqrt(1.0 - alpha)
+
+
 def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
     alpha = float(hyper["alpha"])
     return (
@@ -124,31 +130,39 @@ def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
         float(hyper["eps"]),
         float(hyper["weight_decay"]),
         float(hyper["momentum"]),
+        _clip(alpha),
     )
 
 
 def _reference(
     xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper
 ) -> tuple[A, dict[str, A]]:
-    """RMSProp in array-API calls: the expressions of `kernels/rmsprop.cl`, in its order."""
+    """RMSProp in array-API calls: the expressions of `kernels/rmsprop.cl`, in its order,
+    with the same handling of extreme values."""
     lr, alpha, eps = hyper["lr"], hyper["alpha"], hyper["eps"]
     weight_decay, momentum = hyper["weight_decay"], hyper["momentum"]
+    largest = xp.finfo(param.dtype).max
     g = -grad if hyper["maximize"] else grad
     if weight_decay != 0:
         g = g + weight_decay * param
-    v = state["square_avg"] * alpha + (1.0 - alpha) * g * g
+    v = xp.minimum(state["square_avg"] * alpha + (1.0 - alpha) * g * g, largest)
     new: dict[str, A] = {"square_avg": v}
     if hyper["centered"]:
         m = state["grad_avg"] * alpha + (1.0 - alpha) * g
         new["grad_avg"] = m
-        avg = xp.sqrt(v - m * m) + eps
+        u = g / (xp.sqrt(xp.maximum(v - m * m, 0.0)) + eps)
     else:
-        avg = xp.sqrt(v) + eps
+        clip = _clip(float(alpha))
+        u = xp.clip(g / (xp.sqrt(v) + eps), -clip, clip)
     if momentum > 0:
-        b = state["momentum_buffer"] * momentum + g / avg
+        b = state["momentum_buffer"] * momentum + u
         new["momentum_buffer"] = b
-        return param + (-lr) * b, new
-    return param + (-lr) * (g / avg), new
+        p = param + (-lr) * b
+    else:
+        p = param + (-lr) * u
+    finite = xp.isfinite(g)
+    kept = {name: xp.where(finite, value, state[name]) for name, value in new.items()}
+    return xp.where(finite, p, param), kept
 
 
 _RULE = UpdateRule(
