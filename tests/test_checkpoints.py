@@ -219,3 +219,54 @@ def test_saving_before_any_step(queue: cl.CommandQueue) -> None:
     fresh.load_state_dict(saved)
     assert fresh.state == {} and fresh.param_groups[0]["lr"] == 0.2
     assert opt.state  # unrelated optimizers untouched
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k.name in ("pyopencl", "numpy", "array_api_strict")],
+                         ids=["pyopencl", "numpy", "array_api_strict"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("flags", [{}, {"momentum": 0.9, "centered": True, "weight_decay": 0.01, "maximize": True}],
+                         ids=["plain", "all"])
+def test_20_steps_save_load_200_steps_equal_an_uninterrupted_run(kind: Kind, dtype: Any, flags: dict[str, Any],
+                                                                queue: cl.CommandQueue) -> None:
+    rng = np.random.default_rng(12)
+    shapes = [(6, 5), (9,), (4,)]
+    starts = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    # the third parameter never has a gradient; the second has none for the first 10 steps
+    grads = [[rng.standard_normal(s).astype(dtype) if (k != 2 and (k != 1 or t >= 10)) else None
+              for k, s in enumerate(shapes)] for t in range(220)]
+
+    def setup() -> tuple[list[Parameter[Any]], RMSProp]:
+        params = [Parameter(kind.make(queue, s)) for s in starts]
+        return params, RMSProp(params, lr=1e-2, **flags)
+
+    def snapshot(params: list[Parameter[Any]], opt: RMSProp) -> list[bytes]:
+        out = [kind.get(p.data).tobytes() for p in params]
+        for p in params:
+            entry: dict[str, Any] = dict(opt.state.get(id(p), {}))
+            out += [f"{k}={v}".encode() if k == "step" else kind.get(v).tobytes() for k, v in sorted(entry.items())]
+        return out
+
+    def advance(params: list[Parameter[Any]], opt: RMSProp, step: list[Any]) -> None:
+        for p, g in zip(params, step, strict=True):
+            p.grad = None if g is None else kind.make(queue, g)
+        opt.step()
+
+    straight_params, straight = setup()
+    expected = []
+    for step in grads:
+        advance(straight_params, straight, step)
+        expected.append(snapshot(straight_params, straight))
+
+    params, first = setup()
+    empty = pickle.loads(pickle.dumps(first.state_dict()))  # before any step
+    assert empty["state"] == {}
+    for step in grads[:20]:
+        advance(params, first, step)
+    saved = pickle.dumps(first.state_dict())
+    second = RMSProp(params)
+    second.load_state_dict(pickle.loads(saved))
+    assert pickle.dumps(second.state_dict()) == saved  # saving again gives the same bytes
+    assert 2 not in second.state_dict()["state"]
+    for t, step in enumerate(grads[20:], start=20):
+        advance(params, second, step)
+        assert snapshot(params, second) == expected[t], f"step {t + 1}"

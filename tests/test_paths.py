@@ -1,0 +1,97 @@
+"""netcl's own paths agree bit for bit, step after step: the fused kernel on the device,
+the fused kernel on host arrays, the array-API path; one launch over many parameters, a
+launch per parameter, one optimizer per parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_strict
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+
+import netcl._backends.opencl as opencl_backend
+from netcl import Parameter
+from netcl.optim import RMSProp
+from tests.reference import FLAG_COMBINATIONS, flag_id
+
+MAKERS: dict[str, Any] = {
+    "pyopencl": (lambda q, a: cl_array.to_device(q, a), lambda x: x.get()),
+    "numpy": (lambda q, a: np.array(a, copy=True), lambda x: np.array(x, copy=True)),
+    "array_api_strict": (lambda q, a: array_api_strict.asarray(np.array(a, copy=True)), lambda x: np.asarray(x).copy()),
+}
+
+
+def _trajectory(kind: str, queue: cl.CommandQueue, dtype: Any, flags: dict[str, Any], steps: int = 6) -> list[bytes]:
+    make, get = MAKERS[kind]
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal((13, 7)).astype(dtype)
+    param = Parameter(make(queue, p0))
+    opt = RMSProp([param], lr=1e-2, **flags)
+    out = []
+    for _ in range(steps):
+        param.grad = make(queue, (rng.standard_normal((13, 7)) * 10.0 ** rng.uniform(-3, 2)).astype(dtype))
+        opt.step()
+        out.append(get(param.data).tobytes())
+        out += [get(v).tobytes() for k, v in sorted(opt.state[id(param)].items()) if k != "step"]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=[flag_id(f) for f in FLAG_COMBINATIONS])
+def test_fused_kernel_and_array_api_path_agree_bitwise(dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue) -> None:
+    fused = _trajectory("pyopencl", queue, dtype, flags)
+    assert fused == _trajectory("numpy", queue, dtype, flags)
+    assert fused == _trajectory("array_api_strict", queue, dtype, flags)
+
+
+def test_one_launch_a_launch_each_and_an_optimizer_each_agree(queue: cl.CommandQueue,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(8)
+    sizes = [1, 7, 64, 1000, 4099, 3, 20_000]
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(4)]
+
+    def run(mode: str) -> list[bytes]:
+        params = [Parameter(cl_array.to_device(queue, s)) for s in starts]
+        optimizers = [RMSProp([p], lr=1e-2, momentum=0.9) for p in params] if mode == "each optimizer" \
+            else [RMSProp(params, lr=1e-2, momentum=0.9)]
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = cl_array.to_device(queue, g)
+            for opt in optimizers:
+                opt.step()
+        return [p.data.get().tobytes() for p in params]
+
+    together = run("one launch")
+    monkeypatch.setattr(opencl_backend, "max_slots", lambda device, spec: 1)
+    assert run("a launch each") == together
+    assert run("each optimizer") == together
+
+
+def test_a_replaced_parameter_array_is_followed_or_refused(queue: cl.CommandQueue) -> None:
+    param = Parameter(cl_array.to_device(queue, np.ones(5, np.float32)), cl_array.to_device(queue, np.ones(5, np.float32)))
+    opt = RMSProp([param], lr=0.1)
+    opt.step()
+    # the same shape: the new array is updated, with the parameter's state
+    param.data = cl_array.to_device(queue, np.full(5, 2.0, np.float32))
+    opt.step()
+    assert (param.data.get() < 2.0).all() and opt.state[id(param)]["step"] == 2
+    # another shape: refused, nothing changes
+    param.data = cl_array.to_device(queue, np.ones(6, np.float32))
+    param.grad = cl_array.to_device(queue, np.ones(6, np.float32))
+    with pytest.raises(ValueError, match=r"state\['square_avg'\] of param_groups\[0\]\['params'\]\[0\] has shape \(5,\)"):
+        opt.step()
+    assert (param.data.get() == 1.0).all()
+
+
+def test_state_is_never_picked_up_by_a_new_object(queue: cl.CommandQueue) -> None:
+    """The optimizer holds its parameters, so no other object can take over their id()."""
+    opt = RMSProp([Parameter(np.ones(3, np.float32), np.ones(3, np.float32))])
+    opt.step()
+    (key,) = opt.state
+    newcomers = [Parameter(np.ones(3, np.float32)) for _ in range(1000)]
+    assert all(id(p) != key for p in newcomers)
+    assert id(opt.param_groups[0]["params"][0]) == key
