@@ -65,7 +65,7 @@ def browser() -> Iterator[Any]:
 
 PAGES = ["", "concepts/rmsprop/", "guides/pyopencl-arrays/", "guides/array-libraries/",
          "guides/param-groups/", "guides/checkpoints/", "guides/devices/", "guides/typing/",
-         "api/netcl/", "api/optim/", "api/rmsprop/", "benchmarks/"]
+         "api/netcl/", "api/optim/", "api/rmsprop/", "reliability/", "benchmarks/"]
 
 
 def _open(browser: Any, url: str) -> tuple[Any, list[str]]:
