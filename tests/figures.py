@@ -32,7 +32,7 @@ BACKENDS: dict[str, tuple[Callable[[F], F], Callable[[F], F]]] = {
     "numpy": (lambda a: np.array(a, copy=True), lambda x: np.array(x, copy=True)),
     "array_api_strict": (lambda a: array_api_strict.asarray(np.array(a, copy=True)), lambda x: np.asarray(x).copy()),
 }
-VARIANTS = {"plain": {}, "momentum": {"momentum": 0.9}, "centered": {"centered": True}}
+VARIANTS: dict[str, dict[str, Any]] = {"plain": {}, "momentum": {"momentum": 0.9}, "centered": {"centered": True}}
 LR, ALPHA, EPS = 1e-2, 0.99, 1e-8
 
 
