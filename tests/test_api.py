@@ -259,3 +259,43 @@ def test_after_the_first_step_nothing_is_allocated_or_rebuilt(queue: cl.CommandQ
         opt.step()
     queue.finish()
     assert made == []
+
+
+SLOW_FILL = """
+__kernel void slow_fill(__global float *out, float value, int spins)
+{
+    int i = get_global_id(0);
+    float x = value;
+    for (int k = 0; k < spins; ++k) x = x * 1.0000001f + 1e-12f;  /* busy work */
+    out[i] = value + 0.0f * x;
+}
+"""
+
+
+def test_gradients_from_a_slow_kernel_on_another_queue_match_in_order(context: cl.Context,
+                                                                      queue: cl.CommandQueue) -> None:
+    """A gradient written by a slow kernel on a second (out-of-order) queue: step() waits
+    for it on the device, and the result equals the in-order one bit for bit."""
+    props = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    producer = cl.CommandQueue(context, properties=props)
+    kernel = cl.Kernel(cl.Program(context, SLOW_FILL).build(), "slow_fill")
+    rng = np.random.default_rng(9)
+    start = rng.standard_normal(4096).astype(np.float32)
+    values = rng.standard_normal(5).astype(np.float32)
+
+    fast = Parameter(cl_array.to_device(queue, start))
+    slow = Parameter(cl_array.to_device(queue, start))
+    fast_opt, slow_opt = RMSProp([fast], lr=1e-2, momentum=0.9), RMSProp([slow], lr=1e-2, momentum=0.9)
+    for value in values:
+        fast.grad = cl_array.to_device(queue, np.full(4096, value, np.float32))
+        fast_opt.step()
+        grad = cl_array.empty(producer, 4096, np.float32)
+        buffer = grad.base_data
+        assert isinstance(buffer, cl.Buffer)
+        event = kernel(producer, (4096,), None, buffer, np.float32(value), np.int32(20_000))
+        grad.add_event(event)
+        slow.grad = grad
+        slow_opt.step()
+    queue.finish()
+    producer.finish()
+    assert fast.data.get().tobytes() == slow.data.get().tobytes()
