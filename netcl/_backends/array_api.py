@@ -56,33 +56,11 @@ class ArrayAPIBackend(Backend):
             )
 
     def check_grad(self, data: Any, grad: Any, where: str) -> None:
-        if not is_array_api(grad):
-            raise TypeError(
-                f"{where} is a {describe(grad)}, but its parameter is a {describe(data)}; "
-                "the gradient must be an array of the same library"
-            )
-        try:
-            _namespace(data, grad)
-        except TypeError:
-            raise TypeError(
-                f"{where} is a {describe(grad)}, but its parameter is a {describe(data)}; "
-                "the gradient must be an array of the same library"
-            ) from None
+        _check_same_library(data, grad, where, "the gradient must be an array of the same library")
         _check_match(data, grad, where)
 
     def check_state(self, data: Any, buffer: Any, where: str) -> None:
-        if not is_array_api(buffer):
-            raise TypeError(
-                f"{where} is a {describe(buffer)}, but the parameter is now a "
-                f"{describe(data)}; its state was made for another kind of array"
-            )
-        try:
-            _namespace(data, buffer)
-        except TypeError:
-            raise TypeError(
-                f"{where} is a {describe(buffer)}, but the parameter is now a "
-                f"{describe(data)}; its state was made for another kind of array"
-            ) from None
+        _check_same_library(data, buffer, where, "its state was made for another kind of array")
         _check_match(data, buffer, where)
 
     def dtype(self, data: Any) -> np.dtype[Any]:
@@ -126,6 +104,16 @@ class ArrayAPIBackend(Backend):
                 data[...] = new_param
                 for name in step.buffers:
                     item.state[name][...] = new_buffers[name]
+
+
+def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:
+    """Raise unless `other` is an array of the same array-API library as `data`."""
+    try:
+        same = is_array_api(other) and bool(_namespace(data, other))
+    except TypeError:
+        same = False
+    if not same:
+        raise TypeError(f"{where} is a {describe(other)}, but the parameter is a {describe(data)}; {why}")
 
 
 def _check_match(data: Any, other: Any, where: str) -> None:
