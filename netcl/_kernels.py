@@ -66,7 +66,9 @@ class KernelSpec:
     all_buffers: tuple[str, ...]
     """Every state buffer `UPDATE` takes, in its argument order."""
     scalar_count: int
-    """How many scalar arguments `UPDATE` takes after the buffers."""
+    """How many scalar arguments shared by a group `UPDATE` takes after the buffers."""
+    member_scalar_count: int = 0
+    """How many scalar arguments of each parameter's own `UPDATE` takes after those."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def max_slots(device: cl.Device, spec: KernelSpec) -> int:
     Each parameter costs the kernel a (buffer, offset) pair per array and its size; the
     device bounds the bytes of a kernel's arguments (1024 on some drivers).
     """
-    per_slot = (2 + len(spec.buffers)) * 16 + 8
+    per_slot = (2 + len(spec.buffers)) * 16 + 8 + 8 * spec.member_scalar_count
     fixed = 8 * spec.scalar_count + 8
     fitting = [n for n in _SLOT_COUNTS if fixed + n * per_slot <= device.max_parameter_size]
     return max(fitting, default=1)
@@ -137,7 +139,13 @@ class FusedKernel:
     arrays: int
     """Arrays per parameter: the parameter, its gradient and the variant's state buffers."""
     scalar_count: int
+    member_scalar_count: int
     dtype: np.dtype[Any]
+
+    @property
+    def per_slot(self) -> int:
+        """Kernel arguments per parameter: (buffer, offset) per array, size, own scalars."""
+        return 2 * self.arrays + 1 + self.member_scalar_count
 
     def launcher(self) -> Launcher:
         return Launcher(self)
@@ -148,8 +156,8 @@ class Launcher:
 
     A training loop launches the same parameters, gradients and state buffers step after
     step: `bind` sets only the arguments whose object or size changed, `run` only the
-    hyperparameters that changed, so a repeated step costs one enqueue per launch. The
-    kernel object comes from the already built program: no build.
+    scalars that changed, so a repeated step costs one enqueue per launch. The kernel
+    object comes from the already built program: no build.
     """
 
     def __init__(self, fused: FusedKernel) -> None:
@@ -157,13 +165,14 @@ class Launcher:
         self.kernel = cl.Kernel(fused.program, fused.name)
         self.bound: list[object] = [None] * (fused.slots * fused.arrays)
         self.sizes: list[int] = [-1] * fused.slots
+        self.members: list[tuple[float, ...] | None] = [None] * fused.slots
         self.scalars: tuple[float, ...] | None = None
         self.global_size = 0
 
     def bind(self, members: Sequence[Member]) -> None:
         """Make the next runs update `members` (at most `slots`, each of size > 0)."""
         fused, kernel = self.fused, self.kernel
-        per_slot = 2 * fused.arrays + 1
+        per_slot = fused.per_slot
         per_group = fused.geometry.width * fused.geometry.local_size
         groups = 0
         for k in range(fused.slots):
@@ -178,20 +187,33 @@ class Launcher:
             if self.sizes[k] != size:
                 kernel.set_arg(k * per_slot + 2 * fused.arrays, np.int64(size))
                 self.sizes[k] = size
+            if member is None:
+                self._set_member(k, (0.0,) * fused.member_scalar_count)
             groups += -(-size // per_group)
         global_size = groups * fused.geometry.local_size
         if global_size != self.global_size:
             kernel.set_arg(fused.slots * per_slot + fused.scalar_count, np.intp(global_size))
             self.global_size = global_size
 
-    def run(self, queue: cl.CommandQueue, scalars: tuple[float, ...], wait_for: list[cl.Event]) -> cl.Event:
-        """Enqueue the update of the bound members with these scalars."""
+    def _set_member(self, k: int, values: tuple[float, ...]) -> None:
+        if values != self.members[k]:
+            first = k * self.fused.per_slot + 2 * self.fused.arrays + 1
+            for j, value in enumerate(values):
+                self.kernel.set_arg(first + j, self.fused.dtype.type(value))
+            self.members[k] = values
+
+    def run(self, queue: cl.CommandQueue, scalars: tuple[float, ...],
+            members: Sequence[tuple[float, ...]], wait_for: list[cl.Event]) -> cl.Event:
+        """Enqueue the update of the bound members with these scalars: the group's, and
+        each member's own (in the order they were bound)."""
         fused = self.fused
         if scalars != self.scalars:
-            first = fused.slots * (2 * fused.arrays + 1)
+            first = fused.slots * fused.per_slot
             for j, value in enumerate(scalars):
                 self.kernel.set_arg(first + j, fused.dtype.type(value))
             self.scalars = scalars
+        for k, values in enumerate(members):
+            self._set_member(k, values)
         event: cl.Event = cl.enqueue_nd_range_kernel(
             queue, self.kernel, (self.global_size,), (fused.geometry.local_size,),
             wait_for=wait_for or None,
@@ -218,11 +240,14 @@ def _fused_kernel(
     real = dtype_to_ctype(dtype)
     scalars = [f"s{k}" for k in range(spec.scalar_count)]
     arrays = ("param", "grad", *spec.buffers)
+    own = [f"t{j}" for j in range(spec.member_scalar_count)]
     arguments = ", ".join(
         [
             decl
             for k in range(slots)
-            for decl in [f"{real} *{name}{k}" for name in arrays] + [f"long size{k}"]
+            for decl in [f"{real} *{name}{k}" for name in arrays]
+            + [f"long size{k}"]
+            + [f"{real} {name}_{k}" for name in own]
         ]
         + [f"{real} {name}" for name in scalars]
     )
@@ -254,7 +279,7 @@ def _fused_kernel(
         for name in spec.all_buffers:
             value = load(name) if name in spec.buffers else "0"
             lines.append(f"{vtype} {name}_v = {value};")
-        update_args = ["&param_v", load("grad"), *(f"&{name}_v" for name in spec.all_buffers), *scalars]
+        update_args = ["&param_v", load("grad"), *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
         lines.append(f"{function}({', '.join(update_args)});")
         lines += [store(name) for name in ("param", *spec.buffers)]
         return "\n".join(lines)
@@ -266,10 +291,11 @@ def _fused_kernel(
     pick = [
         "const long group = i / " + str(geo.local_size) + ";",
         *(f"__global {real} *{name} = {name}0;" for name in arrays),
+        *(f"{real} {name} = {name}_0;" for name in own),
         "long size = size0, begin = 0, end = (size0 + " + f"{per_group - 1}) / {per_group};",
     ]
     for k in range(1, slots):
-        assignments = " ".join(f"{name} = {name}{k};" for name in arrays)
+        assignments = " ".join([f"{name} = {name}{k};" for name in arrays] + [f"{name} = {name}_{k};" for name in own])
         pick.append(
             f"if (group >= end) {{ begin = end; end += (size{k} + {per_group - 1}) / {per_group}; "
             f"size = size{k}; {assignments} }}"
@@ -304,5 +330,6 @@ def _fused_kernel(
         slots=slots,
         arrays=len(arrays),
         scalar_count=spec.scalar_count,
+        member_scalar_count=spec.member_scalar_count,
         dtype=dtype,
     )

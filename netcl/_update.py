@@ -18,10 +18,28 @@ from netcl._xp import ArrayNamespace, XArray
 
 A = TypeVar("A", bound=XArray)
 
-__all__ = ["Hyper", "ReferenceUpdate", "Step", "UpdateRule"]
+__all__ = ["Hyper", "MemberScalars", "ReferenceUpdate", "Step", "UpdateRule", "pair", "real"]
 
-Hyper: TypeAlias = Mapping[str, float | bool]
+Hyper: TypeAlias = Mapping[str, float | bool | tuple[float, float]]
 """A param group's hyperparameters, by name."""
+
+MemberScalars: TypeAlias = Callable[[Hyper, int, frozenset[str]], tuple[float, ...]]
+"""A parameter's own scalars at a step, from the group's hyperparameters, the parameter's
+step count (this step included) and the state buffers made zero at this step."""
+
+
+def real(hyper: Hyper, name: str) -> float:
+    """A real-valued hyperparameter (checked when its group was made)."""
+    value = hyper[name]
+    assert not isinstance(value, tuple), name
+    return float(value)
+
+
+def pair(hyper: Hyper, name: str) -> tuple[float, float]:
+    """A pair-valued hyperparameter such as Adam's betas."""
+    value = hyper[name]
+    assert isinstance(value, tuple), name
+    return value
 
 
 class ReferenceUpdate(Protocol):
@@ -31,7 +49,8 @@ class ReferenceUpdate(Protocol):
     """
 
     def __call__(
-        self, xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper
+        self, xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
+        member: tuple[float, ...],
     ) -> tuple[A, dict[str, A]]: ...
 
 
@@ -48,9 +67,19 @@ class UpdateRule:
     variant: Callable[[Hyper], tuple[frozenset[str], tuple[str, ...]]]
     """The switches that are on, and the buffers that are used, for given hyperparameters."""
     kernel_scalars: Callable[[Hyper], tuple[float, ...]]
-    """The scalar arguments of `UPDATE`, in its argument order."""
+    """The scalar arguments of `UPDATE` that a group shares, in its argument order."""
     reference: ReferenceUpdate
     """The same update in array-API calls."""
+    required: tuple[str, ...]
+    """State buffers that every saved state entry has (torch's layout)."""
+    nonnegative: tuple[str, ...] = ()
+    """State buffers that hold averages of squares: a loaded one may not be negative."""
+    saves_step: bool = True
+    """Whether a saved state entry has `step` (torch's SGD keeps none)."""
+    member_scalars: MemberScalars | None = None
+    """Each parameter's own scalar arguments of `UPDATE`, after the group's."""
+    member_scalar_count: int = 0
+    """How many scalars `member_scalars` gives."""
 
 
 @dataclass(frozen=True)
@@ -81,5 +110,6 @@ class Step:
             buffers=buffers,
             all_buffers=self.rule.buffers,
             scalar_count=len(scalars),
+            member_scalar_count=self.rule.member_scalar_count,
         )
         object.__setattr__(self, "kernel", spec)

@@ -95,7 +95,9 @@ class ArrayAPIBackend(Backend):
             # Overflow and non-finite values are handled by the update's policy (saturation,
             # skipping); numpy's warnings about them would only be noise.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                new_param, new_buffers = step.rule.reference(xp, data, item.grad, buffers, step.hyper)
+                new_param, new_buffers = step.rule.reference(
+                    xp, data, item.grad, buffers, step.hyper, item.member
+                )
             if _rebinds(data):
                 setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
                 for name in step.buffers:

@@ -33,6 +33,8 @@ class Work:
     grad: Any
     state: MutableMapping[str, Any]
     """The parameter's live state (buffers by name); the backend may rebind entries."""
+    member: tuple[float, ...] = ()
+    """The parameter's own scalars at this step (`UpdateRule.member_scalars`)."""
 
 
 class Backend(ABC):

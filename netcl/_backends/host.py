@@ -87,14 +87,14 @@ def update_on_host(step: Step, work: Sequence[Work]) -> list[Work]:
     if queue is None:
         return list(work)
     rest: list[Work] = []
-    taken: list[tuple[npt.NDArray[Any], ...]] = []
+    taken: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]] = []
     for item in work:
         arrays = (item.data, item.grad, *(item.state[name] for name in step.buffers))
         views = [_host_view(x) for x in arrays]
         present = [v for v in views if v is not None]
         layouts = {"C" if v.flags.c_contiguous else "F" for v in present if v.ndim > 1 and v.size > 1}
         if len(present) == len(views) and present[0].size >= HOST_MIN_SIZE and len(layouts) <= 1:
-            taken.append(tuple(present))
+            taken.append((tuple(present), item.member))
         else:
             rest.append(item)
     if taken:
@@ -102,11 +102,12 @@ def update_on_host(step: Step, work: Sequence[Work]) -> list[Work]:
     return rest
 
 
-def _launch(queue: cl.CommandQueue, step: Step, arrays: list[tuple[npt.NDArray[Any], ...]]) -> None:
+def _launch(queue: cl.CommandQueue, step: Step,
+            arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]) -> None:
     context, device = queue.context, queue.device
-    by_dtype: dict[np.dtype[Any], list[tuple[npt.NDArray[Any], ...]]] = {}
-    for views in arrays:
-        by_dtype.setdefault(views[0].dtype, []).append(views)
+    by_dtype: dict[np.dtype[Any], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]] = {}
+    for views, own in arrays:
+        by_dtype.setdefault(views[0].dtype, []).append((views, own))
     wrapped: list[_Wrapped] = []
     try:
         for dtype, group in by_dtype.items():
@@ -114,14 +115,14 @@ def _launch(queue: cl.CommandQueue, step: Step, arrays: list[tuple[npt.NDArray[A
             for start in range(0, len(group), limit):
                 chunk = group[start : start + limit]
                 members = []
-                for views in chunk:
+                for views, _ in chunk:
                     buffers = tuple(_Wrapped(context, v) for v in views)
                     wrapped += buffers
                     members.append(Member(buffers, views[0].size))
                 slots = next(k for k in (1, 2, 4, 8, 16) if k >= len(members))
                 launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
                 launcher.bind(members)
-                kernel_event = launcher.run(queue, step.scalars, [])
+                kernel_event = launcher.run(queue, step.scalars, [own for _, own in chunk], [])
                 for member in members:
                     written = (member.arrays[0], *member.arrays[2:])
                     for w in written:

@@ -212,7 +212,7 @@ class OpenCLBackend(Backend):
             old = prepared.launchers if isinstance(prepared, _Prepared) else {}
             prepared = _Prepared(ids, step, work, old)
             cache["prepared"] = prepared
-        prepared.run(step.scalars)
+        prepared.run(step.scalars, [item.member for item in work if prod(item.data.shape)])
 
 
 class _Prepared:
@@ -228,14 +228,17 @@ class _Prepared:
         self.ids = ids
         self.spec = step.kernel
         batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[Member]] = {}
+        positions: dict[int, int] = {}  # id(member) -> its place among the non-empty items
         for item in work:
             data = item.data
             size = prod(data.shape)
             if size:
                 arrays = (data, item.grad, *(item.state[name] for name in step.buffers))
-                batches.setdefault((data.queue, np.dtype(data.dtype)), []).append(Member(arrays, size))
+                member = Member(arrays, size)
+                positions[id(member)] = len(positions)
+                batches.setdefault((data.queue, np.dtype(data.dtype)), []).append(member)
         self.launchers: dict[Hashable, Launcher] = {}
-        self.launches: list[tuple[cl.CommandQueue, Launcher, list[Any]]] = []
+        self.launches: list[tuple[cl.CommandQueue, Launcher, list[Any], list[int]]] = []
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
             limit = max_slots(facts.device, step.kernel)
@@ -249,12 +252,13 @@ class _Prepared:
                 launcher.bind(chunk)
                 self.launchers[key] = launcher
                 touched = [x for m in chunk for x in (m.arrays[:2] if facts.in_order else m.arrays)]
-                self.launches.append((queue, launcher, touched))
+                self.launches.append((queue, launcher, touched, [positions[id(m)] for m in chunk]))
 
-    def run(self, scalars: tuple[float, ...]) -> None:
-        for queue, launcher, touched in self.launches:
+    def run(self, scalars: tuple[float, ...], members: Sequence[tuple[float, ...]]) -> None:
+        """Enqueue every launch; `members` are the parameters' own scalars, in work order."""
+        for queue, launcher, touched, places in self.launches:
             wait_for = [event for x in touched for event in _events(x)]
-            event = launcher.run(queue, scalars, wait_for)
+            event = launcher.run(queue, scalars, [members[k] for k in places], wait_for)
             for x in touched:
                 _record(x, event)
 

@@ -79,6 +79,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     """The update, as the backends run it."""
     hyperparameters: ClassVar[Mapping[str, HyperCheck]]
     """Every hyperparameter and how its values are checked."""
+    torch_fixed: ClassVar[Mapping[str, object]] = {}
+    """Keys of torch's param groups that name a variant this class always is
+    (`decoupled_weight_decay` for Adam and AdamW): a checkpoint must agree."""
 
     param_groups: list[GroupT]
     state: dict[int, StateT]
@@ -178,9 +181,11 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     for item in work:
                         self.state[id(item.param)] = cast(StateT, item.state)
                         item.state["step"] += 1
-                        for name in step.buffers:
-                            if name not in item.state:
-                                item.state[name] = backend.zeros_like(item.data)
+                        fresh = frozenset(name for name in step.buffers if name not in item.state)
+                        for name in fresh:
+                            item.state[name] = backend.zeros_like(item.data)
+                        if self.rule.member_scalars is not None:
+                            item.member = self.rule.member_scalars(step.hyper, item.state["step"], fresh)
                     backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}))
         return loss
 
@@ -261,7 +266,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 for param in group["params"]:
                     live = cast("Mapping[str, Any] | None", self.state.get(id(param)))
                     if live is not None:
-                        saved: dict[str, Any] = {"step": int(live["step"])}
+                        saved: dict[str, Any] = {"step": int(live["step"])} if self.rule.saves_step else {}
                         for name in self.rule.buffers:
                             if name in live:
                                 buffer = live[name]
@@ -292,7 +297,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             for index, entry in saved_state.items():
                 param = id_map[index]
                 backend = backend_for(param.data, f"parameter {index}")
-                restored: dict[str, Any] = {"step": entry["step"]}
+                restored: dict[str, Any] = {"step": entry.get("step", 0)}
                 for name in self.rule.buffers:
                     if name in entry:
                         restored[name] = backend.from_host(entry[name], param.data)
@@ -329,7 +334,12 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             if not isinstance(saved, Mapping):
                 raise TypeError(f"{where} must be a dict, got {describe(saved)}")
             known = {"params", *self.hyperparameters}
-            unknown = sorted(set(saved) - known - _TORCH_ONLY_KEYS)
+            unknown = sorted(set(saved) - known - _TORCH_ONLY_KEYS - set(self.torch_fixed))
+            for key, value in self.torch_fixed.items():
+                if key in saved and saved[key] != value:
+                    raise ValueError(
+                        f"{where} has {key}={saved[key]!r}; {type(self).__name__} means {key}={value!r}"
+                    )
             missing = sorted(known - set(saved))
             if unknown or missing:
                 raise ValueError(
@@ -367,8 +377,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def _check_saved_entry(self, entry: object, param: ParameterLike, where: str) -> dict[str, Any]:
         if not isinstance(entry, Mapping):
             raise TypeError(f"{where} must be a dict, got {describe(entry)}")
-        required = {"step", self.rule.buffers[0]}
-        allowed = {"step", *self.rule.buffers}
+        steps = {"step"} if self.rule.saves_step else set()
+        required = steps | set(self.rule.required)
+        allowed = steps | set(self.rule.buffers)
         if not required <= set(entry) <= allowed:
             raise ValueError(
                 f"{where} has keys {sorted(map(str, entry))}; it needs {sorted(required)} "
@@ -377,7 +388,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         data = param.data
         backend = backend_for(data, f"the parameter of {where}")
         backend.check_param(data, f"the parameter of {where}")
-        checked: dict[str, Any] = {"step": _saved_step(entry["step"], f"{where}['step']")}
+        checked: dict[str, Any] = {}
+        if "step" in entry:
+            checked["step"] = _saved_step(entry["step"], f"{where}['step']")
         shape = tuple(int(n) for n in data.shape)
         dtype = backend.dtype(data)
         for name in self.rule.buffers:
@@ -391,7 +404,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 raise TypeError(f"{at} has dtype {host.dtype}, but its parameter has dtype {dtype}")
             if not np.isfinite(host).all():
                 raise ValueError(f"{at} holds NaN or infinite values")
-            if name == self.rule.buffers[0] and (host < 0).any():
+            if name in self.rule.nonnegative and (host < 0).any():
                 raise ValueError(f"{at} holds negative values; it is an average of squares")
             checked[name] = host
         return checked

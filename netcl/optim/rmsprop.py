@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from netcl._types import Array, ParameterLike
-from netcl._update import Hyper, UpdateRule
+from netcl._update import Hyper, UpdateRule, real
 from netcl._xp import ArrayNamespace, XArray
 from netcl.optim._hyper import Flag, HyperCheck, Real
 from netcl.optim.optimizer import Optimizer
@@ -105,10 +105,10 @@ class RMSPropStateDict(TypedDict):
 
 
 def _variant(hyper: Hyper) -> tuple[frozenset[str], tuple[str, ...]]:
-    momentum, centered = hyper["momentum"] > 0, bool(hyper["centered"])
+    momentum, centered = real(hyper, "momentum") > 0, bool(hyper["centered"])
     flags = {
         "MAXIMIZE": bool(hyper["maximize"]),
-        "WEIGHT_DECAY": hyper["weight_decay"] != 0,
+        "WEIGHT_DECAY": real(hyper, "weight_decay") != 0,
         "CENTERED": centered,
         "MOMENTUM": momentum,
     }
@@ -122,25 +122,26 @@ def _clip(alpha: float) -> float:
 
 
 def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
-    alpha = float(hyper["alpha"])
+    alpha = real(hyper, "alpha")
     return (
-        float(hyper["lr"]),
+        real(hyper, "lr"),
         alpha,
         1.0 - alpha,
-        float(hyper["eps"]),
-        float(hyper["weight_decay"]),
-        float(hyper["momentum"]),
+        real(hyper, "eps"),
+        real(hyper, "weight_decay"),
+        real(hyper, "momentum"),
         _clip(alpha),
     )
 
 
 def _reference(
-    xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper
+    xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
+    member: tuple[float, ...],
 ) -> tuple[A, dict[str, A]]:
     """RMSProp in array-API calls: the expressions of `kernels/rmsprop.cl`, in its order,
     with the same handling of extreme values."""
-    lr, alpha, eps = hyper["lr"], hyper["alpha"], hyper["eps"]
-    weight_decay, momentum = hyper["weight_decay"], hyper["momentum"]
+    lr, alpha, eps = real(hyper, "lr"), real(hyper, "alpha"), real(hyper, "eps")
+    weight_decay, momentum = real(hyper, "weight_decay"), real(hyper, "momentum")
     largest = xp.finfo(param.dtype).max
     g = -grad if hyper["maximize"] else grad
     if weight_decay != 0:
@@ -152,7 +153,7 @@ def _reference(
         new["grad_avg"] = m
         u = g / (xp.sqrt(xp.maximum(v - m * m, 0.0)) + eps)
     else:
-        clip = _clip(float(alpha))
+        clip = _clip(alpha)
         u = xp.clip(g / (xp.sqrt(v) + eps), -clip, clip)
     if momentum > 0:
         b = state["momentum_buffer"] * momentum + u
@@ -172,6 +173,8 @@ _RULE = UpdateRule(
     variant=_variant,
     kernel_scalars=_kernel_scalars,
     reference=_reference,
+    required=("square_avg",),
+    nonnegative=("square_avg",),
 )
 
 _PROBABILITY = Real(0.0, 1.0)  # 0 <= x < 1
