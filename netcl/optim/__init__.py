@@ -1,4 +1,4 @@
-"""netcl's optimizers.
+"""netcl's optimizers: RMSProp, SGD, Adam and AdamW, on one fused engine.
 
 ```python
 from netcl.optim import RMSProp
@@ -6,7 +6,28 @@ from netcl.optim import RMSProp
 """
 
 from netcl.optim import checkpoint
+from netcl.optim.adam import (
+    Adam,
+    AdamHyperparameters,
+    AdamParamGroup,
+    AdamParamGroupInput,
+    AdamSavedGroup,
+    AdamSavedState,
+    AdamState,
+    AdamStateDict,
+)
+from netcl.optim.adamw import AdamW
 from netcl.optim.optimizer import Optimizer
+from netcl.optim.sgd import (
+    SGD,
+    SGDHyperparameters,
+    SGDParamGroup,
+    SGDParamGroupInput,
+    SGDSavedGroup,
+    SGDSavedState,
+    SGDState,
+    SGDStateDict,
+)
 from netcl.optim.rmsprop import (
     RMSProp,
     RMSPropHyperparameters,
@@ -19,6 +40,15 @@ from netcl.optim.rmsprop import (
 )
 
 __all__ = [
+    "Adam",
+    "AdamHyperparameters",
+    "AdamParamGroup",
+    "AdamParamGroupInput",
+    "AdamSavedGroup",
+    "AdamSavedState",
+    "AdamState",
+    "AdamStateDict",
+    "AdamW",
     "Optimizer",
     "checkpoint",
     "RMSProp",
@@ -29,4 +59,12 @@ __all__ = [
     "RMSPropSavedState",
     "RMSPropState",
     "RMSPropStateDict",
+    "SGD",
+    "SGDHyperparameters",
+    "SGDParamGroup",
+    "SGDParamGroupInput",
+    "SGDSavedGroup",
+    "SGDSavedState",
+    "SGDState",
+    "SGDStateDict",
 ]

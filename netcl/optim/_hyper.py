@@ -9,13 +9,13 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Flag", "HyperCheck", "Real"]
+__all__ = ["Flag", "HyperCheck", "Pair", "Real"]
 
 
 class HyperCheck(Protocol):
     """Returns the value, normalized, or raises TypeError/ValueError."""
 
-    def __call__(self, name: str, value: object) -> float | bool: ...
+    def __call__(self, name: str, value: object) -> float | bool | tuple[float, float]: ...
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,17 @@ class Flag:
         if isinstance(value, bool | np.bool_):
             return bool(value)
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two reals, each checked by `each` (Adam's betas)."""
+
+    each: Real
+
+    def __call__(self, name: str, value: object) -> tuple[float, float]:
+        if not isinstance(value, tuple | list) or len(value) != 2:
+            raise TypeError(f"{name} must be a pair of real numbers, got {type(value).__name__} {value!r}")
+        first = self.each(f"{name}[0]", value[0])
+        second = self.each(f"{name}[1]", value[1])
+        return (first, second)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
-from typing import Any, ClassVar, Generic, TypeGuard, TypeVar, cast, overload
+from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +23,13 @@ from netcl._types import ParameterLike
 from netcl._update import Step, UpdateRule
 from netcl.optim._hyper import HyperCheck
 
-__all__ = ["Optimizer"]
+__all__ = ["FloatArray", "HyperValue", "Optimizer"]
+
+HyperValue: TypeAlias = float | bool | tuple[float, float]
+"""The value of a hyperparameter: a real, a flag, or a pair (Adam's betas)."""
+
+FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+"""A host numpy array of a parameter's dtype, as state dicts hold state buffers."""
 
 GroupT = TypeVar("GroupT", bound=Mapping[str, Any])
 GroupInputT = TypeVar("GroupInputT", bound=Mapping[str, object])
@@ -85,7 +91,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
 
     param_groups: list[GroupT]
     state: dict[int, StateT]
-    defaults: dict[str, float | bool]
+    defaults: dict[str, HyperValue]
 
     def __init__(
         self, params: Iterable[ParameterLike | GroupInputT], defaults: Mapping[str, object]
@@ -94,6 +100,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._checked: dict[int, _Checked] = {}
         self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
         self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
+        self._check_combination(self.defaults, "")
         self.state = {}
         self.param_groups = []
         for group in _as_groups(params):
@@ -140,9 +147,13 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         for name, check in self.hyperparameters.items():
             value = param_group.get(name, self.defaults[name])
             group[name] = check(f"{where}: {name}" if name in param_group else name, value)
+        self._check_combination(group, f"{where}: ")
         self.param_groups.append(cast(GroupT, group))
 
-    def _hyper(self, group: GroupT) -> dict[str, float | bool]:
+    def _check_combination(self, hyper: Mapping[str, object], where: str) -> None:
+        """Raise ValueError if the hyperparameters, each valid, do not go together."""
+
+    def _hyper(self, group: GroupT) -> dict[str, HyperValue]:
         return {name: group[name] for name in self.hyperparameters}
 
     # --- the step ----------------------------------------------------------------------
@@ -271,7 +282,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                             if name in live:
                                 buffer = live[name]
                                 saved[name] = backend_for(buffer, name).to_host(buffer)
-                        state[index] = saved
+                        if saved:  # torch's SGD without momentum keeps no state at all
+                            state[index] = saved
                     indices.append(index)
                     index += 1
                 groups.append({**self._hyper(group), "params": indices})
@@ -309,7 +321,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
 
     def _check_state_dict(
         self, state_dict: Mapping[str, object]
-    ) -> tuple[list[dict[str, float | bool]], dict[int, ParameterLike], dict[int, dict[str, Any]]]:
+    ) -> tuple[list[dict[str, HyperValue]], dict[int, ParameterLike], dict[int, dict[str, Any]]]:
         """Everything `load_state_dict` needs, checked; raises on the first problem."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {describe(state_dict)}")
@@ -327,7 +339,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 f"state_dict has {len(saved_groups)} param group(s), "
                 f"this optimizer has {len(self.param_groups)}"
             )
-        hypers: list[dict[str, float | bool]] = []
+        hypers: list[dict[str, HyperValue]] = []
         id_map: dict[int, ParameterLike] = {}
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             where = f"state_dict['param_groups'][{g}]"
@@ -346,9 +358,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     f"{where} does not fit {type(self).__name__}: "
                     f"unknown key(s) {unknown}, missing key(s) {missing}"
                 )
-            hypers.append(
-                {name: check(f"{where}: {name}", saved[name]) for name, check in self.hyperparameters.items()}
-            )
+            hyper = {name: check(f"{where}: {name}", saved[name]) for name, check in self.hyperparameters.items()}
+            self._check_combination(hyper, f"{where}: ")
+            hypers.append(hyper)
             indices = saved["params"]
             if not isinstance(indices, list | tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in indices

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, NotRequired, Required, TypeAlias, TypedDict, TypeVar
+from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 
-import numpy as np
-import numpy.typing as npt
 
 from netcl._types import Array, ParameterLike
 from netcl._update import Hyper, UpdateRule, real
 from netcl._xp import ArrayNamespace, XArray
 from netcl.optim._hyper import Flag, HyperCheck, Real
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.optimizer import FloatArray, Optimizer
 
 A = TypeVar("A", bound=XArray)
 
@@ -76,10 +74,6 @@ class RMSPropState(TypedDict):
     """b: present once a step ran with momentum > 0."""
     grad_avg: NotRequired[Array]
     """m: the moving average of the gradient; present once a step ran with centered=True."""
-
-
-FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float64]
-"""A host numpy array of the parameter's dtype."""
 
 
 class RMSPropSavedState(TypedDict):

@@ -53,7 +53,7 @@ assert_type(optimizer.param_groups[0]["params"], list[ParameterLike])
 assert_type(optimizer.state, dict[int, RMSPropState])
 assert_type(optimizer.state[id(weight)]["step"], int)
 assert_type(optimizer.state[id(weight)]["square_avg"], Array)
-assert_type(optimizer.defaults, dict[str, float | bool])
+assert_type(optimizer.defaults, dict[str, float | bool | tuple[float, float]])
 optimizer.param_groups[0]["lr"] = 5e-4  # a schedule
 assert_type(optimizer.step(), None)
 assert_type(optimizer.step(lambda: 0.25), float)
