@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,8 @@ from tests.reference import well_conditioned
 @dataclass(frozen=True)
 class Case:
     name: str
-    ours: type[Optimizer[Any, Any, Any, Any]]
-    theirs: type[torch.optim.Optimizer]
+    ours: Callable[..., Optimizer[Any, Any, Any, Any]]
+    theirs: Callable[..., torch.optim.Optimizer]
     flags: list[dict[str, Any]]
     lr: float = 1e-3
     """Small enough that the parameters of `well_conditioned` stay away from zero: SGD's
@@ -176,7 +177,7 @@ def test_sgd_state_dict_has_torchs_layout() -> None:
     assert set(heavy.state_dict()["state"][0]) == {"momentum_buffer"}
 
 
-BAD: list[tuple[type[Optimizer[Any, Any, Any, Any]], dict[str, Any], type[Exception], str]] = [
+BAD: list[tuple[Callable[..., Optimizer[Any, Any, Any, Any]], dict[str, Any], type[Exception], str]] = [
     (SGD, {"momentum": -0.1}, ValueError, "momentum"),
     (SGD, {"momentum": 1.0}, ValueError, "momentum"),
     (SGD, {"dampening": 1.5}, ValueError, "dampening"),
@@ -198,8 +199,8 @@ BAD: list[tuple[type[Optimizer[Any, Any, Any, Any]], dict[str, Any], type[Except
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "error", "match"), BAD,
-                         ids=[f"{c.__name__}-{k}" for c, k, _, _ in BAD])
-def test_bad_hyperparameters(cls: type[Optimizer[Any, Any, Any, Any]], kwargs: dict[str, Any],
+                         ids=[f"{getattr(c, '__name__', c)}-{k}" for c, k, _, _ in BAD])
+def test_bad_hyperparameters(cls: Callable[..., Optimizer[Any, Any, Any, Any]], kwargs: dict[str, Any],
                              error: type[Exception], match: str) -> None:
     param = Parameter(np.ones(3, np.float32))
     with pytest.raises(error, match=match):
