@@ -36,15 +36,31 @@ import pyopencl.array as cl_array
 import netcl
 from netcl import Parameter
 from netcl.device import create_queue, describe_device
-from netcl.optim import RMSProp
+from netcl.optim import SGD, Adam, AdamW, RMSProp
+from netcl.optim.optimizer import Optimizer
 
 __all__ = ["Row", "main", "run"]
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {},
-    "momentum": {"momentum": 0.9},
-    "centered": {"centered": True},
+@dataclass(frozen=True)
+class Variant:
+    """An optimizer with some flags, and the state buffers its step reads and writes."""
+
+    optimizer: Callable[..., Optimizer[Any, Any, Any, Any]]
+    torch_name: str
+    flags: dict[str, Any]
+    buffers: int
+
+
+VARIANTS: dict[str, Variant] = {
+    "plain": Variant(RMSProp, "RMSprop", {"alpha": 0.99, "eps": 1e-8}, 1),
+    "momentum": Variant(RMSProp, "RMSprop", {"momentum": 0.9}, 2),
+    "centered": Variant(RMSProp, "RMSprop", {"centered": True}, 2),
+    "sgd": Variant(SGD, "SGD", {}, 0),
+    "sgd-momentum": Variant(SGD, "SGD", {"momentum": 0.9}, 1),
+    "adam": Variant(Adam, "Adam", {}, 2),
+    "adamw": Variant(AdamW, "AdamW", {}, 2),
 }
+"""plain, momentum and centered are RMSProp's."""
 LR, ALPHA, EPS = 1e-3, 0.99, 1e-8
 
 
@@ -68,12 +84,8 @@ class Row:
         return None
 
 
-def _state_arrays(variant: str) -> int:
-    return 1 + ("momentum" in VARIANTS[variant]) + ("centered" in VARIANTS[variant])
-
-
 def _bytes(variant: str, size: int, itemsize: int) -> int:
-    buffers = _state_arrays(variant)
+    buffers = VARIANTS[variant].buffers
     return size * itemsize * ((2 + buffers) + (1 + buffers))  # reads + writes
 
 
@@ -153,7 +165,7 @@ class Floor:
 # --- contenders --------------------------------------------------------------------------
 
 
-def _torch_step(size: int | Sequence[int], dtype: np.dtype[Any], flags: dict[str, Any]) -> Callable[[], None] | None:
+def _torch_step(size: int | Sequence[int], dtype: np.dtype[Any], variant: Variant) -> Callable[[], None] | None:
     try:
         import torch
     except ImportError:
@@ -163,7 +175,8 @@ def _torch_step(size: int | Sequence[int], dtype: np.dtype[Any], flags: dict[str
     params = [torch.rand(n, dtype=tdtype, requires_grad=True) for n in sizes]
     for p in params:
         p.grad = torch.rand_like(p)
-    optimizer = torch.optim.RMSprop(params, lr=LR, alpha=ALPHA, eps=EPS, foreach=True, **flags)
+    cls: Callable[..., torch.optim.Optimizer] = getattr(torch.optim, variant.torch_name)
+    optimizer = cls(params, lr=LR, foreach=True, **variant.flags)
     return optimizer.step
 
 
@@ -188,14 +201,14 @@ def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
 
 
 def _netcl_step(queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any],
-                flags: dict[str, Any]) -> Callable[[], None]:
+                variant: Variant) -> Callable[[], None]:
     rng = np.random.default_rng(0)
     params = [
         Parameter(cl_array.to_device(queue, rng.random(n).astype(dtype)),
                   cl_array.to_device(queue, rng.random(n).astype(dtype)))
         for n in sizes
     ]
-    optimizer = RMSProp(params, lr=LR, alpha=ALPHA, eps=EPS, **flags)
+    optimizer = variant.optimizer(params, lr=LR, **variant.flags)
 
     def step() -> None:
         optimizer.step()
@@ -231,7 +244,7 @@ def _time(contenders: dict[str, Callable[[], None]], budget_s: float, min_repeat
 
 
 def run(queue: cl.CommandQueue, sizes: Sequence[int], *, dtypes: Sequence[str] = ("float32", "float64"),
-        variants: Sequence[str] = tuple(VARIANTS), many: int = 160, budget_s: float = 1.0,
+        variants: Sequence[str] = ("plain", "momentum", "centered"), many: int = 160, budget_s: float = 1.0,
         min_repeats: int = 5, max_repeats: int = 300, progress: bool = True) -> list[Row]:
     """Run every case and return its row."""
     from tqdm import tqdm
@@ -247,17 +260,17 @@ def run(queue: cl.CommandQueue, sizes: Sequence[int], *, dtypes: Sequence[str] =
     rows: list[Row] = []
     for case, dtype_name, variant, size in tqdm(plan, disable=not progress, unit="case", file=sys.stderr):
         dtype = np.dtype(dtype_name)
-        flags = VARIANTS[variant]
-        buffers = _state_arrays(variant)
+        chosen = VARIANTS[variant]
+        buffers = chosen.buffers
         floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
         contenders: dict[str, Callable[[], None]] = {}
         if case == "many":
             counts = np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), size)).astype(int)
             total = int(counts.sum())
-            contenders["netcl"] = _netcl_step(queue, counts.tolist(), dtype, flags)
+            contenders["netcl"] = _netcl_step(queue, counts.tolist(), dtype, chosen)
             floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
             contenders["floor"] = floor.launcher(floor_arrays, total)
-            torch_step = _torch_step(counts.tolist(), dtype, flags)
+            torch_step = _torch_step(counts.tolist(), dtype, chosen)
             row = Row(case, dtype_name, variant, total, size, _bytes(variant, total, dtype.itemsize))
         elif case == "numpy-params":
             contenders["netcl"] = _netcl_numpy_step(size, dtype)
@@ -265,10 +278,10 @@ def run(queue: cl.CommandQueue, sizes: Sequence[int], *, dtypes: Sequence[str] =
             torch_step = None
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
         else:
-            contenders["netcl"] = _netcl_step(queue, [size], dtype, flags)
+            contenders["netcl"] = _netcl_step(queue, [size], dtype, chosen)
             floor_arrays = [cl_array.zeros(queue, size, dtype) for _ in range(2 + buffers)]
             contenders["floor"] = floor.launcher(floor_arrays, size)
-            torch_step = _torch_step(size, dtype, flags)
+            torch_step = _torch_step(size, dtype, chosen)
             if variant == "plain":
                 contenders["numpy"] = _numpy_step(size, dtype)
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
@@ -347,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=_sizes, default=_sizes("1e3,1e4,1e5,1e6,1e7,1e8"),
                         help="values per parameter, comma-separated (1e3,...,1e8)")
     parser.add_argument("--dtypes", default="float32,float64", help="float32,float64")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="plain,momentum,centered")
+    parser.add_argument("--variants", default="plain,momentum,centered",
+                        help="RMSProp's plain,momentum,centered (default); also sgd,sgd-momentum,adam,adamw")
     parser.add_argument("--many", type=int, default=160, help="parameters in the many-parameter case (160; 0: skip)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (1.0)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
