@@ -63,7 +63,7 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-PAGES = ["", "concepts/rmsprop/", "guides/pyopencl-arrays/", "guides/array-libraries/",
+PAGES = ["", "concepts/rmsprop/", "concepts/sgd/", "concepts/adam/", "concepts/adamw/", "api/sgd/", "api/adam/", "guides/pyopencl-arrays/", "guides/array-libraries/",
          "guides/param-groups/", "guides/checkpoints/", "guides/devices/", "guides/typing/",
          "api/netcl/", "api/optim/", "api/rmsprop/", "reliability/", "benchmarks/"]
 
