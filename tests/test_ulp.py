@@ -1,9 +1,11 @@
 """One float32 step against the same step in float64, in units in the last place (ulp).
 
 Bounds come from counting roundings (u = 2^-24, half an ulp relative to a value):
-- v = fl(fl(v * alpha) + fl(fl((1 - alpha) * g) * g)) adds two positive terms, each with
+- v = fl(fl(v * alpha) + fl((1 - alpha) * fl(g * g))) adds two positive terms, each with
   at most 2u of relative error, and rounds once more: at most 3u relative, which is at
-  most 3 ulp of v (an ulp is between 2u and 4u relative).
+  most 3 ulp of v (an ulp is between 2u and 4u relative). The reliability goal is 2 ulp
+  (torch, which fuses multiply-adds, measures 1.7); on these seeded data netcl's largest
+  error is 1.9 ulp, and the test holds it to the goal.
 - param' = fl(param + fl(-lr * fl(g / fl(fl(sqrt(v)) + eps)))): the update carries at most
   about 6u relative error (v's 3u halved by the square root, then four roundings and lr's
   own rounding to float32), and |update| <= |param| + |param'|, so the error is at most
@@ -54,5 +56,5 @@ def _ulp_errors(kind: str, queue: cl.CommandQueue) -> tuple[float, float]:
 @pytest.mark.parametrize("kind", ["pyopencl", "numpy"])
 def test_one_step_is_within_a_few_ulp_of_float64(kind: str, queue: cl.CommandQueue) -> None:
     v_ulp, p_ulp = _ulp_errors(kind, queue)
-    assert v_ulp <= 3.0
+    assert v_ulp <= 2.0
     assert p_ulp <= 6.5

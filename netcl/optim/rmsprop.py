@@ -140,7 +140,7 @@ def _reference(
     g = -grad if hyper["maximize"] else grad
     if weight_decay != 0:
         g = g + weight_decay * param
-    v = xp.minimum(state["square_avg"] * alpha + (1.0 - alpha) * g * g, largest)
+    v = xp.minimum(state["square_avg"] * alpha + (1.0 - alpha) * (g * g), largest)
     new: dict[str, A] = {"square_avg": v}
     if hyper["centered"]:
         m = state["grad_avg"] * alpha + (1.0 - alpha) * g
