@@ -8,7 +8,8 @@
  * Variant flags, fixed at build time: MAXIMIZE, WEIGHT_DECAY, CENTERED, MOMENTUM.
  * State buffers that the variant does not use are passed as dummies and never read.
  *
- * The order of operations is the order torch.optim.RMSprop uses, and netcl's array-API
+ * The order of operations is torch.optim.RMSprop's (but for squaring g before scaling
+ * it, which is more accurate), and netcl's array-API
  * path (netcl/optim/rmsprop.py) writes the same expressions in the same order; the
  * builder turns FP_CONTRACT off so that no multiply-add is fused behind our back.
  *
