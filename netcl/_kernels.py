@@ -87,8 +87,9 @@ def geometry(device: cl.Device, dtype: np.dtype[Any]) -> Geometry:
     On a CPU each work-item takes one vector of 8 float32 (4 float64) values, 32 bytes:
     OpenCL CPU drivers run a work-group's items one after another, and vector types are
     what makes them use the SIMD units. 16-wide vectors are never used, whatever the
-    device prefers: `sqrt` on them aborts PoCL 3.0's compiler. On other devices (GPUs) each work-item takes one value, so that neighbouring
-    work-items read neighbouring values, in groups of 256.
+    device prefers: `sqrt` on them aborts PoCL 3.0's compiler. On other devices (GPUs)
+    each work-item takes one value, so that neighbouring work-items read neighbouring
+    values, in groups of 256.
     """
     if device.type & cl.device_type.CPU:
         width = 8 if dtype.itemsize == 4 else 4
@@ -202,8 +203,13 @@ class Launcher:
                 self.kernel.set_arg(first + j, self.fused.dtype.type(value))
             self.members[k] = values
 
-    def run(self, queue: cl.CommandQueue, scalars: tuple[float, ...],
-            members: Sequence[tuple[float, ...]], wait_for: list[cl.Event]) -> cl.Event:
+    def run(
+        self,
+        queue: cl.CommandQueue,
+        scalars: tuple[float, ...],
+        members: Sequence[tuple[float, ...]],
+        wait_for: list[cl.Event],
+    ) -> cl.Event:
         """Enqueue the update of the bound members with these scalars: the group's, and
         each member's own (in the order they were bound)."""
         fused = self.fused
@@ -215,7 +221,10 @@ class Launcher:
         for k, values in enumerate(members):
             self._set_member(k, values)
         event: cl.Event = cl.enqueue_nd_range_kernel(
-            queue, self.kernel, (self.global_size,), (fused.geometry.local_size,),
+            queue,
+            self.kernel,
+            (self.global_size,),
+            (fused.geometry.local_size,),
             wait_for=wait_for or None,
         )
         return event

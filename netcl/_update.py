@@ -49,7 +49,12 @@ class ReferenceUpdate(Protocol):
     """
 
     def __call__(
-        self, xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
+        self,
+        xp: ArrayNamespace,
+        param: A,
+        grad: A,
+        state: Mapping[str, A],
+        hyper: Hyper,
         member: tuple[float, ...],
     ) -> tuple[A, dict[str, A]]: ...
 

@@ -94,7 +94,8 @@ class ArrayNamespace(Protocol):
         """Zeros of `x`'s shape, dtype and device."""
         ...
 
-    def asarray(self, obj: object, /, *, dtype: object = None, device: object = None,
-                copy: bool | None = None) -> XArray:
+    def asarray(
+        self, obj: object, /, *, dtype: object = None, device: object = None, copy: bool | None = None
+    ) -> XArray:
         """An array of this namespace from `obj`."""
         ...

@@ -41,6 +41,7 @@ from netcl.optim.optimizer import Optimizer
 
 __all__ = ["Row", "main", "run"]
 
+
 @dataclass(frozen=True)
 class Variant:
     """An optimizer with some flags, and the state buffers its step reads and writes."""
@@ -90,6 +91,7 @@ def _bytes(variant: str, size: int, itemsize: int) -> int:
 
 
 # --- the floor ---------------------------------------------------------------------------
+
 
 class Floor:
     """A kernel that moves a step's bytes: reads p, g and the state, writes p and the state."""
@@ -200,12 +202,15 @@ def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
     return step
 
 
-def _netcl_step(queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any],
-                variant: Variant) -> Callable[[], None]:
+def _netcl_step(
+    queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any], variant: Variant
+) -> Callable[[], None]:
     rng = np.random.default_rng(0)
     params = [
-        Parameter(cl_array.to_device(queue, rng.random(n).astype(dtype)),
-                  cl_array.to_device(queue, rng.random(n).astype(dtype)))
+        Parameter(
+            cl_array.to_device(queue, rng.random(n).astype(dtype)),
+            cl_array.to_device(queue, rng.random(n).astype(dtype)),
+        )
         for n in sizes
     ]
     optimizer = variant.optimizer(params, lr=LR, **variant.flags)
@@ -223,8 +228,9 @@ def _netcl_numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
     return RMSProp([param], lr=LR, alpha=ALPHA, eps=EPS).step
 
 
-def _time(contenders: dict[str, Callable[[], None]], budget_s: float, min_repeats: int,
-          max_repeats: int) -> tuple[dict[str, float], int]:
+def _time(
+    contenders: dict[str, Callable[[], None]], budget_s: float, min_repeats: int, max_repeats: int
+) -> tuple[dict[str, float], int]:
     """Median seconds of each contender, timed in turns so noise hits all alike."""
     for fn in contenders.values():
         fn()  # warm up: builds, first-touch allocation
@@ -243,9 +249,18 @@ def _time(contenders: dict[str, Callable[[], None]], budget_s: float, min_repeat
 # --- the run -----------------------------------------------------------------------------
 
 
-def run(queue: cl.CommandQueue, sizes: Sequence[int], *, dtypes: Sequence[str] = ("float32", "float64"),
-        variants: Sequence[str] = ("plain", "momentum", "centered"), many: int = 160, budget_s: float = 1.0,
-        min_repeats: int = 5, max_repeats: int = 300, progress: bool = True) -> list[Row]:
+def run(
+    queue: cl.CommandQueue,
+    sizes: Sequence[int],
+    *,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    variants: Sequence[str] = ("plain", "momentum", "centered"),
+    many: int = 160,
+    budget_s: float = 1.0,
+    min_repeats: int = 5,
+    max_repeats: int = 300,
+    progress: bool = True,
+) -> list[Row]:
     """Run every case and return its row."""
     from tqdm import tqdm
 
@@ -296,8 +311,19 @@ def run(queue: cl.CommandQueue, sizes: Sequence[int], *, dtypes: Sequence[str] =
 
 def table(rows: Sequence[Row]) -> str:
     """The rows as a text table of medians and ratios."""
-    header = ("case", "dtype", "variant", "values", "netcl ms", "floor ms", "netcl/floor",
-              "torch ms", "torch/netcl", "numpy ms", "numpy/netcl")
+    header = (
+        "case",
+        "dtype",
+        "variant",
+        "values",
+        "netcl ms",
+        "floor ms",
+        "netcl/floor",
+        "torch ms",
+        "torch/netcl",
+        "numpy ms",
+        "numpy/netcl",
+    )
     lines = [header]
 
     def ms(row: Row, name: str) -> str:
@@ -308,9 +334,21 @@ def table(rows: Sequence[Row]) -> str:
 
     for row in rows:
         values = f"{row.size:,}" + (f" in {row.params}" if row.params > 1 else "")
-        lines.append((row.case, row.dtype, row.variant, values, ms(row, "netcl"), ms(row, "floor"),
-                      ratio(row.ratio("netcl", "floor")), ms(row, "torch"), ratio(row.ratio("torch", "netcl")),
-                      ms(row, "numpy"), ratio(row.ratio("numpy", "netcl"))))
+        lines.append(
+            (
+                row.case,
+                row.dtype,
+                row.variant,
+                values,
+                ms(row, "netcl"),
+                ms(row, "floor"),
+                ratio(row.ratio("netcl", "floor")),
+                ms(row, "torch"),
+                ratio(row.ratio("torch", "netcl")),
+                ms(row, "numpy"),
+                ratio(row.ratio("numpy", "netcl")),
+            )
+        )
     widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
@@ -324,8 +362,9 @@ def plot(rows: Sequence[Row], path: str, device: str) -> None:
 
     singles = [r for r in rows if r.case == "single" and r.variant == "plain"]
     dtypes = sorted({r.dtype for r in singles})
-    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(6 * max(1, len(dtypes)), 4.5),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(dtypes)), figsize=(6 * max(1, len(dtypes)), 4.5), constrained_layout=True, squeeze=False
+    )
     for ax, dtype in zip(axes[0], dtypes, strict=False):
         mine = [r for r in singles if r.dtype == dtype]
         sizes = [r.size for r in mine]
@@ -334,8 +373,13 @@ def plot(rows: Sequence[Row], path: str, device: str) -> None:
             if points:
                 label = "floor (same bytes)" if name == "floor" else name
                 ax.plot(*zip(*points, strict=True), style, label=label)
-        ax.set(xscale="log", yscale="log", xlabel="values per parameter", ylabel="ms per step (median)",
-               title=f"RMSProp step, {dtype}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="values per parameter",
+            ylabel="ms per step (median)",
+            title=f"RMSProp step, {dtype}",
+        )
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.suptitle(f"netcl {netcl.__version__} on {device}")
@@ -357,11 +401,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: run the benchmark, print the table, write JSON and the plot."""
     parser = argparse.ArgumentParser(prog="python -m netcl.bench", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--device", help="OpenCL device as P or P:D (default: PYOPENCL_CTX or the first)")
-    parser.add_argument("--sizes", type=_sizes, default=_sizes("1e3,1e4,1e5,1e6,1e7,1e8"),
-                        help="values per parameter, comma-separated (1e3,...,1e8)")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=_sizes("1e3,1e4,1e5,1e6,1e7,1e8"),
+        help="values per parameter, comma-separated (1e3,...,1e8)",
+    )
     parser.add_argument("--dtypes", default="float32,float64", help="float32,float64")
-    parser.add_argument("--variants", default="plain,momentum,centered",
-                        help="RMSProp's plain,momentum,centered (default); also sgd,sgd-momentum,adam,adamw")
+    parser.add_argument(
+        "--variants",
+        default="plain,momentum,centered",
+        help="RMSProp's plain,momentum,centered (default); also sgd,sgd-momentum,adam,adamw",
+    )
     parser.add_argument("--many", type=int, default=160, help="parameters in the many-parameter case (160; 0: skip)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (1.0)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
@@ -381,8 +432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes, many, budget, min_repeats = args.sizes, args.many, args.budget, 5
     if args.smoke:
         sizes, many, budget, min_repeats = [1000, 10_000], min(many, 8), 0.0, 2
-    rows = run(queue, sizes, dtypes=dtypes, variants=variants, many=many, budget_s=budget,
-               min_repeats=min_repeats, progress=not args.quiet)
+    rows = run(
+        queue,
+        sizes,
+        dtypes=dtypes,
+        variants=variants,
+        many=many,
+        budget_s=budget,
+        min_repeats=min_repeats,
+        progress=not args.quiet,
+    )
     device = describe_device(queue)
     print(f"device: {device}")
     print(table(rows))
@@ -392,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "netcl": netcl.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m netcl.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         }
         with open(args.json, "w", encoding="utf-8") as out:

@@ -91,8 +91,9 @@ def buf(array: cl_array.Array) -> cl.Buffer:
     return data
 
 
-def load_digits_split(seed: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32],
-                                          npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+def load_digits_split(
+    seed: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
     """The digits, scaled to [0, 1], split 80/20 into training and held-out sets."""
     from sklearn.datasets import load_digits
 
@@ -135,8 +136,18 @@ class MLP:
             n_in, n_out = w.data.shape
             y = cl_array.empty(self.queue, (x.shape[0], n_out), F32)
             relu = int(i < len(self.weights) - 1)
-            self.dense(self.queue, (x.shape[0], n_out), None, buf(acts[-1]), buf(w.data),
-                        buf(b.data), buf(y), np.int32(n_in), np.int32(n_out), np.int32(relu))
+            self.dense(
+                self.queue,
+                (x.shape[0], n_out),
+                None,
+                buf(acts[-1]),
+                buf(w.data),
+                buf(b.data),
+                buf(y),
+                np.int32(n_in),
+                np.int32(n_out),
+                np.int32(relu),
+            )
             acts.append(y)
         return acts
 
@@ -145,8 +156,9 @@ class MLP:
         batch, n_out = logits.shape
         dy = cl_array.empty_like(logits)
         losses = cl_array.empty(self.queue, batch, F32)
-        self.softmax_xent(self.queue, (batch,), None, buf(logits), buf(labels), buf(dy),
-                          buf(losses), np.int32(n_out), np.int32(batch))
+        self.softmax_xent(
+            self.queue, (batch,), None, buf(logits), buf(labels), buf(dy), buf(losses), np.int32(n_out), np.int32(batch)
+        )
         return losses, dy
 
     def loss_and_gradients(self, x: cl_array.Array, labels: cl_array.Array) -> cl_array.Array:
@@ -159,12 +171,31 @@ class MLP:
             w, b = self.weights[i], self.biases[i]
             n_in, n_out = w.data.shape
             assert w.grad is not None and b.grad is not None
-            self.dense_grad(self.queue, (n_in + 1, n_out), None, buf(acts[i]), buf(dy),
-                            buf(w.grad), buf(b.grad), np.int32(batch), np.int32(n_in), np.int32(n_out))
+            self.dense_grad(
+                self.queue,
+                (n_in + 1, n_out),
+                None,
+                buf(acts[i]),
+                buf(dy),
+                buf(w.grad),
+                buf(b.grad),
+                np.int32(batch),
+                np.int32(n_in),
+                np.int32(n_out),
+            )
             if i > 0:
                 dx = cl_array.empty_like(acts[i])
-                self.input_grad(self.queue, (batch, n_in), None, buf(dy), buf(w.data),
-                                buf(acts[i]), buf(dx), np.int32(n_in), np.int32(n_out))
+                self.input_grad(
+                    self.queue,
+                    (batch, n_in),
+                    None,
+                    buf(dy),
+                    buf(w.data),
+                    buf(acts[i]),
+                    buf(dx),
+                    np.int32(n_in),
+                    np.int32(n_out),
+                )
                 dy = dx
         return losses
 
@@ -186,8 +217,9 @@ class History:
     test_accuracy: list[float] = field(default_factory=list)
 
 
-def train(queue: cl.CommandQueue, *, epochs: int, lr: float, batch_size: int, seed: int,
-          progress: bool = True) -> tuple[MLP, History]:
+def train(
+    queue: cl.CommandQueue, *, epochs: int, lr: float, batch_size: int, seed: int, progress: bool = True
+) -> tuple[MLP, History]:
     """Train the network on the digits and record its history, epoch by epoch."""
     from tqdm import tqdm
 
@@ -248,6 +280,7 @@ def _positive(kind: type[int] | type[float]) -> Any:
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     return parse
 
 
@@ -268,8 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     start = time.perf_counter()
-    _, history = train(queue, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       seed=args.seed, progress=not args.quiet)
+    _, history = train(
+        queue, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet
+    )
     seconds = time.perf_counter() - start
     print(f"device:            {describe_device(queue)}")
     print(f"epochs:            {args.epochs} (batch {args.batch_size}, lr {args.lr}, seed {args.seed})")

@@ -35,9 +35,7 @@ def create_queue(device: str | None = None) -> cl.CommandQueue:
         raise ValueError(f"device {device!r}: there are {len(platforms)} OpenCL platform(s)")
     devices = platforms[platform_index].get_devices()
     if device_index >= len(devices):
-        raise ValueError(
-            f"device {device!r}: platform {platform_index} has {len(devices)} device(s)"
-        )
+        raise ValueError(f"device {device!r}: platform {platform_index} has {len(devices)} device(s)")
     return cl.CommandQueue(cl.Context([devices[device_index]]))
 
 

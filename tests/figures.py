@@ -76,8 +76,12 @@ def _torch_step(x: dict[str, F], flags: dict[str, Any]) -> tuple[F, F]:
     param = torch.tensor(x["p"], requires_grad=True)
     param.grad = torch.tensor(x["g"])
     opt = torch.optim.RMSprop([param], lr=LR, alpha=ALPHA, eps=EPS, **flags)
-    opt.state[param] = {"step": torch.tensor(1.0), "square_avg": torch.tensor(x["v"]),
-                        "momentum_buffer": torch.tensor(x["b"]), "grad_avg": torch.tensor(x["m"])}
+    opt.state[param] = {
+        "step": torch.tensor(1.0),
+        "square_avg": torch.tensor(x["v"]),
+        "momentum_buffer": torch.tensor(x["b"]),
+        "grad_avg": torch.tensor(x["m"]),
+    }
     opt.step()
     return param.detach().numpy(), opt.state[param]["square_avg"].numpy()
 
@@ -91,8 +95,11 @@ def _ulps(got: tuple[F, F], exact: tuple[F, F], p0: F) -> tuple[float, float]:
 
 
 def ulp_table() -> str:
-    lines = ["| dtype | variant | netcl pyopencl v / param | netcl numpy v / param | netcl array_api_strict v / param | torch v / param | paths differ |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| dtype | variant | netcl pyopencl v / param | netcl numpy v / param "
+        "| netcl array_api_strict v / param | torch v / param | paths differ |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for dtype in (np.float32, np.float64):
         x = _inputs(dtype)
         for name, flags in VARIANTS.items():
@@ -101,16 +108,18 @@ def ulp_table() -> str:
             for backend in BACKENDS:
                 got = _netcl_step(backend, x, flags)
                 results.append(got)
-                cells.append("%.2f / %.2f" % _ulps(got, exact, x["p"]))
-            cells.append("%.2f / %.2f" % _ulps(_torch_step(x, flags), exact, x["p"]))
+                cells.append("{:.2f} / {:.2f}".format(*_ulps(got, exact, x["p"])))
+            cells.append("{:.2f} / {:.2f}".format(*_ulps(_torch_step(x, flags), exact, x["p"])))
             differ = sum(int((a[0] != results[0][0]).sum() + (a[1] != results[0][1]).sum()) for a in results[1:])
             lines.append(f"| {np.dtype(dtype).name} | {name} | " + " | ".join(cells) + f" | {differ} values |")
     return "\n".join(lines)
 
 
 def adversarial_table(steps: int = 20_000) -> str:
-    lines = ["| dtype | momentum | run | NaN or inf in param/state | largest step / bound |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| dtype | momentum | run | NaN or inf in param/state | largest step / bound |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for dtype in (np.float32, np.float64):
         for momentum in (0.0, 0.9):
             bound = LR * 0.1 / (math.sqrt(1 - ALPHA) * (1 - momentum))
@@ -142,13 +151,17 @@ def adversarial_table(steps: int = 20_000) -> str:
                     state = topt.state[tp] if who == "torch" else opt.state[id(param)]
                     values = [np.asarray(v) for k, v in state.items() if k != "step"] + [previous]
                     bad = max(bad, sum(int((~np.isfinite(v)).sum()) for v in values))
-                lines.append(f"| {np.dtype(dtype).name} | {momentum} | {who}, {steps:,} steps | {bad} | {largest / bound:.3g} |")
+                lines.append(
+                    f"| {np.dtype(dtype).name} | {momentum} | {who}, {steps:,} steps | {bad} | {largest / bound:.3g} |"
+                )
     return "\n".join(lines)
 
 
 def convergence_table() -> str:
-    lines = ["| function | dtype | momentum | netcl: distance to the optimum after 10,000 steps | torch |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| function | dtype | momentum | netcl: distance to the optimum after 10,000 steps | torch |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, gradient, start, optimum in CONVERGENCE:
         for dtype in (np.float32, np.float64):
             for momentum in (0.0, 0.9):

@@ -70,6 +70,11 @@ KINDS = [
     Kind("buffer-object", BufferArray, lambda a: a.get(), True),
     Kind("numpy", lambda q, h: np.array(h, copy=True), lambda a: np.array(a, copy=True), False),
     Kind("torch", lambda q, h: torch.tensor(h), _torch_get, False),
-    Kind("array_api_strict", lambda q, h: array_api_strict.asarray(np.array(h, copy=True)), lambda a: np.asarray(a), False),
+    Kind(
+        "array_api_strict",
+        lambda q, h: array_api_strict.asarray(np.array(h, copy=True)),
+        lambda a: np.asarray(a),
+        False,
+    ),
 ]
 KIND_IDS = [k.name for k in KINDS]

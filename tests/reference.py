@@ -31,9 +31,18 @@ def wide(dtype: np.dtype[Any]) -> type[np.floating[Any]]:
 class WideRMSProp:
     """The update from the concept page and torch's docs, in a wider type than the data."""
 
-    def __init__(self, p: F, *, lr: float, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.0,
-                 centered: bool = False, maximize: bool = False) -> None:
+    def __init__(
+        self,
+        p: F,
+        *,
+        lr: float,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        maximize: bool = False,
+    ) -> None:
         self.t = wide(p.dtype)
         self.p = p.astype(self.t)
         self.v = np.zeros_like(self.p)
@@ -62,8 +71,9 @@ class WideRMSProp:
             self.p = self.p - self.lr * g / denom
 
 
-def well_conditioned(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, *, maximize: bool,
-                     steps: int) -> tuple[F, list[F]]:
+def well_conditioned(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: Any, *, maximize: bool, steps: int
+) -> tuple[F, list[F]]:
     """A start point and gradients that keep every operation of the update well conditioned.
 
     |p| >= 1 and lr = 1e-3 keep p away from 0 over `steps` <= 50 steps (each moves it by at
@@ -74,7 +84,6 @@ def well_conditioned(rng: np.random.Generator, shape: tuple[int, ...], dtype: An
     p = rng.choice([-1.0, 1.0], shape) * rng.uniform(1.0, 4.0, shape)
     sign = np.sign(p) * (-1.0 if maximize else 1.0)
     grads = [
-        (sign * rng.uniform(0.5, 2.0, shape) * 10.0 ** float(rng.integers(-3, 3))).astype(dtype)
-        for _ in range(steps)
+        (sign * rng.uniform(0.5, 2.0, shape) * 10.0 ** float(rng.integers(-3, 3))).astype(dtype) for _ in range(steps)
     ]
     return p.astype(dtype), grads

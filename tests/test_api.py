@@ -13,8 +13,8 @@ import pytest
 
 import netcl._backends.array_api as array_api_backend
 import netcl._kernels
-from netcl._update import Step
 from netcl import Parameter
+from netcl._update import Step
 from netcl.optim import RMSProp, RMSPropParamGroupInput
 from tests.kinds import KIND_IDS, KINDS, Kind
 
@@ -29,8 +29,13 @@ def _param(kind: Kind, queue: cl.CommandQueue, values: Any, grad: Any | None = N
 def test_defaults_are_the_concept_pages(queue: cl.CommandQueue) -> None:
     opt = RMSProp([Parameter(np.zeros(3, np.float32))])
     assert opt.defaults == {
-        "lr": 1e-3, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
-        "centered": False, "maximize": False,
+        "lr": 1e-3,
+        "alpha": 0.99,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "centered": False,
+        "maximize": False,
     }
     group = opt.param_groups[0]
     assert group["lr"] == 1e-3 and group["alpha"] == 0.99 and group["eps"] == 1e-8
@@ -85,8 +90,9 @@ def test_closure_is_called_once_and_its_loss_returned() -> None:
     assert opt.step() is None
 
 
-def test_param_groups_override_defaults_and_equal_two_optimizers(queue: cl.CommandQueue,
-                                                                 rng: np.random.Generator) -> None:
+def test_param_groups_override_defaults_and_equal_two_optimizers(
+    queue: cl.CommandQueue, rng: np.random.Generator
+) -> None:
     values = [rng.standard_normal(50).astype(np.float32) for _ in range(2)]
     grads = [[rng.standard_normal(50).astype(np.float32) for _ in range(2)] for _ in range(5)]
     a = [Parameter(cl_array.to_device(queue, v)) for v in values]
@@ -192,8 +198,9 @@ def test_opencl_step_waits_for_events_and_never_blocks(queue: cl.CommandQueue) -
     np.testing.assert_allclose(p.data.get(), 1.0 - 0.01 * 0.5 / (0.05 + 1e-8), rtol=1e-6)
 
 
-def test_out_of_order_queue_matches_in_order(context: cl.Context, queue: cl.CommandQueue,
-                                             rng: np.random.Generator) -> None:
+def test_out_of_order_queue_matches_in_order(
+    context: cl.Context, queue: cl.CommandQueue, rng: np.random.Generator
+) -> None:
     props = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
     try:
         ooo = cl.CommandQueue(context, properties=props)
@@ -233,11 +240,14 @@ def test_repr_lists_groups() -> None:
     assert text.startswith("RMSProp (") and "lr: 0.5" in text and "Parameter Group 0" in text
 
 
-def test_after_the_first_step_nothing_is_allocated_or_rebuilt(queue: cl.CommandQueue,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_after_the_first_step_nothing_is_allocated_or_rebuilt(
+    queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """State buffers and launch kernels are made once; later steps only enqueue."""
-    params = [Parameter(cl_array.to_device(queue, np.ones(n, np.float32)),
-                        cl_array.to_device(queue, np.ones(n, np.float32))) for n in (10, 1000, 100_000)]
+    params = [
+        Parameter(cl_array.to_device(queue, np.ones(n, np.float32)), cl_array.to_device(queue, np.ones(n, np.float32)))
+        for n in (10, 1000, 100_000)
+    ]
     opt = RMSProp(params, lr=0.01, momentum=0.9, centered=True)
     opt.step()
     made: list[str] = []
@@ -272,8 +282,9 @@ __kernel void slow_fill(__global float *out, float value, int spins)
 """
 
 
-def test_gradients_from_a_slow_kernel_on_another_queue_match_in_order(context: cl.Context,
-                                                                      queue: cl.CommandQueue) -> None:
+def test_gradients_from_a_slow_kernel_on_another_queue_match_in_order(
+    context: cl.Context, queue: cl.CommandQueue
+) -> None:
     """A gradient written by a slow kernel on a second (out-of-order) queue: step() waits
     for it on the device, and the result equals the in-order one bit for bit."""
     props = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE

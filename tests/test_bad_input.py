@@ -25,21 +25,35 @@ def ok() -> Parameter[Any]:
 
 
 HYPERPARAMETER_CASES: list[tuple[str, object, type[Exception]]] = [
-    ("lr", -1e-3, ValueError), ("lr", math.nan, ValueError), ("lr", math.inf, ValueError),
-    ("lr", "0.1", TypeError), ("lr", None, TypeError), ("lr", True, TypeError),
-    ("alpha", -0.1, ValueError), ("alpha", 1.0, ValueError), ("alpha", 1.5, ValueError),
+    ("lr", -1e-3, ValueError),
+    ("lr", math.nan, ValueError),
+    ("lr", math.inf, ValueError),
+    ("lr", "0.1", TypeError),
+    ("lr", None, TypeError),
+    ("lr", True, TypeError),
+    ("alpha", -0.1, ValueError),
+    ("alpha", 1.0, ValueError),
+    ("alpha", 1.5, ValueError),
     ("alpha", math.nan, ValueError),
-    ("eps", 0.0, ValueError), ("eps", -1e-8, ValueError), ("eps", math.inf, ValueError),
-    ("weight_decay", -0.1, ValueError), ("weight_decay", math.inf, ValueError),
+    ("eps", 0.0, ValueError),
+    ("eps", -1e-8, ValueError),
+    ("eps", math.inf, ValueError),
+    ("weight_decay", -0.1, ValueError),
+    ("weight_decay", math.inf, ValueError),
     ("weight_decay", math.nan, ValueError),
-    ("momentum", -0.5, ValueError), ("momentum", 1.0, ValueError), ("momentum", math.nan, ValueError),
+    ("momentum", -0.5, ValueError),
+    ("momentum", 1.0, ValueError),
+    ("momentum", math.nan, ValueError),
     ("momentum", [0.9], TypeError),
-    ("centered", "yes", TypeError), ("centered", 1, TypeError), ("maximize", 0, TypeError),
+    ("centered", "yes", TypeError),
+    ("centered", 1, TypeError),
+    ("maximize", 0, TypeError),
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "error"), HYPERPARAMETER_CASES,
-                         ids=[f"{n}={v!r}" for n, v, _ in HYPERPARAMETER_CASES])
+@pytest.mark.parametrize(
+    ("name", "value", "error"), HYPERPARAMETER_CASES, ids=[f"{n}={v!r}" for n, v, _ in HYPERPARAMETER_CASES]
+)
 def test_bad_hyperparameters(name: str, value: object, error: type[Exception]) -> None:
     with pytest.raises(error, match=name) as caught:
         RMSProp([ok()], **{name: value})  # type: ignore[arg-type]
@@ -87,8 +101,7 @@ PARAMS_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("params", "error", "match"), [c[1:] for c in PARAMS_CASES],
-                         ids=[c[0] for c in PARAMS_CASES])
+@pytest.mark.parametrize(("params", "error", "match"), [c[1:] for c in PARAMS_CASES], ids=[c[0] for c in PARAMS_CASES])
 def test_bad_params(params: Callable[[], object], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         RMSProp(params())  # type: ignore[arg-type]
@@ -139,9 +152,14 @@ GRAD_CASES: list[tuple[str, Callable[[Kind, cl.CommandQueue], Any], type[Excepti
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize(("make_grad", "error", "match"), [c[1:] for c in GRAD_CASES], ids=[c[0] for c in GRAD_CASES])
-def test_a_failed_step_changes_nothing(kind: Kind, make_grad: Callable[[Kind, cl.CommandQueue], Any],
-                                       error: type[Exception], match: str, queue: cl.CommandQueue,
-                                       rng: np.random.Generator) -> None:
+def test_a_failed_step_changes_nothing(
+    kind: Kind,
+    make_grad: Callable[[Kind, cl.CommandQueue], Any],
+    error: type[Exception],
+    match: str,
+    queue: cl.CommandQueue,
+    rng: np.random.Generator,
+) -> None:
     params = [Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(F32))) for _ in range(3)]
     fresh = Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(F32)))
     opt = RMSProp([*params, fresh], lr=0.1, momentum=0.9, centered=True)

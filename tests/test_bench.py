@@ -25,7 +25,9 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv", [["--sizes", "abc"], ["--sizes", "0"], ["--dtypes", "int8"], ["--variants", "nesterov"]])
+@pytest.mark.parametrize(
+    "argv", [["--sizes", "abc"], ["--sizes", "0"], ["--dtypes", "int8"], ["--variants", "nesterov"]]
+)
 def test_bad_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         bench.main([*argv, "--quiet"])

@@ -31,7 +31,8 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(
         np.asarray(a["state"][i][k]).tobytes() == np.asarray(b["state"][i][k]).tobytes()
         and a["state"][i].keys() == b["state"][i].keys()
-        for i in a["state"] for k in a["state"][i]
+        for i in a["state"]
+        for k in a["state"][i]
     )
 
 

@@ -26,8 +26,9 @@ def _setup(kind: Kind, queue: cl.CommandQueue, seed: int = 0) -> tuple[list[Para
     return params, grads
 
 
-def _run(opt: RMSProp, params: list[Parameter[Any]], grads: list[list[Any]], kind: Kind,
-         queue: cl.CommandQueue) -> None:
+def _run(
+    opt: RMSProp, params: list[Parameter[Any]], grads: list[list[Any]], kind: Kind, queue: cl.CommandQueue
+) -> None:
     for step in grads:
         for p, g in zip(params, step, strict=True):
             p.grad = kind.make(queue, g)
@@ -75,10 +76,18 @@ def test_state_dict_is_a_torch_shaped_snapshot(kind: Kind, queue: cl.CommandQueu
     assert set(entry) == {"step", "square_avg", "momentum_buffer", "grad_avg"}
     assert entry["step"] == 1 and isinstance(entry["step"], int)
     assert isinstance(entry["square_avg"], np.ndarray) and entry["square_avg"].shape == (5, 3)
-    assert saved["param_groups"] == [{
-        "lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.01, "momentum": 0.9,
-        "centered": True, "maximize": False, "params": [0, 1, 2],
-    }]
+    assert saved["param_groups"] == [
+        {
+            "lr": 0.01,
+            "alpha": 0.99,
+            "eps": 1e-8,
+            "weight_decay": 0.01,
+            "momentum": 0.9,
+            "centered": True,
+            "maximize": False,
+            "params": [0, 1, 2],
+        }
+    ]
     # a snapshot: writing to it changes nothing in the optimizer, and stepping changes not it
     kept = copy.deepcopy(saved)
     entry["square_avg"][...] = 123.0
@@ -155,16 +164,19 @@ def _mutations() -> list[tuple[str, Any, type[Exception], str]]:
     def group(**changes: Any) -> Any:
         def apply(sd: dict[str, Any]) -> None:
             sd["param_groups"][0].update(changes)
+
         return apply
 
     def entry(name: str, value: Any) -> Any:
         def apply(sd: dict[str, Any]) -> None:
             sd["state"][0][name] = value(sd["state"][0].get(name)) if callable(value) else value
+
         return apply
 
     def drop(key: str) -> Any:
         def apply(sd: dict[str, Any]) -> None:
             del sd["state"][0][key]
+
         return apply
 
     return [
@@ -177,7 +189,12 @@ def _mutations() -> list[tuple[str, Any, type[Exception], str]]:
         ("missing group key", lambda sd: sd["param_groups"][0].pop("alpha"), ValueError, "missing key.*alpha"),
         ("bad lr", group(lr=-1.0), ValueError, "lr"),
         ("bad alpha type", group(alpha="0.9"), TypeError, "alpha"),
-        ("state for no parameter", lambda sd: sd["state"].update({7: sd["state"][0]}), ValueError, "belongs to no parameter"),
+        (
+            "state for no parameter",
+            lambda sd: sd["state"].update({7: sd["state"][0]}),
+            ValueError,
+            "belongs to no parameter",
+        ),
         ("wrong shape", entry("square_avg", np.zeros((3, 5), np.float32)), ValueError, "shape"),
         ("wrong dtype", entry("square_avg", lambda v: v.astype(np.float64)), TypeError, "dtype float64"),
         ("NaN in v", entry("square_avg", lambda v: np.full_like(v, np.nan)), ValueError, "NaN or infinite"),
@@ -195,8 +212,9 @@ def _mutations() -> list[tuple[str, Any, type[Exception], str]]:
 
 
 @pytest.mark.parametrize(("mutate", "error", "match"), [m[1:] for m in _mutations()], ids=[m[0] for m in _mutations()])
-def test_load_validation_changes_nothing(mutate: Any, error: type[Exception], match: str,
-                                         queue: cl.CommandQueue) -> None:
+def test_load_validation_changes_nothing(
+    mutate: Any, error: type[Exception], match: str, queue: cl.CommandQueue
+) -> None:
     opt, saved = _saved(queue)
     before = copy.deepcopy(opt.state_dict())
     mutate(saved)
@@ -221,19 +239,29 @@ def test_saving_before_any_step(queue: cl.CommandQueue) -> None:
     assert opt.state  # unrelated optimizers untouched
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k.name in ("pyopencl", "numpy", "array_api_strict")],
-                         ids=["pyopencl", "numpy", "array_api_strict"])
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in KINDS if k.name in ("pyopencl", "numpy", "array_api_strict")],
+    ids=["pyopencl", "numpy", "array_api_strict"],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("flags", [{}, {"momentum": 0.9, "centered": True, "weight_decay": 0.01, "maximize": True}],
-                         ids=["plain", "all"])
-def test_20_steps_save_load_200_steps_equal_an_uninterrupted_run(kind: Kind, dtype: Any, flags: dict[str, Any],
-                                                                queue: cl.CommandQueue) -> None:
+@pytest.mark.parametrize(
+    "flags", [{}, {"momentum": 0.9, "centered": True, "weight_decay": 0.01, "maximize": True}], ids=["plain", "all"]
+)
+def test_20_steps_save_load_200_steps_equal_an_uninterrupted_run(
+    kind: Kind, dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue
+) -> None:
     rng = np.random.default_rng(12)
     shapes = [(6, 5), (9,), (4,)]
     starts = [rng.standard_normal(s).astype(dtype) for s in shapes]
     # the third parameter never has a gradient; the second has none for the first 10 steps
-    grads = [[rng.standard_normal(s).astype(dtype) if (k != 2 and (k != 1 or t >= 10)) else None
-              for k, s in enumerate(shapes)] for t in range(220)]
+    grads = [
+        [
+            rng.standard_normal(s).astype(dtype) if (k != 2 and (k != 1 or t >= 10)) else None
+            for k, s in enumerate(shapes)
+        ]
+        for t in range(220)
+    ]
 
     def setup() -> tuple[list[Parameter[Any]], RMSProp]:
         params = [Parameter(kind.make(queue, s)) for s in starts]

@@ -35,8 +35,9 @@ def rtol(dtype: Any) -> float:
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=[flag_id(f) for f in FLAG_COMBINATIONS])
-def test_matches_torch_and_reference(kind: Kind, dtype: Any, flags: dict[str, Any], queue: Any,
-                                     rng: np.random.Generator) -> None:
+def test_matches_torch_and_reference(
+    kind: Kind, dtype: Any, flags: dict[str, Any], queue: Any, rng: np.random.Generator
+) -> None:
     p0, grads = well_conditioned(rng, (37, 29), dtype, maximize=flags["maximize"], steps=STEPS)
     param = Parameter(kind.make(queue, p0))
     optimizer = RMSProp([param], lr=LR, **flags)
@@ -69,8 +70,9 @@ def test_matches_torch_and_reference(kind: Kind, dtype: Any, flags: dict[str, An
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", [(0,), (), (1,), (7,), (1023,), (10007,), (3, 5), (4, 1, 6)], ids=str)
 @pytest.mark.parametrize("flags", [{}, {"momentum": 0.5, "centered": True, "weight_decay": 0.01}], ids=["plain", "all"])
-def test_every_size_matches_torch(kind: Kind, dtype: Any, shape: tuple[int, ...], flags: dict[str, Any],
-                                  queue: Any, rng: np.random.Generator) -> None:
+def test_every_size_matches_torch(
+    kind: Kind, dtype: Any, shape: tuple[int, ...], flags: dict[str, Any], queue: Any, rng: np.random.Generator
+) -> None:
     p0, grads = well_conditioned(rng, shape, dtype, maximize=False, steps=3)
     param = Parameter(kind.make(queue, p0))
     optimizer = RMSProp([param], lr=LR, **flags)

@@ -38,8 +38,16 @@ CASES: list[tuple[str, Callable[[F], F], list[float], list[float]]] = [
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(("name", "gradient", "start", "optimum"), CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("kind", ["numpy", "pyopencl"])
-def test_converges(kind: str, name: str, gradient: Callable[[F], F], start: list[float], optimum: list[float],
-                   dtype: Any, momentum: float, queue: cl.CommandQueue) -> None:
+def test_converges(
+    kind: str,
+    name: str,
+    gradient: Callable[[F], F],
+    start: list[float],
+    optimum: list[float],
+    dtype: Any,
+    momentum: float,
+    queue: cl.CommandQueue,
+) -> None:
     x0 = np.array(start, dtype)
     param: Parameter[Any] = Parameter(x0.copy() if kind == "numpy" else cl_array.to_device(queue, x0))
     optimizer = RMSProp([param], lr=5e-3, momentum=momentum)

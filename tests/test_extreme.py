@@ -38,10 +38,12 @@ def get(kind: str, x: Any) -> Any:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("flags", [{}, {"momentum": 0.9, "weight_decay": 0.1}, {"centered": True}],
-                         ids=["plain", "momentum+wd", "centered"])
-def test_non_finite_gradient_elements_change_nothing(kind: str, dtype: Any, flags: dict[str, Any],
-                                                     queue: cl.CommandQueue) -> None:
+@pytest.mark.parametrize(
+    "flags", [{}, {"momentum": 0.9, "weight_decay": 0.1}, {"centered": True}], ids=["plain", "momentum+wd", "centered"]
+)
+def test_non_finite_gradient_elements_change_nothing(
+    kind: str, dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue
+) -> None:
     rng = np.random.default_rng(2)
     p0 = rng.standard_normal(40).astype(dtype)
     first = rng.standard_normal(40).astype(dtype)
@@ -68,8 +70,9 @@ def test_non_finite_gradient_elements_change_nothing(kind: str, dtype: Any, flag
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no-momentum", "momentum"])
-def test_a_huge_gradient_saturates_v_and_the_parameter_recovers(kind: str, momentum: float,
-                                                                queue: cl.CommandQueue) -> None:
+def test_a_huge_gradient_saturates_v_and_the_parameter_recovers(
+    kind: str, momentum: float, queue: cl.CommandQueue
+) -> None:
     """torch: g = 1e30 makes v infinite and the parameter never moves again."""
     largest = float(np.finfo(np.float32).max)
     param = Parameter(make(kind, queue, np.zeros(4, np.float32)))
@@ -93,7 +96,7 @@ def test_a_huge_gradient_saturates_v_and_the_parameter_recovers(kind: str, momen
 def _adversarial(rng: np.random.Generator, n: int, dtype: Any) -> Any:
     """Heavy-tailed gradients: magnitudes from 1e-30 to 1e30, both signs, exact zeros."""
     exponent = rng.uniform(-30, 30, n)
-    g = rng.choice([-1.0, 1.0], n) * 10.0 ** exponent * rng.standard_cauchy(n)
+    g = rng.choice([-1.0, 1.0], n) * 10.0**exponent * rng.standard_cauchy(n)
     g[rng.random(n) < 0.2] = 0.0
     with np.errstate(over="ignore"):
         out: Any = np.clip(g, -1e30, 1e30).astype(dtype)
@@ -103,8 +106,9 @@ def _adversarial(rng: np.random.Generator, n: int, dtype: Any) -> Any:
 @pytest.mark.parametrize(("kind", "steps"), [("numpy", 100_000), ("pyopencl", 10_000)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["no-momentum", "momentum"])
-def test_adversarial_run_has_no_nan_and_bounded_steps(kind: str, steps: int, dtype: Any, momentum: float,
-                                                      queue: cl.CommandQueue) -> None:
+def test_adversarial_run_has_no_nan_and_bounded_steps(
+    kind: str, steps: int, dtype: Any, momentum: float, queue: cl.CommandQueue
+) -> None:
     lr, alpha = 1e-3, 0.99
     bound = lr / (math.sqrt(1 - alpha) * (1 - momentum))
     rng = np.random.default_rng(99)
@@ -114,7 +118,7 @@ def test_adversarial_run_has_no_nan_and_bounded_steps(kind: str, steps: int, dty
     previous = get(kind, param.data)
     largest_step = 0.0
     batch = 1000
-    for start in range(0, steps, batch):
+    for _ in range(steps // batch):
         grads = _adversarial(rng, batch * n, dtype).reshape(batch, n)
         device = make(kind, queue, grads)
         for k in range(batch):

@@ -39,7 +39,8 @@ def _run(make: Any, get: Any, p0: Any, grads: list[Any], flags: dict[str, Any]) 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS[::3], ids=[flag_id(f) for f in FLAG_COMBINATIONS[::3]])
 def test_host_path_is_bitwise_the_reference_and_the_device_kernel(
-        dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(5)
     p0 = rng.standard_normal(SIZE).astype(dtype)
     grads = [rng.standard_normal(SIZE).astype(dtype) for _ in range(3)]

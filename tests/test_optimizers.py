@@ -47,16 +47,28 @@ def _grid(**axes: list[Any]) -> list[dict[str, Any]]:
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
-SGD_FLAGS = [f for f in _grid(momentum=[0.0, 0.9], dampening=[0.0, 0.3], nesterov=[False, True],
-                              weight_decay=[0.0, 0.1], maximize=[False, True])
-             if not (f["nesterov"] and (f["momentum"] == 0 or f["dampening"] != 0))]
+SGD_FLAGS = [
+    f
+    for f in _grid(
+        momentum=[0.0, 0.9],
+        dampening=[0.0, 0.3],
+        nesterov=[False, True],
+        weight_decay=[0.0, 0.1],
+        maximize=[False, True],
+    )
+    if not (f["nesterov"] and (f["momentum"] == 0 or f["dampening"] != 0))
+]
 ADAM_FLAGS = _grid(amsgrad=[False, True], weight_decay=[0.0, 0.1], maximize=[False, True])
 CASES = [
     Case("SGD", SGD, torch.optim.SGD, SGD_FLAGS, lr=1e-5),
     Case("Adam", Adam, torch.optim.Adam, ADAM_FLAGS),
     Case("AdamW", AdamW, torch.optim.AdamW, ADAM_FLAGS),
-    Case("RMSProp", RMSProp, torch.optim.RMSprop,
-         _grid(momentum=[0.0, 0.9], centered=[False, True], weight_decay=[0.0, 0.1], maximize=[False, True])),
+    Case(
+        "RMSProp",
+        RMSProp,
+        torch.optim.RMSprop,
+        _grid(momentum=[0.0, 0.9], centered=[False, True], weight_decay=[0.0, 0.1], maximize=[False, True]),
+    ),
 ]
 FLAT = [(case, flags) for case in CASES for flags in case.flags]
 FLAT_IDS = [f"{case}-" + (",".join(f"{k}={v}" for k, v in flags.items() if v) or "plain") for case, flags in FLAT]
@@ -68,12 +80,16 @@ def _rtol(dtype: Any) -> float:
     return 16 * float(np.finfo(dtype).eps)
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k.name in ("pyopencl", "numpy", "array_api_strict")],
-                         ids=["pyopencl", "numpy", "array_api_strict"])
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in KINDS if k.name in ("pyopencl", "numpy", "array_api_strict")],
+    ids=["pyopencl", "numpy", "array_api_strict"],
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize(("case", "flags"), FLAT, ids=FLAT_IDS)
-def test_matches_torch(case: Case, flags: dict[str, Any], dtype: Any, kind: Kind, queue: cl.CommandQueue,
-                       rng: np.random.Generator) -> None:
+def test_matches_torch(
+    case: Case, flags: dict[str, Any], dtype: Any, kind: Kind, queue: cl.CommandQueue, rng: np.random.Generator
+) -> None:
     p0, grads = well_conditioned(rng, (17, 9), dtype, maximize=flags.get("maximize", False), steps=STEPS)
     param = Parameter(kind.make(queue, p0))
     ours = case.ours([param], lr=case.lr, **flags)
@@ -198,10 +214,12 @@ BAD: list[tuple[Callable[..., Optimizer[Any, Any, Any, Any]], dict[str, Any], ty
 ]
 
 
-@pytest.mark.parametrize(("cls", "kwargs", "error", "match"), BAD,
-                         ids=[f"{getattr(c, '__name__', c)}-{k}" for c, k, _, _ in BAD])
-def test_bad_hyperparameters(cls: Callable[..., Optimizer[Any, Any, Any, Any]], kwargs: dict[str, Any],
-                             error: type[Exception], match: str) -> None:
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "error", "match"), BAD, ids=[f"{getattr(c, '__name__', c)}-{k}" for c, k, _, _ in BAD]
+)
+def test_bad_hyperparameters(
+    cls: Callable[..., Optimizer[Any, Any, Any, Any]], kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
     param = Parameter(np.ones(3, np.float32))
     with pytest.raises(error, match=match):
         cls([param], **kwargs)
@@ -212,8 +230,9 @@ def test_bad_hyperparameters(cls: Callable[..., Optimizer[Any, Any, Any, Any]], 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_a_failed_step_changes_nothing(case: Case, queue: cl.CommandQueue) -> None:
     kind = next(k for k in KINDS if k.name == "pyopencl")
-    params = [Parameter(kind.make(queue, np.ones(4, np.float32)), kind.make(queue, np.ones(4, np.float32)))
-              for _ in range(3)]
+    params = [
+        Parameter(kind.make(queue, np.ones(4, np.float32)), kind.make(queue, np.ones(4, np.float32))) for _ in range(3)
+    ]
     opt = case.ours(params, lr=1e-2, **case.flags[-1])
     opt.step()
     before = copy.deepcopy(opt.state_dict())

@@ -41,14 +41,17 @@ def _trajectory(kind: str, queue: cl.CommandQueue, dtype: Any, flags: dict[str, 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS, ids=[flag_id(f) for f in FLAG_COMBINATIONS])
-def test_fused_kernel_and_array_api_path_agree_bitwise(dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue) -> None:
+def test_fused_kernel_and_array_api_path_agree_bitwise(
+    dtype: Any, flags: dict[str, Any], queue: cl.CommandQueue
+) -> None:
     fused = _trajectory("pyopencl", queue, dtype, flags)
     assert fused == _trajectory("numpy", queue, dtype, flags)
     assert fused == _trajectory("array_api_strict", queue, dtype, flags)
 
 
-def test_one_launch_a_launch_each_and_an_optimizer_each_agree(queue: cl.CommandQueue,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_launch_a_launch_each_and_an_optimizer_each_agree(
+    queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(8)
     sizes = [1, 7, 64, 1000, 4099, 3, 20_000]
     starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
@@ -56,8 +59,11 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(queue: cl.CommandQ
 
     def run(mode: str) -> list[bytes]:
         params = [Parameter(cl_array.to_device(queue, s)) for s in starts]
-        optimizers = [RMSProp([p], lr=1e-2, momentum=0.9) for p in params] if mode == "each optimizer" \
+        optimizers = (
+            [RMSProp([p], lr=1e-2, momentum=0.9) for p in params]
+            if mode == "each optimizer"
             else [RMSProp(params, lr=1e-2, momentum=0.9)]
+        )
         for step in grads:
             for p, g in zip(params, step, strict=True):
                 p.grad = cl_array.to_device(queue, g)
@@ -72,7 +78,9 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(queue: cl.CommandQ
 
 
 def test_a_replaced_parameter_array_is_followed_or_refused(queue: cl.CommandQueue) -> None:
-    param = Parameter(cl_array.to_device(queue, np.ones(5, np.float32)), cl_array.to_device(queue, np.ones(5, np.float32)))
+    param = Parameter(
+        cl_array.to_device(queue, np.ones(5, np.float32)), cl_array.to_device(queue, np.ones(5, np.float32))
+    )
     opt = RMSProp([param], lr=0.1)
     opt.step()
     # the same shape: the new array is updated, with the parameter's state
@@ -82,7 +90,9 @@ def test_a_replaced_parameter_array_is_followed_or_refused(queue: cl.CommandQueu
     # another shape: refused, nothing changes
     param.data = cl_array.to_device(queue, np.ones(6, np.float32))
     param.grad = cl_array.to_device(queue, np.ones(6, np.float32))
-    with pytest.raises(ValueError, match=r"state\['square_avg'\] of param_groups\[0\]\['params'\]\[0\] has shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"state\['square_avg'\] of param_groups\[0\]\['params'\]\[0\] has shape \(5,\)"
+    ):
         opt.step()
     assert (param.data.get() == 1.0).all()
 

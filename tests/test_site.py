@@ -33,8 +33,13 @@ def _require(what: str, ok: bool) -> None:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     out = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(out)],
-                   cwd=ROOT, check=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(out)],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -63,9 +68,26 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
-PAGES = ["", "concepts/rmsprop/", "concepts/sgd/", "concepts/adam/", "concepts/adamw/", "api/sgd/", "api/adam/", "guides/pyopencl-arrays/", "guides/array-libraries/",
-         "guides/param-groups/", "guides/checkpoints/", "guides/devices/", "guides/typing/",
-         "api/netcl/", "api/optim/", "api/rmsprop/", "reliability/", "benchmarks/"]
+PAGES = [
+    "",
+    "concepts/rmsprop/",
+    "concepts/sgd/",
+    "concepts/adam/",
+    "concepts/adamw/",
+    "api/sgd/",
+    "api/adam/",
+    "guides/pyopencl-arrays/",
+    "guides/array-libraries/",
+    "guides/param-groups/",
+    "guides/checkpoints/",
+    "guides/devices/",
+    "guides/typing/",
+    "api/netcl/",
+    "api/optim/",
+    "api/rmsprop/",
+    "reliability/",
+    "benchmarks/",
+]
 
 
 def _open(browser: Any, url: str) -> tuple[Any, list[str]]:
@@ -76,8 +98,14 @@ def _open(browser: Any, url: str) -> tuple[Any, list[str]]:
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
     page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
-    page.on("request", lambda r: None if r.url.startswith(url.split("/", 3)[0] + "//127.0.0.1") or r.url.startswith("data:")
-            else problems.append(f"outside request: {r.url}"))
+    page.on(
+        "request",
+        lambda r: (
+            None
+            if r.url.startswith(url.split("/", 3)[0] + "//127.0.0.1") or r.url.startswith("data:")
+            else problems.append(f"outside request: {r.url}")
+        ),
+    )
     page.goto(url, wait_until="networkidle")
     return page, problems
 
@@ -93,12 +121,20 @@ def test_every_page_loads_cleanly_offline(site: str, browser: Any, path: str) ->
 def test_concept_page_shows_its_equations(site: str, browser: Any) -> None:
     page, problems = _open(browser, site + "concepts/rmsprop/")
     text = page.inner_text("article")
-    for line in ("v_t     = alpha * v_{t-1} + (1 - alpha) * g_t ** 2",
-                 "theta_t = theta_{t-1} - lr * g_t / (sqrt(v_t) + eps)",
-                 "param[i] -= lr * g[i] / (sqrt(v[i]) + eps);"):
+    for line in (
+        "v_t     = alpha * v_{t-1} + (1 - alpha) * g_t ** 2",
+        "theta_t = theta_{t-1} - lr * g_t / (sqrt(v_t) + eps)",
+        "param[i] -= lr * g[i] / (sqrt(v[i]) + eps);",
+    ):
         assert line in text
-    for heading in ("Overview", "Where It Lives", "How It Works", "Code Example",
-                    "Performance & Trade-offs", "See also"):
+    for heading in (
+        "Overview",
+        "Where It Lives",
+        "How It Works",
+        "Code Example",
+        "Performance & Trade-offs",
+        "See also",
+    ):
         assert page.get_by_role("heading", name=heading).count() == 1
     assert problems == []
 
@@ -106,9 +142,15 @@ def test_concept_page_shows_its_equations(site: str, browser: Any) -> None:
 def test_api_page_lists_rmsprops_arguments_with_types(site: str, browser: Any) -> None:
     page, _ = _open(browser, site + "api/optim/")
     text = " ".join(page.inner_text("article").split())
-    for argument in ("lr: float = 0.001", "alpha: float = 0.99", "eps: float = 1e-08",
-                     "weight_decay: float = 0.0", "momentum: float = 0.0",
-                     "centered: bool = False", "maximize: bool = False"):
+    for argument in (
+        "lr: float = 0.001",
+        "alpha: float = 0.99",
+        "eps: float = 1e-08",
+        "weight_decay: float = 0.0",
+        "momentum: float = 0.0",
+        "centered: bool = False",
+        "maximize: bool = False",
+    ):
         assert argument in text
 
 

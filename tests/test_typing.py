@@ -31,14 +31,22 @@ def test_basedpyright_checks_the_usage_files() -> None:
 def test_public_api_is_fully_typed_when_installed(tmp_path: Path) -> None:
     """basedpyright --verifytypes against a wheel install, not the editable checkout."""
     wheels, site = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels), str(ROOT)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+    )
     (wheel,) = wheels.glob("netcl-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    result = subprocess.run([str(BIN / "basedpyright"), "--verifytypes", "netcl", "--ignoreexternal", "--outputjson"],
-                            cwd=tmp_path, capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [str(BIN / "basedpyright"), "--verifytypes", "netcl", "--ignoreexternal", "--outputjson"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     report = json.loads(result.stdout)["typeCompleteness"]
     assert str(site) in report["moduleRootDirectory"] or str(site) in report.get("packageRootDirectory", "")
     problems = [d["message"] for s in report["symbols"] for d in s.get("diagnostics", [])]
@@ -57,6 +65,8 @@ def test_mypy_strict_passes_on_the_docs_examples(tmp_path: Path) -> None:
             (tmp_path / f"{name}.py").write_text("\n".join(textwrap.dedent(b) for b in blocks))
             written += 1
     assert written >= 6
-    result = _run([sys.executable, "-m", "mypy", "--strict", "--config-file", str(ROOT / "pyproject.toml"),
-                   str(tmp_path)], env={**os.environ, "MYPYPATH": str(ROOT / "stubs")})
+    result = _run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", str(ROOT / "pyproject.toml"), str(tmp_path)],
+        env={**os.environ, "MYPYPATH": str(ROOT / "stubs")},
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -37,8 +37,9 @@ def _ulp_errors(kind: str, queue: cl.CommandQueue) -> tuple[float, float]:
     make = (lambda a: cl_array.to_device(queue, a)) if kind == "pyopencl" else (lambda a: a.copy())
     param = Parameter(make(p0), make(g))
     optimizer = RMSProp([param], lr=LR, alpha=ALPHA, eps=EPS)
-    optimizer.load_state_dict({"state": {0: {"step": 1, "square_avg": v0}},
-                               "param_groups": [{**optimizer.defaults, "params": [0]}]})
+    optimizer.load_state_dict(
+        {"state": {0: {"step": 1, "square_avg": v0}}, "param_groups": [{**optimizer.defaults, "params": [0]}]}
+    )
     optimizer.step()
     state: dict[str, Any] = dict(optimizer.state[id(param)])
     get = (lambda a: a.get()) if kind == "pyopencl" else np.asarray

@@ -46,14 +46,9 @@ class ArrayAPIBackend(Backend):
     def check_param(self, data: Any, where: str) -> None:
         xp = _namespace(data)
         if data.dtype not in (xp.float32, xp.float64):
-            raise TypeError(
-                f"{where} has dtype {data.dtype}; netcl optimizes float32 and float64 arrays"
-            )
+            raise TypeError(f"{where} has dtype {data.dtype}; netcl optimizes float32 and float64 arrays")
         if not _rebinds(data) and not array_api_compat.is_writeable_array(data):
-            raise ValueError(
-                f"{where} is read-only; netcl updates parameters in place, so it needs a "
-                "writeable array"
-            )
+            raise ValueError(f"{where} is read-only; netcl updates parameters in place, so it needs a writeable array")
 
     def check_grad(self, data: Any, grad: Any, where: str) -> None:
         _check_same_library(data, grad, where, "the gradient must be an array of the same library")
@@ -78,9 +73,7 @@ class ArrayAPIBackend(Backend):
 
     def from_host(self, host: npt.NDArray[Any], like: Any) -> Any:
         xp = _namespace(like)
-        return xp.asarray(
-            host, dtype=like.dtype, device=array_api_compat.device(like), copy=True
-        )
+        return xp.asarray(host, dtype=like.dtype, device=array_api_compat.device(like), copy=True)
 
     def zero_(self, grad: Any) -> None:
         grad[...] = 0
@@ -95,9 +88,7 @@ class ArrayAPIBackend(Backend):
             # Overflow and non-finite values are handled by the update's policy (saturation,
             # skipping); numpy's warnings about them would only be noise.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                new_param, new_buffers = step.rule.reference(
-                    xp, data, item.grad, buffers, step.hyper, item.member
-                )
+                new_param, new_buffers = step.rule.reference(xp, data, item.grad, buffers, step.hyper, item.member)
             if _rebinds(data):
                 setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
                 for name in step.buffers:
@@ -120,14 +111,9 @@ def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:
 
 def _check_match(data: Any, other: Any, where: str) -> None:
     if tuple(other.shape) != tuple(data.shape):
-        raise ValueError(
-            f"{where} has shape {tuple(other.shape)}, but its parameter has shape "
-            f"{tuple(data.shape)}"
-        )
+        raise ValueError(f"{where} has shape {tuple(other.shape)}, but its parameter has shape {tuple(data.shape)}")
     if other.dtype != data.dtype:
-        raise TypeError(
-            f"{where} has dtype {other.dtype}, but its parameter has dtype {data.dtype}"
-        )
+        raise TypeError(f"{where} has dtype {other.dtype}, but its parameter has dtype {data.dtype}")
     if array_api_compat.device(other) != array_api_compat.device(data):
         raise ValueError(
             f"{where} is on device {array_api_compat.device(other)}, but its parameter is "

@@ -102,8 +102,9 @@ def update_on_host(step: Step, work: Sequence[Work]) -> list[Work]:
     return rest
 
 
-def _launch(queue: cl.CommandQueue, step: Step,
-            arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]) -> None:
+def _launch(
+    queue: cl.CommandQueue, step: Step, arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]
+) -> None:
     context, device = queue.context, queue.device
     by_dtype: dict[np.dtype[Any], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]] = {}
     for views, own in arrays:
@@ -127,8 +128,14 @@ def _launch(queue: cl.CommandQueue, step: Step,
                     written = (member.arrays[0], *member.arrays[2:])
                     for w in written:
                         mapped, event = cl.enqueue_map_buffer(
-                            queue, w.base_data, cl.map_flags.READ, 0, (w.host.nbytes,), np.dtype(np.uint8),
-                            wait_for=[kernel_event], is_blocking=False,
+                            queue,
+                            w.base_data,
+                            cl.map_flags.READ,
+                            0,
+                            (w.host.nbytes,),
+                            np.dtype(np.uint8),
+                            wait_for=[kernel_event],
+                            is_blocking=False,
                         )
                         mapped.base.release(queue, wait_for=[event])
         queue.finish()

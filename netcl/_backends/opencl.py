@@ -112,9 +112,7 @@ class OpenCLBackend(Backend):
     def _check_array(self, x: Any, where: str) -> None:
         dtype = np.dtype(x.dtype)
         if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{where} has dtype {dtype}; netcl optimizes float32 and float64 arrays"
-            )
+            raise TypeError(f"{where} has dtype {dtype}; netcl optimizes float32 and float64 arrays")
         if _layout(x) is None:
             raise ValueError(
                 f"{where} is not contiguous (shape {tuple(x.shape)}, strides "
@@ -136,8 +134,7 @@ class OpenCLBackend(Backend):
             )
         if np.dtype(data.dtype) == np.float64 and not queue.device.double_fp_config:
             raise TypeError(
-                f"{where} is float64, but device {queue.device.name!r} has no "
-                "double precision (cl_khr_fp64)"
+                f"{where} is float64, but device {queue.device.name!r} has no double precision (cl_khr_fp64)"
             )
 
     def check_grad(self, data: Any, grad: Any, where: str) -> None:
@@ -165,8 +162,7 @@ class OpenCLBackend(Backend):
         _check_match(data, buffer, where)
         if buffer.context != _context(data) or _layout(buffer) != _layout(data):
             raise ValueError(
-                f"{where} was made for an array in another context or layout than "
-                "the parameter's array now"
+                f"{where} was made for an array in another context or layout than the parameter's array now"
             )
 
     def dtype(self, data: Any) -> np.dtype[Any]:
@@ -192,8 +188,12 @@ class OpenCLBackend(Backend):
         if size:
             queue = grad.queue
             event = cl.enqueue_fill_buffer(
-                queue, grad.base_data, np.zeros(1, dtype), int(grad.offset),
-                size * dtype.itemsize, wait_for=_events(grad) or None,
+                queue,
+                grad.base_data,
+                np.zeros(1, dtype),
+                int(grad.offset),
+                size * dtype.itemsize,
+                wait_for=_events(grad) or None,
             )
             _record(grad, event)
 
@@ -223,8 +223,7 @@ class _Prepared:
     state buffers (on an in-order queue, the queue orders them).
     """
 
-    def __init__(self, ids: tuple[int, ...], step: Step, work: Sequence[Work],
-                 old: dict[Hashable, Launcher]) -> None:
+    def __init__(self, ids: tuple[int, ...], step: Step, work: Sequence[Work], old: dict[Hashable, Launcher]) -> None:
         self.ids = ids
         self.spec = step.kernel
         batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[Member]] = {}
@@ -265,14 +264,10 @@ class _Prepared:
 
 def _check_match(data: Any, other: Any, where: str) -> None:
     if tuple(other.shape) != tuple(data.shape):
-        raise ValueError(
-            f"{where} has shape {tuple(other.shape)}, but its parameter has shape "
-            f"{tuple(data.shape)}"
-        )
+        raise ValueError(f"{where} has shape {tuple(other.shape)}, but its parameter has shape {tuple(data.shape)}")
     if np.dtype(other.dtype) != np.dtype(data.dtype):
         raise TypeError(
-            f"{where} has dtype {np.dtype(other.dtype)}, but its parameter has dtype "
-            f"{np.dtype(data.dtype)}"
+            f"{where} has dtype {np.dtype(other.dtype)}, but its parameter has dtype {np.dtype(data.dtype)}"
         )
 
 

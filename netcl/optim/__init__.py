@@ -18,16 +18,6 @@ from netcl.optim.adam import (
 )
 from netcl.optim.adamw import AdamW
 from netcl.optim.optimizer import Optimizer
-from netcl.optim.sgd import (
-    SGD,
-    SGDHyperparameters,
-    SGDParamGroup,
-    SGDParamGroupInput,
-    SGDSavedGroup,
-    SGDSavedState,
-    SGDState,
-    SGDStateDict,
-)
 from netcl.optim.rmsprop import (
     RMSProp,
     RMSPropHyperparameters,
@@ -37,6 +27,16 @@ from netcl.optim.rmsprop import (
     RMSPropSavedState,
     RMSPropState,
     RMSPropStateDict,
+)
+from netcl.optim.sgd import (
+    SGD,
+    SGDHyperparameters,
+    SGDParamGroup,
+    SGDParamGroupInput,
+    SGDSavedGroup,
+    SGDSavedState,
+    SGDState,
+    SGDStateDict,
 )
 
 __all__ = [

@@ -36,8 +36,7 @@ class Real:
     def __call__(self, name: str, value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(
-                f"{name} must be a real number ({self.allowed(name)}), "
-                f"got {type(value).__name__} {value!r}"
+                f"{name} must be a real number ({self.allowed(name)}), got {type(value).__name__} {value!r}"
             )
         number = float(value)
         inside = (

@@ -108,8 +108,14 @@ def _member_scalars(hyper: Hyper, step: int, fresh: frozenset[str]) -> tuple[flo
 
 
 def _reference(
-    xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
-    member: tuple[float, ...], *, decoupled: bool,
+    xp: ArrayNamespace,
+    param: A,
+    grad: A,
+    state: Mapping[str, A],
+    hyper: Hyper,
+    member: tuple[float, ...],
+    *,
+    decoupled: bool,
 ) -> tuple[A, dict[str, A]]:
     """Adam in array-API calls: the expressions of `kernels/adam.cl`, in its order."""
     weight, beta1, beta2, one_minus_beta2, eps, weight_decay, decay = _kernel_scalars(hyper)
@@ -153,7 +159,11 @@ def adam_rule(*, decoupled: bool) -> UpdateRule:
         return frozenset(name for name, on in flags.items() if on), buffers
 
     def reference(
-        xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
+        xp: ArrayNamespace,
+        param: A,
+        grad: A,
+        state: Mapping[str, A],
+        hyper: Hyper,
         member: tuple[float, ...],
     ) -> tuple[A, dict[str, A]]:
         return _reference(xp, param, grad, state, hyper, member, decoupled=decoupled)

@@ -103,7 +103,9 @@ def load(path: str | os.PathLike[str]) -> dict[str, object]:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             meta = json.loads(bytes(archive[_META]).decode())
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+                raise ValueError(
+                    f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}"
+                )
             state: dict[int, dict[str, Any]] = {}
             for index, entry in meta["state"].items():
                 state[int(index)] = {
@@ -111,8 +113,17 @@ def load(path: str | os.PathLike[str]) -> dict[str, object]:
                     for name, value in entry.items()
                 }
             return {"state": state, "param_groups": meta["param_groups"]}
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, AttributeError,
-            json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        KeyError,
+        TypeError,
+        AttributeError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        ValueError,
+    ) as error:
         if isinstance(error, FileNotFoundError):
             raise
         raise ValueError(f"{os.fspath(path)!r} is not a readable netcl checkpoint: {error}") from None

@@ -10,7 +10,6 @@ which state buffers it keeps, and its update (an
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
 from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
 
@@ -93,9 +92,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     state: dict[int, StateT]
     defaults: dict[str, HyperValue]
 
-    def __init__(
-        self, params: Iterable[ParameterLike | GroupInputT], defaults: Mapping[str, object]
-    ) -> None:
+    def __init__(self, params: Iterable[ParameterLike | GroupInputT], defaults: Mapping[str, object]) -> None:
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
         self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
@@ -139,8 +136,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             _check_parameter(param, at)
             if id(param) in seen:
                 raise ValueError(
-                    f"{at} appears more than once in the optimizer's parameters; "
-                    "give each parameter once, in one group"
+                    f"{at} appears more than once in the optimizer's parameters; give each parameter once, in one group"
                 )
             seen.add(id(param))
         group: dict[str, Any] = {"params": params}
@@ -251,8 +247,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                         setattr(param, "grad", None)  # noqa: B010 (read-only to checkers)
                     except AttributeError:
                         raise TypeError(
-                            f"param_groups[{index}]['params'][{k}].grad cannot be set; "
-                            "use zero_grad(set_to_none=False)"
+                            f"param_groups[{index}]['params'][{k}].grad cannot be set; use zero_grad(set_to_none=False)"
                         ) from None
                 else:
                     backend_for(grad, f"param_groups[{index}]['params'][{k}].grad").zero_(grad)
@@ -328,16 +323,14 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         keys = set(state_dict)
         if keys != {"state", "param_groups"}:
             raise ValueError(
-                "state_dict must have exactly the keys 'state' and 'param_groups', "
-                f"got {sorted(map(str, keys))}"
+                f"state_dict must have exactly the keys 'state' and 'param_groups', got {sorted(map(str, keys))}"
             )
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, list | tuple):
             raise TypeError(f"state_dict['param_groups'] must be a list, got {describe(saved_groups)}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"state_dict has {len(saved_groups)} param group(s), "
-                f"this optimizer has {len(self.param_groups)}"
+                f"state_dict has {len(saved_groups)} param group(s), this optimizer has {len(self.param_groups)}"
             )
         hypers: list[dict[str, HyperValue]] = []
         id_map: dict[int, ParameterLike] = {}
@@ -349,14 +342,11 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             unknown = sorted(set(saved) - known - _TORCH_ONLY_KEYS - set(self.torch_fixed))
             for key, value in self.torch_fixed.items():
                 if key in saved and saved[key] != value:
-                    raise ValueError(
-                        f"{where} has {key}={saved[key]!r}; {type(self).__name__} means {key}={value!r}"
-                    )
+                    raise ValueError(f"{where} has {key}={saved[key]!r}; {type(self).__name__} means {key}={value!r}")
             missing = sorted(known - set(saved))
             if unknown or missing:
                 raise ValueError(
-                    f"{where} does not fit {type(self).__name__}: "
-                    f"unknown key(s) {unknown}, missing key(s) {missing}"
+                    f"{where} does not fit {type(self).__name__}: unknown key(s) {unknown}, missing key(s) {missing}"
                 )
             hyper = {name: check(f"{where}: {name}", saved[name]) for name, check in self.hyperparameters.items()}
             self._check_combination(hyper, f"{where}: ")
@@ -452,8 +442,7 @@ def _as_groups(params: object) -> list[Mapping[str, Any]]:
     """The constructor's `params` as a list of param-group dicts (torch's rules)."""
     if isinstance(params, Mapping):
         raise TypeError(
-            "params must be an iterable of parameters or of param-group dicts, got one dict; "
-            "wrap it in a list"
+            "params must be an iterable of parameters or of param-group dicts, got one dict; wrap it in a list"
         )
     items = _as_param_list(params, "params")
     if not items:
@@ -470,8 +459,7 @@ def _as_param_list(params: object, where: str) -> list[Any]:
     """An ordered list from an iterable of parameters (or of group dicts)."""
     if _is_parameter_like(params) or _backend_or_none(params) is not None:
         raise TypeError(
-            f"{where} must be an iterable of parameters, got a single {describe(params)}; "
-            "wrap it in a list"
+            f"{where} must be an iterable of parameters, got a single {describe(params)}; wrap it in a list"
         )
     if isinstance(params, set | frozenset):
         raise TypeError(

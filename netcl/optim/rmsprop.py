@@ -9,7 +9,6 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 
-
 from netcl._types import Array, ParameterLike
 from netcl._update import Hyper, UpdateRule, real
 from netcl._xp import ArrayNamespace, XArray
@@ -129,7 +128,11 @@ def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
 
 
 def _reference(
-    xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
+    xp: ArrayNamespace,
+    param: A,
+    grad: A,
+    state: Mapping[str, A],
+    hyper: Hyper,
     member: tuple[float, ...],
 ) -> tuple[A, dict[str, A]]:
     """RMSProp in array-API calls: the expressions of `kernels/rmsprop.cl`, in its order,
@@ -276,4 +279,3 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             "maximize": maximize,
         }
         super().__init__(params, defaults)
-

@@ -110,7 +110,11 @@ def _member_scalars(hyper: Hyper, step: int, fresh: frozenset[str]) -> tuple[flo
 
 
 def _reference(
-    xp: ArrayNamespace, param: A, grad: A, state: Mapping[str, A], hyper: Hyper,
+    xp: ArrayNamespace,
+    param: A,
+    grad: A,
+    state: Mapping[str, A],
+    hyper: Hyper,
     member: tuple[float, ...],
 ) -> tuple[A, dict[str, A]]:
     """SGD in array-API calls: the expressions of `kernels/sgd.cl`, in its order."""

@@ -77,6 +77,7 @@ assert_type(saved["param_groups"][0]["eps"], float)
 optimizer.load_state_dict(pickle.loads(pickle.dumps(saved)))
 optimizer.load_state_dict(saved)
 
+
 # --- mistakes the checkers must catch ---------------------------------------------------
 def needs_an_argument(x: float) -> float:
     return x
