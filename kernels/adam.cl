@@ -33,9 +33,11 @@ inline void UPDATE(
     const real_t m0 = *exp_avg;
     real_t m = (weight < (real)0.5) ? m0 + weight * (g - m0) : g - (g - m0) * beta1;
     /* v = beta2 * v + (1 - beta2) * g^2 */
-    real_t v = fmin(*exp_avg_sq * beta2 + one_minus_beta2 * g * g, REAL_MAX);
+    real_t v = *exp_avg_sq * beta2 + one_minus_beta2 * g * g;
+    v = (v < REAL_MAX) ? v : (real_t)(REAL_MAX);
 #if AMSGRAD
-    real_t vmax = fmax(*max_exp_avg_sq, v);
+    const real_t vmax0 = *max_exp_avg_sq;
+    real_t vmax = (vmax0 > v) ? vmax0 : v;
     real_t denom = sqrt(vmax) / bias_correction2_sqrt + eps;
 #else
     real_t denom = sqrt(v) / bias_correction2_sqrt + eps;
