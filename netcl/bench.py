@@ -231,14 +231,21 @@ def _netcl_numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
 def _time(
     contenders: dict[str, Callable[[], None]], budget_s: float, min_repeats: int, max_repeats: int
 ) -> tuple[dict[str, float], int]:
-    """Median seconds of each contender, timed in turns so noise hits all alike."""
+    """Median milliseconds of each contender, timed in turns so noise hits all alike.
+
+    The order of the turns is shuffled every round: torch's OpenMP threads keep spinning
+    for a while after its step, which slows whichever contender comes next.
+    """
     for fn in contenders.values():
         fn()  # warm up: builds, first-touch allocation
     samples: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders.items())
+    shuffle = np.random.default_rng(0).shuffle
     started = time.perf_counter()
     repeats = 0
     while repeats < max_repeats and (repeats < min_repeats or time.perf_counter() - started < budget_s):
-        for name, fn in contenders.items():
+        shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
