@@ -7,26 +7,18 @@ from typing import ClassVar
 
 from netcl._types import ParameterLike
 from netcl._update import UpdateRule
-from netcl.optim._hyper import HyperCheck
-from netcl.optim.adam import (
-    ADAM_HYPERPARAMETERS,
-    AdamParamGroup,
-    AdamParamGroupInput,
-    AdamState,
-    AdamStateDict,
-    adam_rule,
-)
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.adam import Adam, AdamParamGroupInput, adam_rule
 
 __all__ = ["AdamW"]
 
 
-class AdamW(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDict]):
+class AdamW(Adam):
     r"""AdamW: Adam whose weight decay shrinks the parameter instead of adding to the gradient.
 
-    As [`Adam`][netcl.optim.Adam], except that the weight decay is decoupled (torch's
-    semantics): before the update, `param = param * (1 - lr * weight_decay)`, and the
-    gradient is left as it is. Its state and state dict are Adam's.
+    A subclass of [`Adam`][netcl.optim.Adam], as in torch, that differs in one thing:
+    the weight decay is decoupled (torch's semantics): before the update,
+    `param = param * (1 - lr * weight_decay)`, and the gradient is left as it is. Its
+    state and state dict are Adam's.
 
     Args:
         params: Parameters, or param-group dicts whose entries override the defaults.
@@ -56,7 +48,6 @@ class AdamW(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateD
     """
 
     rule: ClassVar[UpdateRule] = adam_rule(decoupled=True)
-    hyperparameters: ClassVar[Mapping[str, HyperCheck]] = ADAM_HYPERPARAMETERS
     torch_fixed: ClassVar[Mapping[str, object]] = {"decoupled_weight_decay": True}
 
     def __init__(
@@ -70,12 +61,4 @@ class AdamW(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateD
         *,
         maximize: bool = False,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
