@@ -142,35 +142,41 @@ def _other_kind_array(kind: Kind, queue: cl.CommandQueue, shape: tuple[int, ...]
     return torch.ones(shape)
 
 
-GRAD_CASES: list[tuple[str, Callable[[Kind, cl.CommandQueue], Any], type[Exception], str]] = [
-    ("wrong shape", lambda k, q: k.make(q, np.ones(5, F32)), ValueError, r"has shape \(5,\)"),
-    ("wrong dtype", lambda k, q: k.make(q, np.ones((2, 3), np.float64)), TypeError, "dtype"),
-    ("other library", lambda k, q: _other_kind_array(k, q, (2, 3)), TypeError, "same library|OpenCL array"),
-    ("not an array", lambda k, q: [[1.0] * 3] * 2, TypeError, "grad is a builtins.list"),
+def _other_dtype(dtype: Any) -> Any:
+    return np.float64 if dtype == np.float32 else np.float32
+
+
+GRAD_CASES: list[tuple[str, Callable[[Kind, cl.CommandQueue, Any], Any], type[Exception], str]] = [
+    ("wrong shape", lambda k, q, dt: k.make(q, np.ones(5, dt)), ValueError, r"has shape \(5,\)"),
+    ("wrong dtype", lambda k, q, dt: k.make(q, np.ones((2, 3), _other_dtype(dt))), TypeError, "dtype"),
+    ("other library", lambda k, q, dt: _other_kind_array(k, q, (2, 3)), TypeError, "same library|OpenCL array"),
+    ("not an array", lambda k, q, dt: [[1.0] * 3] * 2, TypeError, "grad is a builtins.list"),
 ]
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(("make_grad", "error", "match"), [c[1:] for c in GRAD_CASES], ids=[c[0] for c in GRAD_CASES])
 def test_a_failed_step_changes_nothing(
     kind: Kind,
-    make_grad: Callable[[Kind, cl.CommandQueue], Any],
+    dtype: Any,
+    make_grad: Callable[[Kind, cl.CommandQueue, Any], Any],
     error: type[Exception],
     match: str,
     queue: cl.CommandQueue,
     rng: np.random.Generator,
 ) -> None:
-    params = [Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(F32))) for _ in range(3)]
-    fresh = Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(F32)))
+    params = [Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(dtype))) for _ in range(3)]
+    fresh = Parameter(kind.make(queue, rng.standard_normal((2, 3)).astype(dtype)))
     opt = RMSProp([*params, fresh], lr=0.1, momentum=0.9, centered=True)
     for p in params:
-        p.grad = kind.make(queue, rng.standard_normal((2, 3)).astype(F32))
+        p.grad = kind.make(queue, rng.standard_normal((2, 3)).astype(dtype))
     opt.step()
     before = _snapshot(opt, [*params, fresh], kind)
     # two good gradients (one for a parameter without state yet), then a bad one
-    params[0].grad = kind.make(queue, rng.standard_normal((2, 3)).astype(F32))
-    fresh.grad = kind.make(queue, rng.standard_normal((2, 3)).astype(F32))
-    params[2].grad = make_grad(kind, queue)
+    params[0].grad = kind.make(queue, rng.standard_normal((2, 3)).astype(dtype))
+    fresh.grad = kind.make(queue, rng.standard_normal((2, 3)).astype(dtype))
+    params[2].grad = make_grad(kind, queue, dtype)
     with pytest.raises(error, match=match) as caught:
         opt.step()
     assert r"param_groups[0]['params'][2].grad" in str(caught.value)
