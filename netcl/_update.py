@@ -93,8 +93,6 @@ class Step:
 
     rule: UpdateRule
     hyper: Hyper
-    flags: frozenset[str] = field(init=False)
-    """The switches that are on."""
     buffers: tuple[str, ...] = field(init=False)
     """The state buffers the variant uses."""
     scalars: tuple[float, ...] = field(init=False)
@@ -104,7 +102,6 @@ class Step:
 
     def __post_init__(self) -> None:
         flags, buffers = self.rule.variant(self.hyper)
-        object.__setattr__(self, "flags", flags)
         object.__setattr__(self, "buffers", buffers)
         scalars = self.rule.kernel_scalars(self.hyper)
         object.__setattr__(self, "scalars", scalars)

@@ -10,7 +10,7 @@ from netcl._backends.array_api import ARRAY_API, is_array_api
 from netcl._backends.base import Backend, Work, describe
 from netcl._backends.opencl import OPENCL, is_opencl
 
-__all__ = ["Backend", "Work", "backend_for", "describe"]
+__all__ = ["Backend", "Work", "backend_for", "checked_backend", "describe"]
 
 
 def backend_for(array: object, where: str) -> Backend:
@@ -25,3 +25,10 @@ def backend_for(array: object, where: str) -> Backend:
         "(base_data, offset, shape, dtype, queue) or an array-API array "
         "(numpy, torch, array_api_strict, cupy, jax ...)"
     )
+
+
+def checked_backend(data: object, where: str) -> Backend:
+    """The backend of a parameter's array, after checking that it can update `data`."""
+    backend = backend_for(data, where)
+    backend.check_param(data, where)
+    return backend

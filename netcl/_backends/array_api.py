@@ -15,7 +15,7 @@ import array_api_compat
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends.base import Backend, Work, describe
+from netcl._backends.base import Backend, Work, check_same_shape, describe
 from netcl._backends.host import update_on_host
 from netcl._update import Step
 from netcl._xp import ArrayNamespace
@@ -110,8 +110,7 @@ def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:
 
 
 def _check_match(data: Any, other: Any, where: str) -> None:
-    if tuple(other.shape) != tuple(data.shape):
-        raise ValueError(f"{where} has shape {tuple(other.shape)}, but its parameter has shape {tuple(data.shape)}")
+    check_same_shape(data, other, where)
     if other.dtype != data.dtype:
         raise TypeError(f"{where} has dtype {other.dtype}, but its parameter has dtype {data.dtype}")
     if array_api_compat.device(other) != array_api_compat.device(data):

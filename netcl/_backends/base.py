@@ -13,9 +13,15 @@ import numpy.typing as npt
 from netcl._types import ParameterLike
 from netcl._update import Step
 
-__all__ = ["Backend", "Work", "SUPPORTED_DTYPES", "describe"]
+__all__ = ["Backend", "Work", "SUPPORTED_DTYPES", "check_same_shape", "describe"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_same_shape(data: Any, other: Any, where: str) -> None:
+    """Raise ValueError unless `other` (a gradient or state buffer) has `data`'s shape."""
+    if tuple(other.shape) != tuple(data.shape):
+        raise ValueError(f"{where} has shape {tuple(other.shape)}, but its parameter has shape {tuple(data.shape)}")
 
 
 def describe(x: object) -> str:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from netcl._backends.base import SUPPORTED_DTYPES, Backend, Work, describe
+from netcl._backends.base import SUPPORTED_DTYPES, Backend, Work, check_same_shape, describe
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots
 from netcl._update import Step
 
@@ -212,7 +212,7 @@ class OpenCLBackend(Backend):
             old = prepared.launchers if isinstance(prepared, _Prepared) else {}
             prepared = _Prepared(ids, step, work, old)
             cache["prepared"] = prepared
-        prepared.run(step.scalars, [item.member for item in work if prod(item.data.shape)])
+        prepared.run(step.scalars, [item.member for item in work])
 
 
 class _Prepared:
@@ -227,14 +227,14 @@ class _Prepared:
         self.ids = ids
         self.spec = step.kernel
         batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[Member]] = {}
-        positions: dict[int, int] = {}  # id(member) -> its place among the non-empty items
-        for item in work:
+        positions: dict[int, int] = {}  # id(member) -> its item's place in `work`
+        for place, item in enumerate(work):
             data = item.data
             size = prod(data.shape)
             if size:
                 arrays = (data, item.grad, *(item.state[name] for name in step.buffers))
                 member = Member(arrays, size)
-                positions[id(member)] = len(positions)
+                positions[id(member)] = place
                 batches.setdefault((data.queue, np.dtype(data.dtype)), []).append(member)
         self.launchers: dict[Hashable, Launcher] = {}
         self.launches: list[tuple[cl.CommandQueue, Launcher, list[Any], list[int]]] = []
@@ -263,8 +263,7 @@ class _Prepared:
 
 
 def _check_match(data: Any, other: Any, where: str) -> None:
-    if tuple(other.shape) != tuple(data.shape):
-        raise ValueError(f"{where} has shape {tuple(other.shape)}, but its parameter has shape {tuple(data.shape)}")
+    check_same_shape(data, other, where)
     if np.dtype(other.dtype) != np.dtype(data.dtype):
         raise TypeError(
             f"{where} has dtype {np.dtype(other.dtype)}, but its parameter has dtype {np.dtype(data.dtype)}"

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, 
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends import Backend, Work, backend_for, describe
+from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
 from netcl._types import ParameterLike
 from netcl._update import Step, UpdateRule
@@ -220,8 +220,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
 
     def _check(self, at: str, data: Any, grad: Any, state: Mapping[str, Any]) -> Backend:
         """Check a parameter's array, gradient and state buffers; return their backend."""
-        backend = backend_for(data, f"{at}.data")
-        backend.check_param(data, f"{at}.data")
+        backend = checked_backend(data, f"{at}.data")
         backend.check_grad(data, grad, f"{at}.grad")
         for name in self.rule.buffers:
             if name in state:
@@ -388,8 +387,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 f"and may have {sorted(allowed - required)}"
             )
         data = param.data
-        backend = backend_for(data, f"the parameter of {where}")
-        backend.check_param(data, f"the parameter of {where}")
+        backend = checked_backend(data, f"the parameter of {where}")
         checked: dict[str, Any] = {}
         if "step" in entry:
             checked["step"] = _saved_step(entry["step"], f"{where}['step']")
@@ -492,6 +490,4 @@ def _check_parameter(param: object, where: str) -> None:
             f"{where} is a {describe(param)}, not a parameter: a parameter has `data` "
             f"(an array) and `grad` attributes{hint}"
         )
-    data = param.data
-    backend = backend_for(data, f"{where}.data")
-    backend.check_param(data, f"{where}.data")
+    checked_backend(param.data, f"{where}.data")
