@@ -1,5 +1,5 @@
-/* Adam and AdamW: the update of one element, or of one vector of elements (see
- * rmsprop.cl for how netcl's kernel builder includes this file).
+/* Adam and AdamW: the update of one element (see rmsprop.cl for what netcl's kernel
+ * builder defines before this file).
  *
  * Variant flags: MAXIMIZE, WEIGHT_DECAY, DECOUPLED (AdamW's weight decay), AMSGRAD.
  * The parameter's own scalars: step_size = lr / (1 - beta1^t) and
@@ -9,18 +9,18 @@
  * netcl/optim/adam.py writes the same. An element whose gradient is NaN or infinite is
  * left as it was, state included, and the second moment saturates at REAL_MAX.
  */
-inline void UPDATE(
-    real_t *param, real_t grad,
-    real_t *exp_avg, real_t *exp_avg_sq, real_t *max_exp_avg_sq,
+inline void update(
+    real *param, real grad,
+    real *exp_avg, real *exp_avg_sq, real *max_exp_avg_sq,
     real weight, real beta1, real beta2, real one_minus_beta2, real eps,
     real weight_decay, real decay,
     real step_size, real bias_correction2_sqrt)
 {
-    real_t g = grad;
+    real g = grad;
 #if MAXIMIZE
     g = -g;
 #endif
-    real_t p = *param;
+    real p = *param;
 #if WEIGHT_DECAY
 #if DECOUPLED
     p = p * decay;                 /* param *= 1 - lr * weight_decay */
@@ -30,25 +30,25 @@ inline void UPDATE(
 #endif
 
     /* m = lerp(m, g, 1 - beta1), as torch computes it */
-    const real_t m0 = *exp_avg;
-    real_t m = (weight < (real)0.5) ? m0 + weight * (g - m0) : g - (g - m0) * beta1;
+    const real m0 = *exp_avg;
+    real m = (weight < (real)0.5) ? m0 + weight * (g - m0) : g - (g - m0) * beta1;
     /* v = beta2 * v + (1 - beta2) * g^2 */
-    real_t v = *exp_avg_sq * beta2 + one_minus_beta2 * g * g;
-    v = (v < REAL_MAX) ? v : (real_t)(REAL_MAX);
+    real v = *exp_avg_sq * beta2 + one_minus_beta2 * g * g;
+    v = (v < REAL_MAX) ? v : (real)(REAL_MAX);
 #if AMSGRAD
-    const real_t vmax0 = *max_exp_avg_sq;
-    real_t vmax = (vmax0 > v) ? vmax0 : v;
-    real_t denom = sqrt(vmax) / bias_correction2_sqrt + eps;
+    const real vmax0 = *max_exp_avg_sq;
+    real vmax = (vmax0 > v) ? vmax0 : v;
+    real denom = SQRT(vmax) / bias_correction2_sqrt + eps;
 #else
-    real_t denom = sqrt(v) / bias_correction2_sqrt + eps;
+    real denom = SQRT(v) / bias_correction2_sqrt + eps;
 #endif
     p = p + (-step_size) * (m / denom);
 
-    const real_t unchanged = *param;
-    *param = isfinite(g) ? p : unchanged;
-    *exp_avg = isfinite(g) ? m : m0;
-    *exp_avg_sq = isfinite(g) ? v : *exp_avg_sq;
+    const real unchanged = *param;
+    *param = FINITE(g) ? p : unchanged;
+    *exp_avg = FINITE(g) ? m : m0;
+    *exp_avg_sq = FINITE(g) ? v : *exp_avg_sq;
 #if AMSGRAD
-    *max_exp_avg_sq = isfinite(g) ? vmax : *max_exp_avg_sq;
+    *max_exp_avg_sq = FINITE(g) ? vmax : *max_exp_avg_sq;
 #endif
 }

@@ -1,9 +1,10 @@
-/* RMSProp: the update of one element, or of one vector of elements.
+/* RMSProp: the update of one element.
  *
- * netcl's kernel builder includes this file twice, once with `real_t` defined as the
- * parameter's scalar type and once as a vector of it, and names the function through
- * `UPDATE`. `real` is always the scalar type (hyperparameters are scalars) and
- * `REAL_MAX` its largest finite value.
+ * netcl's kernel builder (netcl/_kernels.py) puts this file in front of the kernel,
+ * which calls `update` once per element, after defining `real` (the parameter's type,
+ * float or double), `REAL_MAX` (its largest finite value), `FINITE(x)` (x is neither
+ * infinite nor NaN, tested on its exponent bits, cheaper than PoCL's `isfinite`) and
+ * `SQRT(x)` (the correctly rounded square root).
  *
  * Variant flags, fixed at build time: MAXIMIZE, WEIGHT_DECAY, CENTERED, MOMENTUM.
  * State buffers that the variant does not use are passed as dummies and never read.
@@ -22,13 +23,13 @@
  *   parameter by at most lr * clip / (1 - momentum);
  * - with centering, v - m^2 below zero (rounding) counts as zero.
  */
-inline void UPDATE(
-    real_t *param, real_t grad,
-    real_t *square_avg, real_t *momentum_buffer, real_t *grad_avg,
+inline void update(
+    real *param, real grad,
+    real *square_avg, real *momentum_buffer, real *grad_avg,
     real lr, real alpha, real one_minus_alpha, real eps,
     real weight_decay, real momentum, real clip)
 {
-    real_t g = grad;
+    real g = grad;
 #if MAXIMIZE
     g = -g;
 #endif
@@ -38,39 +39,39 @@ inline void UPDATE(
 
     /* v = alpha * v + (1 - alpha) * g^2; squaring first rounds a little less often in
        the worst case than torch's ((1 - alpha) * g) * g (at most 2 ulp against 2.1) */
-    real_t v = *square_avg * alpha + one_minus_alpha * (g * g);
-    v = (v < REAL_MAX) ? v : (real_t)(REAL_MAX);
+    real v = *square_avg * alpha + one_minus_alpha * (g * g);
+    v = (v < REAL_MAX) ? v : (real)(REAL_MAX);
 
 #if CENTERED
     /* m = alpha * m + (1 - alpha) * g;  u = g / (sqrt(v - m^2) + eps) */
-    real_t m = *grad_avg * alpha + one_minus_alpha * g;
-    real_t variance = v - m * m;
-    variance = (variance > (real)0) ? variance : (real_t)(0);
-    real_t u = g / (sqrt(variance) + eps);
+    real m = *grad_avg * alpha + one_minus_alpha * g;
+    real variance = v - m * m;
+    variance = (variance > (real)0) ? variance : (real)(0);
+    real u = g / (SQRT(variance) + eps);
 #else
     /* u = g / (sqrt(v) + eps) */
-    real_t u = g / (sqrt(v) + eps);
-    u = (u > clip) ? (real_t)(clip) : u;
-    u = (u < -clip) ? (real_t)(-clip) : u;
+    real u = g / (SQRT(v) + eps);
+    u = (u > clip) ? (real)(clip) : u;
+    u = (u < -clip) ? (real)(-clip) : u;
 #endif
 
 #if MOMENTUM
     /* b = momentum * b + u;  param -= lr * b */
-    real_t b = *momentum_buffer * momentum + u;
-    real_t p = *param + (-lr) * b;
+    real b = *momentum_buffer * momentum + u;
+    real p = *param + (-lr) * b;
 #else
     /* param -= lr * u */
-    real_t p = *param + (-lr) * u;
+    real p = *param + (-lr) * u;
 #endif
 
-    /* write back only where the gradient was finite (component-wise for vectors) */
-    const real_t unchanged = *param;
-    *param = isfinite(g) ? p : unchanged;
-    *square_avg = isfinite(g) ? v : *square_avg;
+    /* write back only where the gradient was finite */
+    const real unchanged = *param;
+    *param = FINITE(g) ? p : unchanged;
+    *square_avg = FINITE(g) ? v : *square_avg;
 #if CENTERED
-    *grad_avg = isfinite(g) ? m : *grad_avg;
+    *grad_avg = FINITE(g) ? m : *grad_avg;
 #endif
 #if MOMENTUM
-    *momentum_buffer = isfinite(g) ? b : *momentum_buffer;
+    *momentum_buffer = FINITE(g) ? b : *momentum_buffer;
 #endif
 }

@@ -1,5 +1,5 @@
-/* SGD: the update of one element, or of one vector of elements (see rmsprop.cl for how
- * netcl's kernel builder includes this file).
+/* SGD: the update of one element (see rmsprop.cl for what netcl's kernel builder
+ * defines before this file).
  *
  * Variant flags: MAXIMIZE, WEIGHT_DECAY, MOMENTUM, NESTEROV.
  * `first` is the parameter's own scalar: 1 on the step that starts its momentum buffer,
@@ -8,23 +8,23 @@
  * The order of operations is torch.optim.SGD's; netcl/optim/sgd.py writes the same.
  * An element whose gradient is NaN or infinite is left as it was, state included.
  */
-inline void UPDATE(
-    real_t *param, real_t grad, real_t *momentum_buffer,
+inline void update(
+    real *param, real grad, real *momentum_buffer,
     real lr, real momentum, real one_minus_dampening, real weight_decay,
     real first)
 {
-    real_t d = grad;
+    real d = grad;
 #if MAXIMIZE
     d = -d;
 #endif
 #if WEIGHT_DECAY
     d = d + weight_decay * *param;
 #endif
-    const real_t g = d;
+    const real g = d;
 
 #if MOMENTUM
     /* b = g on the first step, else b = momentum * b + (1 - dampening) * g */
-    real_t b = (first != 0) ? g : *momentum_buffer * momentum + one_minus_dampening * g;
+    real b = (first != 0) ? g : *momentum_buffer * momentum + one_minus_dampening * g;
 #if NESTEROV
     d = g + momentum * b;
 #else
@@ -33,11 +33,11 @@ inline void UPDATE(
 #endif
 
     /* param -= lr * d */
-    const real_t p = *param + (-lr) * d;
+    const real p = *param + (-lr) * d;
 
-    const real_t unchanged = *param;
-    *param = isfinite(g) ? p : unchanged;
+    const real unchanged = *param;
+    *param = FINITE(g) ? p : unchanged;
 #if MOMENTUM
-    *momentum_buffer = isfinite(g) ? b : *momentum_buffer;
+    *momentum_buffer = FINITE(g) ? b : *momentum_buffer;
 #endif
 }

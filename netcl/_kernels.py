@@ -8,8 +8,9 @@ checkout. `kernel_source` looks in both places, in that order.
 source, variant, number of parameters per launch) and memoizes it per context, so every
 optimizer instance shares it and a step never rebuilds anything. Hyperparameters are
 kernel arguments. One launch updates up to 16 parameters, each in its own buffer: the
-kernel takes each one's arrays as separate arguments, and work-item `i` finds its
-parameter by comparing `i` with the running ends of their chunks.
+kernel takes each one's arrays as separate arguments, and each work-group finds its
+parameter by comparing its number with the running ends of their work-groups. Every
+work-item updates one value (see `geometry` for why).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "Member",
     "fused_kernel",
     "geometry",
+    "group_count",
     "kernel_source",
     "max_slots",
 ]
@@ -56,7 +58,7 @@ class KernelSpec:
     """Which fused kernel: the source and the variant of it."""
 
     source: str
-    """Stem of the OpenCL source in `kernels/` that defines `UPDATE`."""
+    """Stem of the OpenCL source in `kernels/` that defines `update`."""
     flags: frozenset[str]
     """The build-time switches that are on."""
     all_flags: tuple[str, ...]
@@ -64,19 +66,18 @@ class KernelSpec:
     buffers: tuple[str, ...]
     """The state buffers the variant reads and writes."""
     all_buffers: tuple[str, ...]
-    """Every state buffer `UPDATE` takes, in its argument order."""
+    """Every state buffer `update` takes, in its argument order."""
     scalar_count: int
-    """How many scalar arguments shared by a group `UPDATE` takes after the buffers."""
+    """How many scalar arguments shared by a group `update` takes after the buffers."""
     member_scalar_count: int = 0
-    """How many scalar arguments of each parameter's own `UPDATE` takes after those."""
+    """How many scalar arguments of each parameter's own `update` takes after those."""
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """How the fused kernel is launched on one device for one dtype."""
+    """How the fused kernel is launched on one device: one work-item per value, in
+    work-groups of `local_size`."""
 
-    width: int
-    """Elements per work-item: an OpenCL vector width (1, 2, 4 or 8)."""
     local_size: int
     """Work-items per work-group."""
 
@@ -84,17 +85,21 @@ class Geometry:
 def geometry(device: cl.Device, dtype: np.dtype[Any]) -> Geometry:
     """The launch geometry of the fused kernel on `device` for `dtype`.
 
-    On a CPU each work-item takes one vector of 8 float32 (4 float64) values, 32 bytes:
-    OpenCL CPU drivers run a work-group's items one after another, and vector types are
-    what makes them use the SIMD units. 16-wide vectors are never used, whatever the
-    device prefers: `sqrt` on them aborts PoCL 3.0's compiler. On other devices (GPUs)
-    each work-item takes one value, so that neighbouring work-items read neighbouring
-    values, in groups of 256.
+    One work-item per value on every device, so that neighbouring work-items touch
+    neighbouring values: a GPU coalesces their loads, and PoCL's CPU device runs a
+    work-group as a loop over its work-items that its compiler turns into SIMD code, 8
+    or 16 values per instruction. That beats OpenCL vector types (float8, one vector
+    per work-item), whose unaligned vector loads take twice as long on PoCL, and never
+    asks the device for a vector width (PoCL 3.0 reports 16 for float, and `sqrt` on a
+    16-wide vector aborts its compiler). Groups of 256 work-items were the fastest of
+    64 to 1024 on PoCL's CPU device and are the usual choice on GPUs.
     """
-    if device.type & cl.device_type.CPU:
-        width = 8 if dtype.itemsize == 4 else 4
-        return Geometry(width=width, local_size=256)
-    return Geometry(width=1, local_size=256)
+    return Geometry(local_size=256)
+
+
+def group_count(size: int, geo: Geometry) -> int:
+    """Work-groups for a parameter of `size` values."""
+    return -(-size // geo.local_size)
 
 
 _BUILD_OPTIONS = (
@@ -174,7 +179,6 @@ class Launcher:
         """Make the next runs update `members` (at most `slots`, each of size > 0)."""
         fused, kernel = self.fused, self.kernel
         per_slot = fused.per_slot
-        per_group = fused.geometry.width * fused.geometry.local_size
         groups = 0
         for k in range(fused.slots):
             member = members[k] if k < len(members) else None
@@ -190,7 +194,7 @@ class Launcher:
                 self.sizes[k] = size
             if member is None:
                 self._set_member(k, (0.0,) * fused.member_scalar_count)
-            groups += -(-size // per_group)
+            groups += group_count(size, fused.geometry)
         global_size = groups * fused.geometry.local_size
         if global_size != self.global_size:
             kernel.set_arg(fused.slots * per_slot + fused.scalar_count, np.intp(global_size))
@@ -261,74 +265,81 @@ def _fused_kernel(
         + [f"{real} {name}" for name in scalars]
     )
     text = kernel_source(spec.source)
+    float32 = dtype == np.float32
+    bits, exponent = ("int", "0x7f800000") if float32 else ("long", "0x7ff0000000000000L")
+    builtin_sqrt = "__builtin_sqrtf" if float32 else "__builtin_sqrt"
     preamble = [
         "#pragma OPENCL FP_CONTRACT OFF",
         f"#define real {real}",
-        f"#define REAL_MAX {'FLT_MAX' if dtype == np.float32 else 'DBL_MAX'}",
+        f"#define REAL_MAX {'FLT_MAX' if float32 else 'DBL_MAX'}",
+        # FINITE(x): the exponent bits of x are not all ones (neither infinite nor NaN).
+        f"#define FINITE(x) ((as_{bits}(x) & {exponent}) != {exponent})",
+        # SQRT(x): the correctly rounded square root (the build options ask for it).
+        # Where the compiler has clang's builtin, that one: PoCL's CPU compiler turns
+        # it into SIMD instructions across work-items, but not its library's `sqrt`,
+        # which makes the step four times slower.
+        "#if defined(__has_builtin)",
+        f"#if __has_builtin({builtin_sqrt})",
+        f"#define SQRT(x) {builtin_sqrt}(x)",
+        "#endif",
+        "#endif",
+        "#ifndef SQRT",
+        "#define SQRT(x) sqrt(x)",
+        "#endif",
         *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
+        text,
     ]
-    for name, vector in (("update_vector", f"{real}{geo.width}"), ("update_scalar", "real")):
-        if name == "update_vector" and geo.width == 1:
-            continue
-        preamble += [f"#define real_t {vector}", f"#define UPDATE {name}", text, "#undef real_t", "#undef UPDATE"]
 
-    def call(function: str, w: int, at: str) -> str:
-        """Load `w` elements at `at`, update them with `function`, store them."""
-        vtype = f"{real}{w}" if w > 1 else real
+    # Each parameter gets whole work-groups. Before the loop over indices, a work-group
+    # picks its parameter's arrays: those of the last parameter whose first group is at
+    # or before its own. The pick is made of selects, not branches, and ends with a
+    # barrier: PoCL's CPU compiler then sees the arrays as the same for every work-item
+    # of the group and turns the update into SIMD loads and stores of neighbouring
+    # values. Without the barrier it reads and writes element by element (gathers and
+    # scatters), which made a step over 16 parameters 2 to 8 times slower.
+    local = geo.local_size
 
-        def load(name: str) -> str:
-            return f"vload{w}(0, {name} + {at})" if w > 1 else f"{name}[{at}]"
+    def groups(size: str) -> str:
+        return f"(({size} + {local - 1}) / {local})"
 
-        def store(name: str) -> str:
-            if w > 1:
-                return f"vstore{w}({name}_v, 0, {name} + {at});"
-            return f"{name}[{at}] = {name}_v;"
-
-        lines = [f"{vtype} param_v = {load('param')};"]
-        for name in spec.all_buffers:
-            value = load(name) if name in spec.buffers else "0"
-            lines.append(f"{vtype} {name}_v = {value};")
-        update_args = ["&param_v", load("grad"), *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
-        lines.append(f"{function}({', '.join(update_args)});")
-        lines += [store(name) for name in ("param", *spec.buffers)]
-        return "\n".join(lines)
-
-    # Each parameter gets whole work-groups. Work-item i first picks its parameter's
-    # arrays: those of the last parameter whose first group is at or before i's group
-    # (the same choice for a whole work-group). One copy of the update follows.
-    per_group = geo.width * geo.local_size
     pick = [
-        "const long group = i / " + str(geo.local_size) + ";",
+        "const long group = get_group_id(0);",
         *(f"__global {real} *{name} = {name}0;" for name in arrays),
         *(f"{real} {name} = {name}_0;" for name in own),
-        "long size = size0, begin = 0, end = (size0 + " + f"{per_group - 1}) / {per_group};",
+        f"long size = size0, begin = 0, end = {groups('size0')};",
     ]
     for k in range(1, slots):
-        assignments = " ".join([f"{name} = {name}{k};" for name in arrays] + [f"{name} = {name}_{k};" for name in own])
-        pick.append(
-            f"if (group >= end) {{ begin = end; end += (size{k} + {per_group - 1}) / {per_group}; "
-            f"size = size{k}; {assignments} }}"
-        )
-    pick.append(f"const long c = i - begin * {geo.local_size};")
-    if geo.width == 1:
-        update = f"if (c < size) {{ {call('update_scalar', 1, 'c')} }}"
-    else:
-        update = f"""
-            const long first = c * {geo.width};
-            if (first + {geo.width} <= size) {{
-                {call("update_vector", geo.width, "first")}
-            }} else {{
-                for (long j = first; j < size; ++j) {{
-                    {call("update_scalar", 1, "j")}
-                }}
-            }}"""
-    operation = "\n".join([*pick, update])
+        pick += [
+            f"const bool later{k} = group >= end;",
+            f"begin = later{k} ? end : begin;",
+            f"end = later{k} ? end + {groups(f'size{k}')} : end;",
+            f"size = later{k} ? size{k} : size;",
+            *(f"{name} = later{k} ? {name}{k} : {name};" for name in arrays),
+            *(f"{name} = later{k} ? {name}_{k} : {name};" for name in own),
+        ]
+    if slots > 1:
+        pick.append("barrier(CLK_LOCAL_MEM_FENCE);")
+    state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
+    update_args = ["&param_v", "grad[c]", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
+    operation = [
+        f"const long c = i - begin * {local};",
+        "if (c < size) {",
+        f"{real} param_v = param[c];",
+        *state,
+        f"update({', '.join(update_args)});",
+        *(f"{name}[c] = {name}_v;" for name in ("param", *spec.buffers)),
+        "}",
+        # The launch has one work-item per index, so ElementwiseKernel's loop over
+        # indices runs once in each; saying so lets the compiler drop the loop.
+        "break;",
+    ]
     elementwise = ElementwiseKernel(
         context,
         arguments,
-        operation,
+        "\n".join(operation),
         name=f"netcl_{spec.source}_{slots}",
         preamble="\n".join(preamble),
+        loop_prep="\n".join(pick),
         options=list(_BUILD_OPTIONS),
     )
     kernel, _ = elementwise.get_kernel(use_range=False)

@@ -53,7 +53,8 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(
     queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = np.random.default_rng(8)
-    sizes = [1, 7, 64, 1000, 4099, 3, 20_000]
+    # 20 parameters: a launch of 16 and one of 4, each picking its arrays per work-group
+    sizes = [1, 7, 64, 1000, 4099, 3, 20_000, *(int(n) for n in rng.integers(1, 3000, 13))]
     starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(4)]
 
