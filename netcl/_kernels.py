@@ -222,8 +222,9 @@ class Launcher:
             for j, value in enumerate(scalars):
                 self.kernel.set_arg(first + j, fused.dtype.type(value))
             self.scalars = scalars
-        for k, values in enumerate(members):
-            self._set_member(k, values)
+        if fused.member_scalar_count:
+            for k, values in enumerate(members):
+                self._set_member(k, values)
         event: cl.Event = cl.enqueue_nd_range_kernel(
             queue,
             self.kernel,

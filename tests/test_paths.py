@@ -106,3 +106,55 @@ def test_state_is_never_picked_up_by_a_new_object(queue: cl.CommandQueue) -> Non
     newcomers = [Parameter(np.ones(3, np.float32)) for _ in range(1000)]
     assert all(id(p) != key for p in newcomers)
     assert id(opt.param_groups[0]["params"][0]) == key
+
+
+def _changing_run(kind: str, queue: cl.CommandQueue) -> list[bytes]:
+    """Steps between which every object a step is planned from changes, one at a time."""
+    make, get = MAKERS[kind]
+    rng = np.random.default_rng(12)
+
+    def array(n: int, scale: float = 1.0) -> Any:
+        return make(queue, (rng.standard_normal(n) * scale).astype(np.float32))
+
+    params = [Parameter(array(n), array(n)) for n in (5, 300, 7)]
+    opt = RMSProp(params, lr=1e-2)
+    out: list[bytes] = []
+
+    def step() -> None:
+        opt.step()
+        for p in opt.param_groups[0]["params"]:
+            out.append(get(p.data).tobytes())
+            out.extend(get(v).tobytes() for k, v in sorted(opt.state.get(id(p), {}).items()) if k != "step")
+
+    step()
+    step()  # the same objects: the last step's plan
+    params[1].grad = array(300)  # a new gradient array
+    step()
+    params[0].grad = None  # a parameter without a gradient is skipped
+    step()
+    params[0].grad = array(5)
+    step()
+    opt.state[id(params[2])]["square_avg"] = make(queue, np.full(7, 5.0, np.float32))  # a new state buffer
+    step()
+    saved = opt.state_dict()
+    newcomer = Parameter(array(11), array(11))
+    opt.param_groups[0]["params"].append(newcomer)  # the same list, one more parameter
+    step()
+    opt.param_groups[0]["momentum"] = 0.9  # another variant: a buffer more
+    step()
+    step()
+    opt.param_groups[0]["params"].pop()
+    opt.load_state_dict(saved)  # new state dicts and buffers
+    step()
+    params[2].data = array(7)  # a new parameter array
+    step()
+    return out
+
+
+def test_a_step_reuses_the_last_plan_only_while_nothing_changed(queue: cl.CommandQueue) -> None:
+    """The fused kernel (whose steps reuse their plan while the arrays stay the same)
+    and the array-API path (which plans every step) agree bit for bit through changes
+    of every object a plan is made from."""
+    fused = _changing_run("pyopencl", queue)
+    assert fused == _changing_run("numpy", queue)
+    assert fused == _changing_run("array_api_strict", queue)

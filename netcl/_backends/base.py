@@ -92,5 +92,7 @@ class Backend(ABC):
         """Update every parameter in `work` by `step` (in place where the array allows).
 
         `cache` belongs to the calling optimizer and this backend, and lasts from one step
-        to the next: what the backend keeps there to make the next step cheaper.
+        to the next: what the backend keeps there to make the next step cheaper. A step
+        that passes the very `work` list of an earlier step passes the same arrays,
+        gradients and state buffers (only each item's `member` scalars may differ).
         """

@@ -204,14 +204,16 @@ class OpenCLBackend(Backend):
         order given. The launches are prepared once and kept in `cache` until a step
         brings other arrays, so a training loop's step only enqueues them.
         """
-        ids = tuple(
-            id(x) for item in work for x in (item.data, item.grad, *(item.state[name] for name in step.buffers))
-        )
         prepared = cache.get("prepared")
-        if not isinstance(prepared, _Prepared) or prepared.ids != ids or prepared.spec != step.kernel:
-            old = prepared.launchers if isinstance(prepared, _Prepared) else {}
-            prepared = _Prepared(ids, step, work, old)
-            cache["prepared"] = prepared
+        if not isinstance(prepared, _Prepared) or prepared.work is not work or prepared.spec != step.kernel:
+            ids = tuple(
+                id(x) for item in work for x in (item.data, item.grad, *(item.state[name] for name in step.buffers))
+            )
+            if not isinstance(prepared, _Prepared) or prepared.ids != ids or prepared.spec != step.kernel:
+                old = prepared.launchers if isinstance(prepared, _Prepared) else {}
+                prepared = _Prepared(ids, step, work, old)
+                cache["prepared"] = prepared
+            prepared.work = work
         prepared.run(step.scalars, [item.member for item in work])
 
 
@@ -225,6 +227,9 @@ class _Prepared:
 
     def __init__(self, ids: tuple[int, ...], step: Step, work: Sequence[Work], old: dict[Hashable, Launcher]) -> None:
         self.ids = ids
+        self.work = work
+        """The list of work this plan last ran: the optimizer passes the same list object
+        again only with the same arrays (see `Optimizer._plan`)."""
         self.spec = step.kernel
         batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[Member]] = {}
         positions: dict[int, int] = {}  # id(member) -> its item's place in `work`
@@ -237,7 +242,7 @@ class _Prepared:
                 positions[id(member)] = place
                 batches.setdefault((data.queue, np.dtype(data.dtype)), []).append(member)
         self.launchers: dict[Hashable, Launcher] = {}
-        self.launches: list[tuple[cl.CommandQueue, Launcher, list[Any], list[int]]] = []
+        self.launches: list[_Launch] = []
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
             limit = max_slots(facts.device, step.kernel)
@@ -251,15 +256,42 @@ class _Prepared:
                 launcher.bind(chunk)
                 self.launchers[key] = launcher
                 touched = [x for m in chunk for x in (m.arrays[:2] if facts.in_order else m.arrays)]
-                self.launches.append((queue, launcher, touched, [positions[id(m)] for m in chunk]))
+                self.launches.append(
+                    _Launch(
+                        queue,
+                        launcher,
+                        [x for x in touched if isinstance(x, cl_array.Array)],
+                        [x for x in touched if not isinstance(x, cl_array.Array)],
+                        [positions[id(m)] for m in chunk],
+                    )
+                )
 
     def run(self, scalars: tuple[float, ...], members: Sequence[tuple[float, ...]]) -> None:
         """Enqueue every launch; `members` are the parameters' own scalars, in work order."""
-        for queue, launcher, touched, places in self.launches:
-            wait_for = [event for x in touched for event in _events(x)]
-            event = launcher.run(queue, scalars, [members[k] for k in places], wait_for)
-            for x in touched:
+        for launch in self.launches:
+            # each event once: the arrays of a launch often wait for the same one
+            waits = dict.fromkeys(event for x in launch.arrays for event in x.events)
+            for x in launch.others:
+                waits.update(dict.fromkeys(_events(x)))
+            own = [members[k] for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
+            event = launch.launcher.run(launch.queue, scalars, own, list(waits))
+            for x in launch.arrays:
+                x.events = [event]
+            for x in launch.others:
                 _record(x, event)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One enqueue of a step: its kernel and the arrays whose events it waits for and
+    records its own on (pyopencl arrays, and other objects exposing buffers)."""
+
+    queue: cl.CommandQueue
+    launcher: Launcher
+    arrays: list[cl_array.Array]
+    others: list[Any]
+    places: list[int]
+    """Where each parameter of the launch is in the step's work."""
 
 
 def _check_match(data: Any, other: Any, where: str) -> None:

@@ -64,6 +64,47 @@ class _Checked:
         return True
 
 
+class _Plan:
+    """One param group's work at a step, and what it was made from.
+
+    Once a step has run it, `settled` records each state dict's buffers; the next step
+    takes the same plan (the same `Work` lists, so backends keep their prepared
+    launches) if `holds`: the group's parameters, their arrays, gradients, state dicts
+    and buffers are the very same objects, and the variant needs the same buffers.
+    """
+
+    __slots__ = ("batches", "buffers", "entries", "kept", "params")
+
+    def __init__(self, params: list[Any]) -> None:
+        self.params = params
+        self.entries: list[tuple[Any, object, object, MutableMapping[str, Any] | None]] = []
+        self.batches: dict[Backend, list[Work]] = {}
+        self.buffers: tuple[str, ...] = ()
+        self.kept: list[tuple[tuple[str, object], ...]] = []
+
+    def settled(self, buffers: tuple[str, ...]) -> _Plan:
+        self.buffers = buffers
+        self.kept = [
+            tuple((name, value) for name, value in state.items() if name != "step") if state is not None else ()
+            for _, _, _, state in self.entries
+        ]
+        return self
+
+    def holds(self, params: list[Any], states: Mapping[int, object], buffers: tuple[str, ...]) -> bool:
+        if params is not self.params or len(params) != len(self.entries) or buffers != self.buffers:
+            return False
+        for param, (known, data, grad, state), kept in zip(params, self.entries, self.kept, strict=True):
+            if param is not known or param.data is not data or param.grad is not grad:
+                return False
+            if state is not None:
+                if states.get(id(param)) is not state or len(state) != len(kept) + 1:
+                    return False
+                for name, value in kept:
+                    if state.get(name) is not value:
+                        return False
+        return True
+
+
 def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
     return hasattr(x, "data") and hasattr(x, "grad")
 
@@ -95,6 +136,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def __init__(self, params: Iterable[ParameterLike | GroupInputT], defaults: Mapping[str, object]) -> None:
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
+        self._plans: dict[int, _Plan] = {}
         self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
         self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
         self._check_combination(self.defaults, "")
@@ -182,29 +224,46 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 raise TypeError(f"closure must be callable, got {describe(closure)}")
             loss = closure()
         with self._lock:
-            plan = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
-            for index, (step, batches) in enumerate(plan):
-                for backend, work in batches.items():
+            plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+            for index, (step, plan, known) in enumerate(plans):
+                for backend, work in plan.batches.items():
                     for item in work:
-                        self.state[id(item.param)] = cast(StateT, item.state)
                         item.state["step"] += 1
-                        fresh = frozenset(name for name in step.buffers if name not in item.state)
-                        for name in fresh:
-                            item.state[name] = backend.zeros_like(item.data)
+                        fresh: frozenset[str] = frozenset()
+                        if not known:
+                            self.state[id(item.param)] = cast(StateT, item.state)
+                            fresh = frozenset(name for name in step.buffers if name not in item.state)
+                            for name in fresh:
+                                item.state[name] = backend.zeros_like(item.data)
                         if self.rule.member_scalars is not None:
                             item.member = self.rule.member_scalars(step.hyper, item.state["step"], fresh)
                     backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}))
+                if known:
+                    continue
+                if all(backend.stable for backend in plan.batches):
+                    self._plans[index] = plan.settled(step.buffers)
+                else:
+                    self._plans.pop(index, None)
         return loss
 
-    def _plan(self, index: int, group: GroupT) -> tuple[Step, dict[Backend, list[Work]]]:
-        """Check one group's parameters for this step; change nothing."""
+    def _plan(self, index: int, group: GroupT) -> tuple[Step, _Plan, bool]:
+        """Check one group's parameters for this step; change nothing.
+
+        Returns the step, the plan of its work, and whether that plan is the last step's
+        (the same parameters with the same arrays, gradients and state buffers, all of
+        kinds that cannot change what was checked): then nothing needs checking.
+        """
         step = Step(self.rule, self._hyper(group))
-        batches: dict[Backend, list[Work]] = {}
+        known = self._plans.get(index)
+        if known is not None and known.holds(group["params"], self.state, step.buffers):
+            return step, known, True
+        plan = _Plan(group["params"])
         for k, param in enumerate(group["params"]):
             grad = param.grad
-            if grad is None:
-                continue
             data = param.data
+            if grad is None:
+                plan.entries.append((param, data, None, None))
+                continue
             state = cast("MutableMapping[str, Any] | None", self.state.get(id(param)))
             if state is None:
                 state = {"step": 0}
@@ -215,8 +274,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 backend = self._check(f"param_groups[{index}]['params'][{k}]", data, grad, state)
                 if backend.stable:
                     self._checked[id(param)] = _Checked(data, grad, state, backend)
-            batches.setdefault(backend, []).append(Work(param, data, grad, state))
-        return step, batches
+            plan.entries.append((param, data, grad, state))
+            plan.batches.setdefault(backend, []).append(Work(param, data, grad, state))
+        return step, plan, False
 
     def _check(self, at: str, data: Any, grad: Any, state: Mapping[str, Any]) -> Backend:
         """Check a parameter's array, gradient and state buffers; return their backend."""
