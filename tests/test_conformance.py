@@ -131,3 +131,25 @@ def test_torch_module_parameters(rng: np.random.Generator) -> None:
             opt.step()
     for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_schedule_set_between_steps_is_followed_like_torch(queue: Any, rng: np.random.Generator) -> None:
+    """Hyperparameters changed in `param_groups` between steps (a learning-rate schedule;
+    the same value set again as another object; an unchanged value) apply from the next
+    step, as in torch."""
+    import pyopencl.array as cl_array
+
+    p0, grads = well_conditioned(rng, (6, 9), np.float32, maximize=False, steps=8)
+    param = Parameter(cl_array.to_device(queue, p0))
+    optimizer = RMSProp([param], lr=LR)
+    twin = torch.tensor(p0, requires_grad=True)
+    torch_optimizer = torch.optim.RMSprop([twin], lr=LR)
+    schedule = [(1e-3, 0.99), (1e-3, 0.99), (2e-3, 0.99), (float("2e-3"), 0.9), (5e-4, 0.9), (5e-4, 0.95)]
+    for grad, (lr, alpha) in zip(grads, [*schedule, schedule[-1], schedule[-1]], strict=True):
+        for group in (optimizer.param_groups[0], torch_optimizer.param_groups[0]):
+            group["lr"], group["alpha"] = lr, alpha
+        param.grad = cl_array.to_device(queue, grad)
+        optimizer.step()
+        twin.grad = torch.tensor(grad)
+        torch_optimizer.step()
+        np.testing.assert_allclose(param.data.get(), twin.detach().numpy(), rtol=rtol(np.float32), atol=0)

@@ -205,7 +205,7 @@ class OpenCLBackend(Backend):
         brings other arrays, so a training loop's step only enqueues them.
         """
         prepared = cache.get("prepared")
-        if not isinstance(prepared, _Prepared) or prepared.work is not work or prepared.spec != step.kernel:
+        if not isinstance(prepared, _Prepared) or prepared.work is not work or prepared.spec is not step.kernel:
             ids = tuple(
                 id(x) for item in work for x in (item.data, item.grad, *(item.state[name] for name in step.buffers))
             )
@@ -213,7 +213,7 @@ class OpenCLBackend(Backend):
                 old = prepared.launchers if isinstance(prepared, _Prepared) else {}
                 prepared = _Prepared(ids, step, work, old)
                 cache["prepared"] = prepared
-            prepared.work = work
+            prepared.work, prepared.spec = work, step.kernel
         prepared.run(step.scalars, [item.member for item in work])
 
 

@@ -137,6 +137,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
         self._plans: dict[int, _Plan] = {}
+        self._steps: dict[int, tuple[list[object], Step]] = {}
         self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
         self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
         self._check_combination(self.defaults, "")
@@ -246,6 +247,17 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     self._plans.pop(index, None)
         return loss
 
+    def _step_of(self, index: int, group: GroupT) -> Step:
+        """The group's `Step` for its hyperparameters: the last one while each value is
+        the very same object (a `Step` depends on nothing else)."""
+        values = [group[name] for name in self.hyperparameters]
+        last = self._steps.get(index)
+        if last is not None and all(a is b for a, b in zip(values, last[0], strict=True)):
+            return last[1]
+        step = Step(self.rule, dict(zip(self.hyperparameters, values, strict=True)))
+        self._steps[index] = (values, step)
+        return step
+
     def _plan(self, index: int, group: GroupT) -> tuple[Step, _Plan, bool]:
         """Check one group's parameters for this step; change nothing.
 
@@ -253,7 +265,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         (the same parameters with the same arrays, gradients and state buffers, all of
         kinds that cannot change what was checked): then nothing needs checking.
         """
-        step = Step(self.rule, self._hyper(group))
+        step = self._step_of(index, group)
         known = self._plans.get(index)
         if known is not None and known.holds(group["params"], self.state, step.buffers):
             return step, known, True
