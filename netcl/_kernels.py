@@ -323,7 +323,9 @@ def _fused_kernel(
     state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
     update_args = ["&param_v", "grad[c]", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
     operation = [
-        f"const long c = i - begin * {local};",
+        # (from the global id, which is a size_t, rather than ElementwiseKernel's `i`,
+        # whose int arithmetic would overflow beyond 2**31 values)
+        f"const long c = (long)get_global_id(0) - begin * {local};",
         "if (c < size) {",
         f"{real} param_v = param[c];",
         *state,
