@@ -32,3 +32,11 @@ def test_bad_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         bench.main([*argv, "--quiet"])
     assert caught.value.code == 2
+
+
+def test_kernel_costs_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests import kernel_costs
+
+    kernel_costs.main(["--size", "5000", "--rounds", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in [*kernel_costs.BODIES, "netcl step()"]]
