@@ -81,7 +81,7 @@ class ArrayAPIBackend(Backend):
     def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
         """Large contiguous host arrays go to the fused kernel on a CPU OpenCL device
         (bit-identical results); the rest are updated with the reference maths."""
-        for item in update_on_host(step, work):
+        for item in update_on_host(step, work, cache):
             data = item.data
             xp = _namespace(data, item.grad)
             buffers = {name: item.state[name] for name in step.buffers}

@@ -15,7 +15,7 @@ before `step()` returns.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy.typing as npt
 import pyopencl as cl
 
 from netcl._backends.base import SUPPORTED_DTYPES, Work
-from netcl._kernels import Member, fused_kernel, max_slots
+from netcl._kernels import Launcher, Member, fused_kernel, max_slots
 from netcl._update import Step
 
 __all__ = ["HOST_MIN_SIZE", "host_queue", "update_on_host"]
@@ -80,9 +80,10 @@ class _Wrapped:
         self.offset = 0
 
 
-def update_on_host(step: Step, work: Sequence[Work]) -> list[Work]:
+def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> list[Work]:
     """Update the items of `work` that the fused kernel can take on the host device;
-    return the others, for the array-API path."""
+    return the others, for the array-API path. `cache` keeps the launches' kernel
+    objects from one step to the next (the caller's, as `Backend.apply` has it)."""
     queue = host_queue()
     if queue is None:
         return list(work)
@@ -98,12 +99,15 @@ def update_on_host(step: Step, work: Sequence[Work]) -> list[Work]:
         else:
             rest.append(item)
     if taken:
-        _launch(queue, step, taken)
+        _launch(queue, step, taken, cache)
     return rest
 
 
 def _launch(
-    queue: cl.CommandQueue, step: Step, arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]
+    queue: cl.CommandQueue,
+    step: Step,
+    arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]],
+    cache: MutableMapping[Hashable, Any],
 ) -> None:
     context, device = queue.context, queue.device
     by_dtype: dict[np.dtype[Any], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]] = {}
@@ -121,7 +125,11 @@ def _launch(
                     wrapped += buffers
                     members.append(Member(buffers, views[0].size))
                 slots = next(k for k in (1, 2, 4, 8, 16) if k >= len(members))
-                launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
+                key = ("host launch", context, dtype, step.kernel, slots, start)
+                launcher = cache.get(key)
+                if not isinstance(launcher, Launcher):
+                    launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
+                    cache[key] = launcher
                 launcher.bind(members)
                 kernel_event = launcher.run(queue, step.scalars, [own for _, own in chunk], [])
                 for member in members:
