@@ -258,7 +258,19 @@ def fused_kernel(
 def _fused_kernel(
     context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
 ) -> FusedKernel:
-    geo = geometry(device, dtype)
+    fused = _build(context, device, dtype, spec, slots, geometry(device, dtype))
+    kernel = cl.Kernel(fused.program, fused.name)
+    most = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device))
+    if most < fused.geometry.local_size:
+        # a driver that cannot run this kernel in groups that large: the largest power
+        # of two it can (the group size is part of the kernel's source)
+        fused = _build(context, device, dtype, spec, slots, Geometry(local_size=1 << (most.bit_length() - 1)))
+    return fused
+
+
+def _build(
+    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int, geo: Geometry
+) -> FusedKernel:
     real = dtype_to_ctype(dtype)
     scalars = [f"s{k}" for k in range(spec.scalar_count)]
     arrays = ("param", "grad", *spec.buffers)

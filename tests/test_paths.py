@@ -158,3 +158,33 @@ def test_a_step_reuses_the_last_plan_only_while_nothing_changed(queue: cl.Comman
     fused = _changing_run("pyopencl", queue)
     assert fused == _changing_run("numpy", queue)
     assert fused == _changing_run("array_api_strict", queue)
+
+
+def test_a_group_size_the_kernel_cannot_run_falls_back(queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked for work-groups larger than the driver runs the kernel in, the builder
+    rebuilds it with the largest power of two it can; results are the same bits."""
+    import netcl._kernels as kernels
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 70_000, 999]
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+
+    def run(q: cl.CommandQueue) -> tuple[list[bytes], list[int]]:
+        params = [
+            Parameter(cl_array.to_device(q, s), cl_array.to_device(q, g)) for s, g in zip(starts, grads, strict=True)
+        ]
+        opt = RMSProp(params, lr=1e-2, centered=True)
+        opt.step()
+        opt.step()
+        (cache,) = opt._launch_cache.values()
+        groups = [launch.launcher.fused.geometry.local_size for launch in cache["prepared"].launches]
+        return [p.data.get().tobytes() for p in params], groups
+
+    expected, _ = run(queue)
+    too_large = 2 * queue.device.max_work_group_size
+    monkeypatch.setattr(kernels, "geometry", lambda device, dtype: kernels.Geometry(local_size=too_large))
+    fresh = cl.CommandQueue(cl.Context([queue.device]))  # kernels are built once per context
+    got, groups = run(fresh)
+    assert got == expected
+    assert groups and all(n <= fresh.device.max_work_group_size for n in groups)
