@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import array_api_strict
@@ -241,7 +242,7 @@ def test_repr_lists_groups() -> None:
 
 
 def test_after_the_first_step_nothing_is_allocated_or_rebuilt(
-    queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+    queue: cl.CommandQueue, count_makes: Callable[[], list[str]]
 ) -> None:
     """State buffers and launch kernels are made once; later steps only enqueue."""
     params = [
@@ -250,20 +251,7 @@ def test_after_the_first_step_nothing_is_allocated_or_rebuilt(
     ]
     opt = RMSProp(params, lr=0.01, momentum=0.9, centered=True)
     opt.step()
-    made: list[str] = []
-    zeros, kernel = cl_array.zeros, cl.Kernel
-
-    def counting_zeros(*args: Any, **kwargs: Any) -> Any:
-        made.append("state buffer")
-        return zeros(*args, **kwargs)
-
-    def counting_kernel(*args: Any, **kwargs: Any) -> Any:
-        made.append("kernel object")
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(cl_array, "zeros", counting_zeros)
-    monkeypatch.setattr(cl, "Kernel", counting_kernel)
-    monkeypatch.setattr(cl.Program, "build", lambda *a, **k: made.append("build"))
+    made = count_makes()
     for lr in (0.01, 0.005, 0.002):
         opt.param_groups[0]["lr"] = lr
         opt.step()
