@@ -40,6 +40,7 @@ __all__ = [
     "group_count",
     "kernel_source",
     "max_slots",
+    "slots_for",
 ]
 
 _CHECKOUT_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -118,6 +119,12 @@ _BUILD_OPTIONS = (
 )
 
 _SLOT_COUNTS = (1, 2, 4, 8, 16)
+
+
+def slots_for(count: int) -> int:
+    """The kernel that takes `count` parameters (at most `max_slots`): the smallest of
+    the built slot counts that holds them, so few kernels are ever built."""
+    return next(n for n in _SLOT_COUNTS if n >= count)
 
 
 @functools.cache

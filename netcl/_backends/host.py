@@ -23,7 +23,7 @@ import numpy.typing as npt
 import pyopencl as cl
 
 from netcl._backends.base import SUPPORTED_DTYPES, Work
-from netcl._kernels import Launcher, Member, fused_kernel, max_slots
+from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
 __all__ = ["HOST_MIN_SIZE", "host_queue", "update_on_host"]
@@ -124,7 +124,7 @@ def _launch(
                     buffers = tuple(_Wrapped(context, v) for v in views)
                     wrapped += buffers
                     members.append(Member(buffers, views[0].size))
-                slots = next(k for k in (1, 2, 4, 8, 16) if k >= len(members))
+                slots = slots_for(len(members))
                 key = ("host launch", context, dtype, step.kernel, slots, start)
                 launcher = cache.get(key)
                 if not isinstance(launcher, Launcher):

@@ -19,7 +19,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from netcl._backends.base import SUPPORTED_DTYPES, Backend, Work, check_same_shape, describe
-from netcl._kernels import Launcher, Member, fused_kernel, max_slots
+from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
 __all__ = ["OPENCL", "OpenCLBackend", "is_opencl"]
@@ -248,7 +248,7 @@ class _Prepared:
             limit = max_slots(facts.device, step.kernel)
             for n, start in enumerate(range(0, len(members), limit)):
                 chunk = members[start : start + limit]
-                slots = next(k for k in (1, 2, 4, 8, 16) if k >= len(chunk))
+                slots = slots_for(len(chunk))
                 key = (queue, dtype, step.kernel, slots, n)
                 launcher = old.get(key)
                 if launcher is None:
