@@ -83,8 +83,8 @@ class Geometry:
     """Work-items per work-group."""
 
 
-def geometry(device: cl.Device, dtype: np.dtype[Any]) -> Geometry:
-    """The launch geometry of the fused kernel on `device` for `dtype`.
+def geometry(device: cl.Device) -> Geometry:
+    """The launch geometry of the fused kernel on `device` (the same for every dtype).
 
     One work-item per value on every device, so that neighbouring work-items touch
     neighbouring values: a GPU coalesces their loads, and PoCL's CPU device runs a
@@ -265,7 +265,7 @@ def fused_kernel(
 def _fused_kernel(
     context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
 ) -> FusedKernel:
-    fused = _build(context, device, dtype, spec, slots, geometry(device, dtype))
+    fused = _build(context, device, dtype, spec, slots, geometry(device))
     kernel = cl.Kernel(fused.program, fused.name)
     most = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device))
     if most < fused.geometry.local_size:

@@ -183,7 +183,7 @@ def test_a_group_size_the_kernel_cannot_run_falls_back(queue: cl.CommandQueue, m
 
     expected, _ = run(queue)
     too_large = 2 * queue.device.max_work_group_size
-    monkeypatch.setattr(kernels, "geometry", lambda device, dtype: kernels.Geometry(local_size=too_large))
+    monkeypatch.setattr(kernels, "geometry", lambda device: kernels.Geometry(local_size=too_large))
     fresh = cl.CommandQueue(cl.Context([queue.device]))  # kernels are built once per context
     got, groups = run(fresh)
     assert got == expected
