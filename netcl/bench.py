@@ -317,8 +317,8 @@ def run(
     return rows
 
 
-def table(rows: Sequence[Row]) -> str:
-    """The rows as a text table of medians and ratios."""
+def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
+    """The rows as a table of medians and ratios: aligned text, or Markdown."""
     header = (
         "case",
         "dtype",
@@ -326,6 +326,7 @@ def table(rows: Sequence[Row]) -> str:
         "values",
         "netcl ms",
         "floor ms",
+        "floor GB/s",
         "netcl/floor",
         "torch ms",
         "torch/netcl",
@@ -340,6 +341,11 @@ def table(rows: Sequence[Row]) -> str:
     def ratio(value: float | None) -> str:
         return f"{value:.2f}" if value is not None else "-"
 
+    def bandwidth(row: Row) -> str:
+        # the bytes a step moves over the floor's time: what the memory gave at these sizes
+        floor = row.median_ms.get("floor")
+        return f"{row.bytes_per_step / floor / 1e6:.3g}" if floor else "-"
+
     for row in rows:
         values = f"{row.size:,}" + (f" in {row.params}" if row.params > 1 else "")
         lines.append(
@@ -350,6 +356,7 @@ def table(rows: Sequence[Row]) -> str:
                 values,
                 ms(row, "netcl"),
                 ms(row, "floor"),
+                bandwidth(row),
                 ratio(row.ratio("netcl", "floor")),
                 ms(row, "torch"),
                 ratio(row.ratio("torch", "netcl")),
@@ -357,6 +364,9 @@ def table(rows: Sequence[Row]) -> str:
                 ratio(row.ratio("numpy", "netcl")),
             )
         )
+    if markdown:
+        rule = tuple("---" if k < 4 else "---:" for k in range(len(header)))  # text, then figures
+        return "\n".join(f"| {' | '.join(line)} |" for line in [header, rule, *lines[1:]])
     widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
@@ -426,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of time per step against size")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only checks it works")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -452,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device = describe_device(queue)
     print(f"device: {device}")
-    print(table(rows))
+    print(table(rows, markdown=args.markdown))
     if args.json:
         meta = {
             "device": device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,17 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_table_gives_the_bandwidth_the_floor_reached_as_text_or_markdown() -> None:
+    # 20 MB moved per step, the floor in 1 ms: 20 GB/s
+    row = bench.Row("single", "float32", "plain", 10**6, 1, 20 * 10**6, {"netcl": 1.5, "floor": 1.0})
+    header, line = (re.split(r"\s{2,}", text.strip()) for text in bench.table([row]).splitlines())
+    cells = dict(zip(header, line, strict=True))
+    assert cells["floor GB/s"] == "20" and cells["netcl/floor"] == "1.50" and cells["torch ms"] == "-"
+    header_md, rule, line_md = bench.table([row], markdown=True).splitlines()
+    assert header_md == f"| {' | '.join(header)} |" and line_md == f"| {' | '.join(line)} |"
+    assert rule == "| --- | --- | --- | --- |" + " ---: |" * (len(header) - 4)
+
+
 @pytest.mark.parametrize(
     "argv", [["--sizes", "abc"], ["--sizes", "0"], ["--dtypes", "int8"], ["--variants", "nesterov"]]
 )
@@ -40,3 +52,4 @@ def test_kernel_costs_runs(capsys: pytest.CaptureFixture[str]) -> None:
     kernel_costs.main(["--size", "5000", "--rounds", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in [*kernel_costs.BODIES, "netcl step()"]]
+
