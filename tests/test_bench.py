@@ -53,3 +53,17 @@ def test_kernel_costs_runs(capsys: pytest.CaptureFixture[str]) -> None:
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in [*kernel_costs.BODIES, "netcl step()"]]
 
+
+def test_kernel_costs_of_many_parameters_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests import kernel_costs
+
+    kernel_costs.main(["--many", "40", "--rounds", "2"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row[0] for row in rows] == [
+        "| floor (one buffer, same bytes)",
+        "| one parameter, 1 launch",
+        "| one parameter, 3 launches",  # 40 parameters take 3 launches of at most 16
+        "| 40 parameters, their 3 launches",
+        "| 40 parameters, step()",
+    ]
+    assert all(float(row[1]) > 0 for row in rows)
