@@ -26,6 +26,13 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_only_the_chosen_variants_and_dtypes_are_run(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--quiet", "--variants", "adam", "--json", str(out_json)]) == 0
+    cases = {(row["case"], row["dtype"], row["variant"]) for row in json.loads(out_json.read_text())["rows"]}
+    assert cases == {("single", "float32", "adam"), ("single", "float64", "adam")}
+
+
 def test_table_gives_the_bandwidth_the_floor_reached_as_text_or_markdown() -> None:
     # 20 MB moved per step, the floor in 1 ms: 20 GB/s
     row = bench.Row("single", "float32", "plain", 10**6, 1, 20 * 10**6, {"netcl": 1.5, "floor": 1.0})
