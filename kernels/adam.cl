@@ -7,9 +7,10 @@
  *
  * The order of operations is torch.optim.Adam's (the first moment is torch's lerp);
  * netcl/optim/adam.py writes the same. An element whose gradient is NaN or infinite is
- * left as it was, state included, and the second moment saturates at REAL_MAX.
+ * left as it was, state included (`update` returns false), and the second moment
+ * saturates at REAL_MAX.
  */
-inline void update(
+inline bool update(
     real *param, real grad,
     real *exp_avg, real *exp_avg_sq, real *max_exp_avg_sq,
     real weight, real beta1, real beta2, real one_minus_beta2, real eps,
@@ -44,11 +45,11 @@ inline void update(
 #endif
     p = p + (-step_size) * (m / denom);
 
-    const real unchanged = *param;
-    *param = FINITE(g) ? p : unchanged;
-    *exp_avg = FINITE(g) ? m : m0;
-    *exp_avg_sq = FINITE(g) ? v : *exp_avg_sq;
+    *param = p;
+    *exp_avg = m;
+    *exp_avg_sq = v;
 #if AMSGRAD
-    *max_exp_avg_sq = FINITE(g) ? vmax : *max_exp_avg_sq;
+    *max_exp_avg_sq = vmax;
 #endif
+    return FINITE(g);
 }

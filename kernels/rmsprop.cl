@@ -1,7 +1,8 @@
 /* RMSProp: the update of one element.
  *
  * netcl's kernel builder (netcl/_kernels.py) puts this file in front of the kernel,
- * which calls `update` once per element, after defining `real` (the parameter's type,
+ * which calls `update` once per element with private copies of its values, and writes
+ * them back only where `update` returns true. Before this file it defines `real` (the parameter's type,
  * float or double), `REAL_MAX` (its largest finite value), `FINITE(x)` (x is neither
  * infinite nor NaN, tested on its exponent bits, cheaper than PoCL's `isfinite`) and
  * `SQRT(x)` (the correctly rounded square root).
@@ -16,14 +17,16 @@
  *
  * Extreme values (where torch would freeze a parameter or write NaN), with selects
  * rather than fmin/fmax/clamp, whose NaN rules cost a third of the step on PoCL:
- * - an element whose gradient is NaN or infinite is left as it was, state included;
+ * - an element whose gradient is NaN or infinite is left as it was, state included
+ *   (`update` returns false: the kernel does not write it, and SIMD code stores the
+ *   others under a mask instead of blending old and new values);
  * - v saturates at REAL_MAX instead of overflowing to infinity, so it decays again;
  * - without centering, g / (sqrt(v) + eps) is clamped to +-clip = 1 / sqrt(1 - alpha),
  *   the bound it has in exact arithmetic (v >= (1 - alpha) * g^2), so a step moves a
  *   parameter by at most lr * clip / (1 - momentum);
  * - with centering, v - m^2 below zero (rounding) counts as zero.
  */
-inline void update(
+inline bool update(
     real *param, real grad,
     real *square_avg, real *momentum_buffer, real *grad_avg,
     real lr, real alpha, real one_minus_alpha, real eps,
@@ -64,14 +67,14 @@ inline void update(
     real p = *param + (-lr) * u;
 #endif
 
-    /* write back only where the gradient was finite */
-    const real unchanged = *param;
-    *param = FINITE(g) ? p : unchanged;
-    *square_avg = FINITE(g) ? v : *square_avg;
+    *param = p;
+    *square_avg = v;
 #if CENTERED
-    *grad_avg = FINITE(g) ? m : *grad_avg;
+    *grad_avg = m;
 #endif
 #if MOMENTUM
-    *momentum_buffer = FINITE(g) ? b : *momentum_buffer;
+    *momentum_buffer = b;
 #endif
+    /* written back only where the gradient was finite */
+    return FINITE(g);
 }

@@ -6,9 +6,10 @@
  * which torch starts as a copy of the gradient, not from zero.
  *
  * The order of operations is torch.optim.SGD's; netcl/optim/sgd.py writes the same.
- * An element whose gradient is NaN or infinite is left as it was, state included.
+ * An element whose gradient is NaN or infinite is left as it was, state included
+ * (`update` returns false).
  */
-inline void update(
+inline bool update(
     real *param, real grad, real *momentum_buffer,
     real lr, real momentum, real one_minus_dampening, real weight_decay,
     real first)
@@ -35,9 +36,9 @@ inline void update(
     /* param -= lr * d */
     const real p = *param + (-lr) * d;
 
-    const real unchanged = *param;
-    *param = FINITE(g) ? p : unchanged;
+    *param = p;
 #if MOMENTUM
-    *momentum_buffer = FINITE(g) ? b : *momentum_buffer;
+    *momentum_buffer = b;
 #endif
+    return FINITE(g);
 }

@@ -365,8 +365,12 @@ def _build(
         "if (c < size) {",
         f"{real} param_v = param[c];",
         *state,
-        f"update({', '.join(update_args)});",
+        # written back only where `update` says so (not where the gradient is NaN or
+        # infinite): PoCL's SIMD code then stores under a mask rather than blending
+        # old and new values, a tenth faster from cache
+        f"if (update({', '.join(update_args)})) {{",
         *(f"{name}[c] = {name}_v;" for name in ("param", *spec.buffers)),
+        "}",
         "}",
         "break;",
     ]

@@ -40,7 +40,7 @@ SATURATE = "v = (v < FLT_MAX) ? v : FLT_MAX;"
 CLAMP = "u = (u > clip) ? clip : u; u = (u < -clip) ? -clip : u;"
 FINITE = "const int f = (as_int(g) & 0x7f800000) != 0x7f800000;"
 STORE = "V[i] = v; P[i] = p0 + (-lr) * u;"
-STORE_FINITE = "V[i] = f ? v : v0; P[i] = f ? p0 + (-lr) * u : p0;"
+STORE_FINITE = "if (f) { V[i] = v; P[i] = p0 + (-lr) * u; }"
 
 BODIES = {
     "floor (p += g, v += g)": "P[i] = p0 + g; V[i] = v0 + g;",
