@@ -120,7 +120,10 @@ class Floor:
             source = f"""{pragma}
             __kernel void floor_kernel({args}, long n) {{
                 long i = get_global_id(0);
-                if ((i + 1) * {width} <= n) {{ {load} {" ".join(body)} }}
+                /* as in netcl's kernel: a flag, the same for the whole work-group, that
+                   lets the compiler run full groups without the bound check */
+                const bool full = (long)(get_group_id(0) + 1) * get_local_size(0) * {width} <= n;
+                if (full || (i + 1) * {width} <= n) {{ {load} {" ".join(body)} }}
             }}"""
             kernel = cl.Kernel(cl.Program(self.queue.context, source).build(), "floor_kernel")
             kernel.set_scalar_arg_dtypes([None] * (2 + self.buffers) + [np.int64])

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                         float lr, float alpha, float oma, float eps, float clip)
         {{
             const long i = get_global_id(0);
-            if (i < n) {{ const float g = G[i]; const float p0 = P[i]; const float v0 = V[i]; {body} }}
+            const bool full = (long)(get_group_id(0) + 1) * get_local_size(0) <= n;
+            if (full || i < n) {{ const float g = G[i]; const float p0 = P[i]; const float v0 = V[i]; {body} }}
         }}"""
         built = cl.Program(queue.context, source).build(options=list(_BUILD_OPTIONS)).k
 
