@@ -6,8 +6,9 @@ Every case times its contenders side by side, in turns, in one run, and reports 
 
 * netcl: `RMSProp.step()` on pyopencl arrays, then `queue.finish()`;
 * floor: an OpenCL kernel that moves the same bytes as the step (reads the parameter, the
-  gradient and the state, writes the parameter and the state) with trivial arithmetic,
-  built with the best vector width and work-group size of several tried on the device;
+  gradient and the state, writes the parameter and the state; netcl's own arrays, but for
+  the many-parameter case) with trivial arithmetic, built with the best vector width and
+  work-group size of several tried on the device;
 * torch: `torch.optim.RMSprop(foreach=True)` on CPU tensors (when torch is installed);
 * numpy: the fewest in-place passes of numpy ufuncs that compute the step (plain variant).
 
@@ -209,22 +210,28 @@ def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
 
 def _netcl_step(
     queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any], variant: Variant
-) -> Callable[[], None]:
+) -> tuple[Callable[[], None], list[cl_array.Array]]:
+    """A timed netcl step over parameters of `sizes`, and the first one's arrays in the
+    floor kernel's order: its gradient, itself, then its state buffers (made by a first
+    step)."""
     rng = np.random.default_rng(0)
-    params = [
-        Parameter(
-            cl_array.to_device(queue, rng.random(n).astype(dtype)),
-            cl_array.to_device(queue, rng.random(n).astype(dtype)),
-        )
+    arrays = [
+        (cl_array.to_device(queue, rng.random(n).astype(dtype)), cl_array.to_device(queue, rng.random(n).astype(dtype)))
         for n in sizes
     ]
+    params = [Parameter(data, grad) for data, grad in arrays]
     optimizer = variant.optimizer(params, lr=LR, **variant.flags)
+    optimizer.step()
+    first = params[0]
+    state = [x for x in optimizer.state[id(first)].values() if isinstance(x, cl_array.Array)]
+    if len(state) != variant.buffers:
+        raise RuntimeError(f"{variant.torch_name} made {len(state)} state buffers, expected {variant.buffers}")
 
     def step() -> None:
         optimizer.step()
         queue.finish()
 
-    return step
+    return step, [arrays[0][1], arrays[0][0], *state]
 
 
 def _netcl_numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
@@ -294,7 +301,7 @@ def run(
         if case == "many":
             counts = np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), size)).astype(int)
             total = int(counts.sum())
-            contenders["netcl"] = _netcl_step(queue, counts.tolist(), dtype, chosen)
+            contenders["netcl"], _ = _netcl_step(queue, counts.tolist(), dtype, chosen)
             floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
             contenders["floor"] = floor.launcher(floor_arrays, total)
             torch_step = _torch_step(counts.tolist(), dtype, chosen)
@@ -305,9 +312,13 @@ def run(
             torch_step = None
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
         else:
-            contenders["netcl"] = _netcl_step(queue, [size], dtype, chosen)
-            floor_arrays = [cl_array.zeros(queue, size, dtype) for _ in range(2 + buffers)]
-            contenders["floor"] = floor.launcher(floor_arrays, size)
+            # The floor moves netcl's own arrays: at sizes whose arrays fit in the
+            # processor's cache, arrays of its own would be there more or less often
+            # than netcl's after the other contenders ran. (It adds the gradient to the
+            # parameter and its state: the values stay finite, and netcl's step takes
+            # as long on them.)
+            contenders["netcl"], arrays = _netcl_step(queue, [size], dtype, chosen)
+            contenders["floor"] = floor.launcher(arrays, size)
             torch_step = _torch_step(size, dtype, chosen)
             if variant == "plain":
                 contenders["numpy"] = _numpy_step(size, dtype)
