@@ -1,11 +1,11 @@
 /* RMSProp: the update of one element.
  *
  * netcl's kernel builder (netcl/_kernels.py) puts this file in front of the kernel,
- * which calls `update` once per element with private copies of its values, and writes
- * them back only where `update` returns true. Before this file it defines `real` (the parameter's type,
- * float or double), `REAL_MAX` (its largest finite value), `FINITE(x)` (x is neither
- * infinite nor NaN, tested on its exponent bits, cheaper than PoCL's `isfinite`) and
- * `SQRT(x)` (the correctly rounded square root).
+ * which calls `update` once per element with private copies of its values and writes
+ * them back only where `update` returns true. Before this file it defines `real` (the
+ * parameter's type, float or double), `REAL_MAX` (its largest finite value),
+ * `FINITE(x)` (x is neither infinite nor NaN, tested on its exponent bits, cheaper than
+ * PoCL's `isfinite`) and `SQRT(x)` (the correctly rounded square root).
  *
  * Variant flags, fixed at build time: MAXIMIZE, WEIGHT_DECAY, CENTERED, MOMENTUM.
  * State buffers that the variant does not use are passed as dummies and never read.
