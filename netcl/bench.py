@@ -41,7 +41,7 @@ from netcl.device import create_queue, describe_device
 from netcl.optim import SGD, Adam, AdamW, RMSProp
 from netcl.optim.optimizer import Optimizer
 
-__all__ = ["Row", "main", "run"]
+__all__ = ["Row", "main", "many_sizes", "run"]
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,12 @@ def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
     return step
 
 
+def many_sizes(count: int) -> list[int]:
+    """The sizes of the many-parameter case's `count` parameters: 64 to 20,000 values,
+    spread evenly on a log scale, the same in every run."""
+    return [int(n) for n in np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), count))]
+
+
 def _netcl_step(
     queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any], variant: Variant
 ) -> tuple[Callable[[], None], list[cl_array.Array]]:
@@ -299,12 +305,12 @@ def run(
         floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
         contenders: dict[str, Callable[[], None]] = {}
         if case == "many":
-            counts = np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), size)).astype(int)
-            total = int(counts.sum())
-            contenders["netcl"], _ = _netcl_step(queue, counts.tolist(), dtype, chosen)
+            counts = many_sizes(size)
+            total = sum(counts)
+            contenders["netcl"], _ = _netcl_step(queue, counts, dtype, chosen)
             floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
             contenders["floor"] = floor.launcher(floor_arrays, total)
-            torch_step = _torch_step(counts.tolist(), dtype, chosen)
+            torch_step = _torch_step(counts, dtype, chosen)
             row = Row(case, dtype_name, variant, total, size, _bytes(variant, total, dtype.itemsize))
         elif case == "numpy-params":
             contenders["netcl"] = _netcl_numpy_step(size, dtype)

@@ -31,7 +31,7 @@ import pyopencl.array as cl_array
 from netcl import Parameter
 from netcl._backends.opencl import _Launch, _Prepared
 from netcl._kernels import _BUILD_OPTIONS, geometry
-from netcl.bench import Floor, _time
+from netcl.bench import Floor, _time, many_sizes
 from netcl.optim import RMSProp
 
 ARITHMETIC = "float v = v0 * alpha + oma * (g * g);"
@@ -140,9 +140,9 @@ def many(queue: cl.CommandQueue, count: int, rounds: int) -> None:
             cl_array.to_device(queue, rng.random(n, dtype=np.float32)),
         )
 
-    sizes = np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), count)).astype(int)
-    total = int(sizes.sum())
-    optimizer = RMSProp([Parameter(*arrays(int(n))) for n in sizes], lr=1e-3)
+    sizes = many_sizes(count)
+    total = sum(sizes)
+    optimizer = RMSProp([Parameter(*arrays(n)) for n in sizes], lr=1e-3)
     optimizer.step()
     launches = len(_bound(optimizer))
     whole = RMSProp([Parameter(*arrays(total))], lr=1e-3)
