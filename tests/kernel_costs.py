@@ -1,15 +1,16 @@
-"""What each part of RMSProp's update costs in the fused kernel, against the floor.
+"""What each part of an optimizer's update costs in the fused kernel, against the floor.
 
-    python -m tests.kernel_costs [--size 1e7] [--rounds 31]
+    python -m tests.kernel_costs [--optimizer rmsprop|adam] [--size 1e7] [--rounds 31]
     python -m tests.kernel_costs --many 160 [--rounds 301]
 
 Times, in shuffled turns on the default OpenCL device, float32 kernels that all move the
-bytes of a plain RMSProp step (read p, g, v; write p, v) on the step's own arrays, one
-work-item per value in netcl's work-groups, built with netcl's build options: the floor
-(trivial arithmetic), the floor with two multiplies, the update's arithmetic without and
-then with its square root and division, then with each of netcl's extreme-value policies
-in turn, then all of them; and netcl's own `step()`. Prints medians, ratios to the floor
-and the bandwidth each reaches (20 bytes per value).
+bytes of the optimizer's plain step (RMSProp: read p, g, v, write p, v; Adam: read p, g,
+m, v, write p, m, v) on the step's own arrays, one work-item per value in netcl's
+work-groups, built with netcl's build options: the floor (trivial arithmetic), the floor
+with a multiply per written array, the update's arithmetic without and then with its
+square root and division, then with each of netcl's extreme-value policies (and, for
+Adam, torch's form of the first moment's lerp) in turn, then all of them; and netcl's own
+`step()`. Prints medians, ratios to the floor and the bandwidth each reaches.
 
 With `--many N`: what a step over the benchmark's N parameters of 64 to 20,000 values
 (each in its own buffer) costs beyond the floor for their total bytes: one parameter of
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -32,30 +34,79 @@ from netcl import Parameter
 from netcl._backends.opencl import _Launch, _Prepared
 from netcl._kernels import _BUILD_OPTIONS, geometry
 from netcl.bench import Floor, _time, many_sizes
-from netcl.optim import RMSProp
+from netcl.optim import Adam, RMSProp
+from netcl.optim.optimizer import Optimizer
 
-ARITHMETIC = "float v = v0 * alpha + oma * (g * g);"
-UPDATE = "float u = g / (__builtin_sqrtf(v) + eps);"
-SATURATE = "v = (v < FLT_MAX) ? v : FLT_MAX;"
-CLAMP = "u = (u > clip) ? clip : u; u = (u < -clip) ? -clip : u;"
-FINITE = "const int f = (as_int(g) & 0x7f800000) != 0x7f800000;"
-STORE = "V[i] = v; P[i] = p0 + (-lr) * u;"
-STORE_FINITE = "if (f) { V[i] = v; P[i] = p0 + (-lr) * u; }"
 
-BODIES = {
-    "floor (p += g, v += g)": "P[i] = p0 + g; V[i] = v0 + g;",
-    "floor with two multiplies": "P[i] = p0 * lr + g; V[i] = v0 * alpha + g;",
-    "arithmetic without sqrt and division": ARITHMETIC + "float u = g * (v + eps);" + STORE,
-    "arithmetic": ARITHMETIC + UPDATE + STORE,
-    "+ saturate v": ARITHMETIC + SATURATE + UPDATE + STORE,
-    "+ clamp u": ARITHMETIC + UPDATE + CLAMP + STORE,
-    "+ skip non-finite g": ARITHMETIC + UPDATE + FINITE + STORE_FINITE,
-    "+ all three": ARITHMETIC + SATURATE + UPDATE + CLAMP + FINITE + STORE_FINITE,
+@dataclass(frozen=True)
+class Costs:
+    """One optimizer's kernels: what each reads and writes, and their bodies."""
+
+    make: Callable[[list[Parameter[cl_array.Array]]], Optimizer[Any, Any, Any, Any]]
+    state: tuple[str, ...]
+    """The state buffers of its plain step, as its kernels name them (upper case)."""
+    scalars: dict[str, float]
+    bodies: dict[str, str]
+    """Each kernel's body, after `g = G[i]`, `p0 = P[i]` and `<name>0 = <NAME>[i]` for
+    each state buffer."""
+
+
+# RMSProp: lr, alpha, oma = 1 - alpha, eps, clip
+_RMS_ARITHMETIC = "float v = v0 * alpha + oma * (g * g);"
+_RMS_UPDATE = "float u = g / (__builtin_sqrtf(v) + eps);"
+_RMS_SATURATE = "v = (v < FLT_MAX) ? v : FLT_MAX;"
+_RMS_CLAMP = "u = (u > clip) ? clip : u; u = (u < -clip) ? -clip : u;"
+_FINITE = "const int f = (as_int(g) & 0x7f800000) != 0x7f800000;"
+_RMS_STORE = "V[i] = v; P[i] = p0 + (-lr) * u;"
+_RMS_STORE_FINITE = f"if (f) {{ {_RMS_STORE} }}"
+
+# Adam: w = 1 - beta1, b1, b2, omb2 = 1 - beta2, eps, ss = step size, bc2 = the square
+# root of beta2's bias correction
+_ADAM_M = "float m = m0 + w * (g - m0);"
+_ADAM_LERP = "float m = (w < 0.5f) ? m0 + w * (g - m0) : g - (g - m0) * b1;"
+_ADAM_V = "float v = v0 * b2 + omb2 * g * g;"
+_ADAM_SATURATE = _RMS_SATURATE
+_ADAM_UPDATE = "float u = m / (__builtin_sqrtf(v) / bc2 + eps);"
+_ADAM_STORE = "M[i] = m; V[i] = v; P[i] = p0 + (-ss) * u;"
+_ADAM_STORE_FINITE = f"if (f) {{ {_ADAM_STORE} }}"
+
+OPTIMIZERS = {
+    "rmsprop": Costs(
+        make=lambda params: RMSProp(params, lr=1e-3),
+        state=("V",),
+        scalars={"lr": 1e-3, "alpha": 0.99, "oma": 0.01, "eps": 1e-8, "clip": 10.0},
+        bodies={
+            "floor (p += g, v += g)": "P[i] = p0 + g; V[i] = v0 + g;",
+            "floor with two multiplies": "P[i] = p0 * lr + g; V[i] = v0 * alpha + g;",
+            "arithmetic without sqrt and division": _RMS_ARITHMETIC + "float u = g * (v + eps);" + _RMS_STORE,
+            "arithmetic": _RMS_ARITHMETIC + _RMS_UPDATE + _RMS_STORE,
+            "+ saturate v": _RMS_ARITHMETIC + _RMS_SATURATE + _RMS_UPDATE + _RMS_STORE,
+            "+ clamp u": _RMS_ARITHMETIC + _RMS_UPDATE + _RMS_CLAMP + _RMS_STORE,
+            "+ skip non-finite g": _RMS_ARITHMETIC + _RMS_UPDATE + _FINITE + _RMS_STORE_FINITE,
+            "+ all three": _RMS_ARITHMETIC + _RMS_SATURATE + _RMS_UPDATE + _RMS_CLAMP + _FINITE + _RMS_STORE_FINITE,
+        },
+    ),
+    "adam": Costs(
+        make=lambda params: Adam(params, lr=1e-3),
+        state=("M", "V"),
+        scalars={"w": 0.1, "b1": 0.9, "b2": 0.999, "omb2": 1e-3, "eps": 1e-8, "ss": 1e-2, "bc2": 0.3},
+        bodies={
+            "floor (p += g, m += g, v += g)": "P[i] = p0 + g; M[i] = m0 + g; V[i] = v0 + g;",
+            "floor with three multiplies": "P[i] = p0 * ss + g; M[i] = m0 * b1 + g; V[i] = v0 * b2 + g;",
+            "arithmetic without sqrt and division": _ADAM_M + _ADAM_V + "float u = m * (v * bc2 + eps);" + _ADAM_STORE,
+            "arithmetic": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _ADAM_STORE,
+            "+ torch's lerp": _ADAM_LERP + _ADAM_V + _ADAM_UPDATE + _ADAM_STORE,
+            "+ saturate v": _ADAM_M + _ADAM_V + _ADAM_SATURATE + _ADAM_UPDATE + _ADAM_STORE,
+            "+ skip non-finite g": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
+            "+ all three": _ADAM_LERP + _ADAM_V + _ADAM_SATURATE + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
+        },
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="rmsprop")
     parser.add_argument("--size", type=float, default=1e7)
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--many", type=int, default=0, help="time launch costs over this many parameters")
@@ -65,27 +116,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.many:
         many(queue, args.many, args.rounds)
         return
+    costs = OPTIMIZERS[args.optimizer]
     rng = np.random.default_rng(0)
     p, g = (cl_array.to_device(queue, rng.random(size, dtype=np.float32)) for _ in range(2))
-    optimizer = RMSProp([Parameter(p, g)], lr=1e-3)
+    optimizer = costs.make([Parameter(p, g)])
     optimizer.step()  # makes its state
-    v = cast(cl_array.Array, next(iter(optimizer.state.values()))["square_avg"])
+    state = [x for x in next(iter(optimizer.state.values())).values() if isinstance(x, cl_array.Array)]
+    assert len(state) == len(costs.state), (args.optimizer, len(state))
     # Every contender moves the very same arrays as the step: at sizes whose arrays fit
     # in the processor's last-level cache, a contender with arrays of its own would find
     # fewer of them there after the others ran, and look slower for it.
-    buffers = [cast(cl.Buffer, x.base_data) for x in (p, g, v)]
-    scalars = [np.float32(x) for x in (1e-3, 0.99, 0.01, 1e-8, 10.0)]
+    buffers = [cast(cl.Buffer, x.base_data) for x in (p, g, *state)]
+    scalars = [np.float32(x) for x in costs.scalars.values()]
     local = geometry(queue.device).local_size
     global_size = -(-size // local) * local
+    arrays = ", ".join(f"__global float *{name}" for name in ("P", "G", *costs.state))
+    declared = ", ".join(f"float {name}" for name in costs.scalars)
+    loads = " ".join(f"const float {name.lower()}0 = {name}[i];" for name in costs.state)
 
     def kernel(body: str) -> Callable[[], None]:
         source = f"""#pragma OPENCL FP_CONTRACT OFF
-        __kernel void k(__global float *P, __global const float *G, __global float *V, long n,
-                        float lr, float alpha, float oma, float eps, float clip)
+        __kernel void k({arrays}, long n, {declared})
         {{
             const long i = get_global_id(0);
             const bool full = (long)(get_group_id(0) + 1) * get_local_size(0) <= n;
-            if (full || i < n) {{ const float g = G[i]; const float p0 = P[i]; const float v0 = V[i]; {body} }}
+            if (full || i < n) {{ const float g = G[i]; const float p0 = P[i]; {loads} {body} }}
         }}"""
         built = cl.Program(queue.context, source).build(options=list(_BUILD_OPTIONS)).k
 
@@ -95,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    contenders = {name: kernel(body) for name, body in BODIES.items()}
+    contenders = {name: kernel(body) for name, body in costs.bodies.items()}
 
     def netcl_step() -> None:
         optimizer.step()
@@ -103,14 +158,15 @@ def main(argv: list[str] | None = None) -> None:
 
     contenders["netcl step()"] = netcl_step
     medians, _ = _time(contenders, 0.0, args.rounds, args.rounds)
-    floor = medians["floor (p += g, v += g)"]
+    floor = next(iter(medians.values()))
+    moved = 4 * (3 + 2 * len(costs.state))  # bytes per value: reads and writes
     print(f"{size:,} float32 values on {queue.device.name}, medians of {args.rounds} turns")
     print("| kernel | ms | / floor | GB/s |\n| --- | ---: | ---: | ---: |")
     for name, ms in medians.items():
-        print(f"| {name} | {ms:.3g} | {ms / floor:.2f} | {20 * size / ms / 1e6:.0f} |")
+        print(f"| {name} | {ms:.3g} | {ms / floor:.2f} | {moved * size / ms / 1e6:.0f} |")
 
 
-def _bound(optimizer: RMSProp) -> list[_Launch]:
+def _bound(optimizer: Optimizer[Any, Any, Any, Any]) -> list[_Launch]:
     """The launches of the optimizer's last step, with their kernels' arguments bound."""
     caches = optimizer._launch_cache.values()
     return [launch for cache in caches if isinstance(p := cache.get("prepared"), _Prepared) for launch in p.launches]

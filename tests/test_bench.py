@@ -53,12 +53,15 @@ def test_bad_options_are_refused(argv: list[str]) -> None:
     assert caught.value.code == 2
 
 
-def test_kernel_costs_runs(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_kernel_costs_runs(optimizer: str, capsys: pytest.CaptureFixture[str]) -> None:
     from tests import kernel_costs
 
-    kernel_costs.main(["--size", "5000", "--rounds", "2"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in [*kernel_costs.BODIES, "netcl step()"]]
+    kernel_costs.main(["--optimizer", optimizer, "--size", "5000", "--rounds", "2"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    names = [*kernel_costs.OPTIMIZERS[optimizer].bodies, "netcl step()"]
+    assert [row[0] for row in rows] == [f"| {name}" for name in names]
+    assert all(float(row[1]) > 0 for row in rows)
 
 
 def test_kernel_costs_of_many_parameters_runs(capsys: pytest.CaptureFixture[str]) -> None:
