@@ -33,8 +33,8 @@ import pyopencl.array as cl_array
 from netcl import Parameter
 from netcl._backends.opencl import _Launch, _Prepared
 from netcl._kernels import _BUILD_OPTIONS, geometry
-from netcl.bench import Floor, _time, many_sizes
-from netcl.optim import Adam, RMSProp
+from netcl.bench import VARIANTS, Floor, _bytes, _netcl_step, _time, many_sizes
+from netcl.optim import RMSProp
 from netcl.optim.optimizer import Optimizer
 
 
@@ -42,9 +42,11 @@ from netcl.optim.optimizer import Optimizer
 class Costs:
     """One optimizer's kernels: what each reads and writes, and their bodies."""
 
-    make: Callable[[list[Parameter[cl_array.Array]]], Optimizer[Any, Any, Any, Any]]
+    variant: str
+    """The benchmark's variant (`netcl.bench.VARIANTS`) whose step the kernels match."""
     state: tuple[str, ...]
-    """The state buffers of its plain step, as its kernels name them (upper case)."""
+    """The variant's state buffers, in the optimizer's order, as its kernels name them
+    (upper case)."""
     scalars: dict[str, float]
     bodies: dict[str, str]
     """Each kernel's body, after `g = G[i]`, `p0 = P[i]` and `<name>0 = <NAME>[i]` for
@@ -54,7 +56,7 @@ class Costs:
 # RMSProp: lr, alpha, oma = 1 - alpha, eps, clip
 _RMS_ARITHMETIC = "float v = v0 * alpha + oma * (g * g);"
 _RMS_UPDATE = "float u = g / (__builtin_sqrtf(v) + eps);"
-_RMS_SATURATE = "v = (v < FLT_MAX) ? v : FLT_MAX;"
+_SATURATE = "v = (v < FLT_MAX) ? v : FLT_MAX;"
 _RMS_CLAMP = "u = (u > clip) ? clip : u; u = (u < -clip) ? -clip : u;"
 _FINITE = "const int f = (as_int(g) & 0x7f800000) != 0x7f800000;"
 _RMS_STORE = "V[i] = v; P[i] = p0 + (-lr) * u;"
@@ -65,14 +67,13 @@ _RMS_STORE_FINITE = f"if (f) {{ {_RMS_STORE} }}"
 _ADAM_M = "float m = m0 + w * (g - m0);"
 _ADAM_LERP = "float m = (w < 0.5f) ? m0 + w * (g - m0) : g - (g - m0) * b1;"
 _ADAM_V = "float v = v0 * b2 + omb2 * g * g;"
-_ADAM_SATURATE = _RMS_SATURATE
 _ADAM_UPDATE = "float u = m / (__builtin_sqrtf(v) / bc2 + eps);"
 _ADAM_STORE = "M[i] = m; V[i] = v; P[i] = p0 + (-ss) * u;"
 _ADAM_STORE_FINITE = f"if (f) {{ {_ADAM_STORE} }}"
 
 OPTIMIZERS = {
     "rmsprop": Costs(
-        make=lambda params: RMSProp(params, lr=1e-3),
+        variant="plain",
         state=("V",),
         scalars={"lr": 1e-3, "alpha": 0.99, "oma": 0.01, "eps": 1e-8, "clip": 10.0},
         bodies={
@@ -80,14 +81,14 @@ OPTIMIZERS = {
             "floor with two multiplies": "P[i] = p0 * lr + g; V[i] = v0 * alpha + g;",
             "arithmetic without sqrt and division": _RMS_ARITHMETIC + "float u = g * (v + eps);" + _RMS_STORE,
             "arithmetic": _RMS_ARITHMETIC + _RMS_UPDATE + _RMS_STORE,
-            "+ saturate v": _RMS_ARITHMETIC + _RMS_SATURATE + _RMS_UPDATE + _RMS_STORE,
+            "+ saturate v": _RMS_ARITHMETIC + _SATURATE + _RMS_UPDATE + _RMS_STORE,
             "+ clamp u": _RMS_ARITHMETIC + _RMS_UPDATE + _RMS_CLAMP + _RMS_STORE,
             "+ skip non-finite g": _RMS_ARITHMETIC + _RMS_UPDATE + _FINITE + _RMS_STORE_FINITE,
-            "+ all three": _RMS_ARITHMETIC + _RMS_SATURATE + _RMS_UPDATE + _RMS_CLAMP + _FINITE + _RMS_STORE_FINITE,
+            "+ all three": _RMS_ARITHMETIC + _SATURATE + _RMS_UPDATE + _RMS_CLAMP + _FINITE + _RMS_STORE_FINITE,
         },
     ),
     "adam": Costs(
-        make=lambda params: Adam(params, lr=1e-3),
+        variant="adam",
         state=("M", "V"),
         scalars={"w": 0.1, "b1": 0.9, "b2": 0.999, "omb2": 1e-3, "eps": 1e-8, "ss": 1e-2, "bc2": 0.3},
         bodies={
@@ -96,9 +97,9 @@ OPTIMIZERS = {
             "arithmetic without sqrt and division": _ADAM_M + _ADAM_V + "float u = m * (v * bc2 + eps);" + _ADAM_STORE,
             "arithmetic": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _ADAM_STORE,
             "+ torch's lerp": _ADAM_LERP + _ADAM_V + _ADAM_UPDATE + _ADAM_STORE,
-            "+ saturate v": _ADAM_M + _ADAM_V + _ADAM_SATURATE + _ADAM_UPDATE + _ADAM_STORE,
+            "+ saturate v": _ADAM_M + _ADAM_V + _SATURATE + _ADAM_UPDATE + _ADAM_STORE,
             "+ skip non-finite g": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
-            "+ all three": _ADAM_LERP + _ADAM_V + _ADAM_SATURATE + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
+            "+ all three": _ADAM_LERP + _ADAM_V + _SATURATE + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
         },
     ),
 }
@@ -117,12 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         many(queue, args.many, args.rounds)
         return
     costs = OPTIMIZERS[args.optimizer]
-    rng = np.random.default_rng(0)
-    p, g = (cl_array.to_device(queue, rng.random(size, dtype=np.float32)) for _ in range(2))
-    optimizer = costs.make([Parameter(p, g)])
-    optimizer.step()  # makes its state
-    state = [x for x in next(iter(optimizer.state.values())).values() if isinstance(x, cl_array.Array)]
-    assert len(state) == len(costs.state), (args.optimizer, len(state))
+    variant = VARIANTS[costs.variant]
+    assert variant.buffers == len(costs.state), args.optimizer
+    netcl_step, (g, p, *state) = _netcl_step(queue, [size], np.dtype(np.float32), variant)
     # Every contender moves the very same arrays as the step: at sizes whose arrays fit
     # in the processor's last-level cache, a contender with arrays of its own would find
     # fewer of them there after the others ran, and look slower for it.
@@ -151,15 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         return run
 
     contenders = {name: kernel(body) for name, body in costs.bodies.items()}
-
-    def netcl_step() -> None:
-        optimizer.step()
-        queue.finish()
-
     contenders["netcl step()"] = netcl_step
     medians, _ = _time(contenders, 0.0, args.rounds, args.rounds)
     floor = next(iter(medians.values()))
-    moved = 4 * (3 + 2 * len(costs.state))  # bytes per value: reads and writes
+    moved = _bytes(costs.variant, 1, 4)  # per value
     print(f"{size:,} float32 values on {queue.device.name}, medians of {args.rounds} turns")
     print("| kernel | ms | / floor | GB/s |\n| --- | ---: | ---: | ---: |")
     for name, ms in medians.items():
