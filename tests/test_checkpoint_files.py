@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,131 @@ def test_a_checkpoint_of_another_model_is_refused_at_load(tmp_path: Path) -> Non
 def test_a_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         checkpoint.load(tmp_path / "nothing.npz")
+
+
+def _archive(path: Path, members: dict[str, bytes], compress: int = zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(path, "w", compression=compress) as archive:
+        for name, raw in members.items():
+            archive.writestr(name, raw)
+
+
+def _npy(array: Any) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def _meta(text: str) -> bytes:
+    return _npy(np.frombuffer(text.encode(), np.uint8))
+
+
+HOSTILE: dict[str, Callable[[Path], None]] = {
+    "deeply nested JSON": lambda p: _archive(p, {"meta.json.npy": _meta("[" * 100_000 + "]" * 100_000)}),
+    "a JSON integer above 1e308": lambda p: _archive(
+        p, {"meta.json.npy": _meta('{"format": "netcl-optimizer-state/1", "state": {"' + "9" * 400 + '": {}}}')}
+    ),
+    "NaN in the JSON": lambda p: _archive(
+        p, {"meta.json.npy": _meta('{"format": "netcl-optimizer-state/1", "state": {}, "param_groups": [NaN]}')}
+    ),
+    "a header declaring 4 TiB": lambda p: _archive(
+        p,
+        {
+            "meta.json.npy": _meta('{"format": "netcl-optimizer-state/1", "state": {}, "param_groups": []}'),
+            "x.npy": _npy(np.zeros(4, np.float32)).replace(b"(4,)", b"(1099511627776,)"),
+        },
+    ),
+    "a compressed 256 MiB of zeros": lambda p: _zip_bomb(p),
+    "an unsupported compression method": lambda p: _archive(
+        p, {"meta.json.npy": _meta("{}")}, compress=zipfile.ZIP_BZIP2
+    ),
+}
+
+
+def _zip_bomb(path: Path) -> None:
+    """A member of a few hundred kilobytes that inflates to a declared 256 MiB array."""
+    header = _npy(np.zeros(0, np.float32)).replace(b"(0,)", b"(67108864,)")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as out:
+            out.write(header)
+            chunk = bytes(1 << 26)
+            for _ in range(4):
+                out.write(chunk)
+
+
+@pytest.mark.parametrize("make", HOSTILE.values(), ids=list(HOSTILE))
+def test_a_hostile_file_is_refused_quickly_with_a_value_error(tmp_path: Path, make: Callable[[Path], None]) -> None:
+    import time
+    import tracemalloc
+
+    path = tmp_path / "hostile.npz"
+    make(path)
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="not a readable netcl checkpoint"):
+        checkpoint.load(path)
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak} bytes to refuse it"
+    assert seconds < 5
+
+
+def test_every_single_bit_flip_is_a_value_error_or_a_load(tmp_path: Path) -> None:
+    opt, _ = _trained()
+    path = tmp_path / "opt.npz"
+    checkpoint.save(opt.state_dict(), path)
+    good = path.read_bytes()
+    damaged = tmp_path / "damaged.npz"
+    loaded = 0
+    for offset in range(0, len(good), 7):
+        for bit in (0, 5):
+            raw = bytearray(good)
+            raw[offset] ^= 1 << bit
+            damaged.write_bytes(bytes(raw))
+            try:
+                checkpoint.load(damaged)
+                loaded += 1
+            except ValueError:
+                pass
+    assert loaded < len(good) // 7  # most flips are caught (the CRCs); none raises another error
+
+
+def test_max_bytes_bounds_what_is_read(tmp_path: Path) -> None:
+    opt, _ = _trained()
+    path = tmp_path / "opt.npz"
+    checkpoint.save(opt.state_dict(), path)
+    checkpoint.load(path, max_bytes=10_000)
+    with pytest.raises(ValueError, match="more than max_bytes=100"):
+        checkpoint.load(path, max_bytes=100)
+    with pytest.raises(ValueError, match="max_bytes must be an int >= 0"):
+        checkpoint.load(path, max_bytes=-1)
+
+
+def test_save_keeps_the_file_mode_and_follows_a_symlink(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    opt, _ = _trained()
+    real = tmp_path / "real.npz"
+    checkpoint.save(opt.state_dict(), real)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(real.stat().st_mode) == 0o666 & ~umask
+    real.chmod(0o640)
+    link = tmp_path / "link.npz"
+    link.symlink_to(real)
+    checkpoint.save(opt.state_dict(), link)
+    assert link.is_symlink() and link.resolve() == real
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    assert _same(checkpoint.load(link), dict(opt.state_dict()))
+
+
+def test_save_writes_strict_json(tmp_path: Path) -> None:
+    opt, _ = _trained()
+    state_dict = opt.state_dict()
+    saved = {"state": state_dict["state"], "param_groups": [dict(state_dict["param_groups"][0], lr=float("nan"))]}
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        checkpoint.save(saved, tmp_path / "opt.npz")
+    assert list(tmp_path.iterdir()) == []

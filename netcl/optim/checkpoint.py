@@ -27,11 +27,13 @@ optimizer.load_state_dict(checkpoint.load(path))
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
+import secrets
+import stat
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FORMAT", "load", "save"]
+__all__ = ["DEFAULT_MAX_BYTES", "FORMAT", "load", "save"]
 
 FORMAT = "netcl-optimizer-state/1"
 """The format name and version written into every checkpoint."""
@@ -50,12 +52,22 @@ _META = "meta.json"
 _savez: Callable[..., None] = np.savez
 
 
+DEFAULT_MAX_BYTES = 1 << 34
+"""`load` refuses a file whose arrays declare more bytes than this (16 GiB) in all."""
+
+
 def save(state_dict: Mapping[str, object], path: str | os.PathLike[str]) -> None:
     """Write `state_dict` to `path` atomically, as an `.npz` archive without pickles.
+
+    An existing file keeps its permission bits; a new one gets the process's default
+    (0o666 less the umask). A symbolic link at `path` is followed: the file it points
+    to is replaced (atomically, beside it) and the link stays. The JSON part is strict:
+    NaN and infinite numbers are refused.
 
     Raises:
         TypeError: A value is neither an array, a number, a bool, a string, None, nor a
             list or dict of those.
+        ValueError: A number in the param groups is NaN or infinite.
     """
     entries, groups = state_dict.get("state"), state_dict.get("param_groups")
     if not isinstance(entries, Mapping) or not isinstance(groups, list | tuple):
@@ -75,10 +87,23 @@ def save(state_dict: Mapping[str, object], path: str | os.PathLike[str]) -> None
                 saved[name] = {"array": key}
         state[str(index)] = saved
     meta = {"format": FORMAT, "state": state, "param_groups": _plain(groups)}
-    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        text = json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ValueError("state_dict holds a NaN or infinite number outside its arrays; a checkpoint cannot") from None
+    arrays[_META] = np.frombuffer(text.encode(), dtype=np.uint8)
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    try:
+        mode: int | None = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = None
+    temporary = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        if mode is not None:
+            os.fchmod(handle, mode)
         with os.fdopen(handle, "wb") as out:
             _savez(out, allow_pickle=False, **arrays)
             out.flush()
@@ -89,19 +114,54 @@ def save(state_dict: Mapping[str, object], path: str | os.PathLike[str]) -> None
         raise
 
 
-def load(path: str | os.PathLike[str]) -> dict[str, object]:
+# What a damaged or hostile file can make the zip, npy and JSON readers raise.
+_DAMAGE = (
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ValueError,
+    NotImplementedError,  # an unsupported compression method
+    RuntimeError,  # an "encrypted" flag
+    RecursionError,  # deeply nested JSON
+    OverflowError,
+    UnicodeDecodeError,
+)
+
+
+def load(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, object]:
     """Read a checkpoint written by `save`; it runs no code from the file.
 
     Pass the result to the optimizer's `load_state_dict`, which checks that it fits.
+    Memory stays bounded: every member must be stored uncompressed (as `save` writes
+    them), so nothing inflates, and the arrays' declared sizes are added up and checked
+    against `max_bytes` before any is read.
+
+    Args:
+        path: The checkpoint file.
+        max_bytes: The most bytes of arrays the file may hold.
 
     Raises:
-        ValueError: The file is missing parts, truncated, corrupted, holds pickled
-            objects, or is not a netcl checkpoint.
+        FileNotFoundError: There is no file at `path`.
+        ValueError: The file is missing parts, truncated, corrupted, compressed, larger
+            than `max_bytes`, holds pickled objects or non-standard JSON, or is not a
+            netcl checkpoint.
     """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
     try:
-        raw = Path(path).read_bytes()
-        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-            meta = json.loads(bytes(archive[_META]).decode())
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            arrays = _read_arrays(archive, max_bytes)
+            meta = json.loads(
+                bytes(arrays.pop(_META)).decode(),
+                parse_constant=_no_constant,
+                parse_int=_bounded_int,
+            )
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError(
                     f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}"
@@ -109,24 +169,63 @@ def load(path: str | os.PathLike[str]) -> dict[str, object]:
             state: dict[int, dict[str, Any]] = {}
             for index, entry in meta["state"].items():
                 state[int(index)] = {
-                    name: np.array(archive[value["array"]]) if isinstance(value, dict) else value
-                    for name, value in entry.items()
+                    name: arrays[value["array"]] if isinstance(value, dict) else value for name, value in entry.items()
                 }
             return {"state": state, "param_groups": meta["param_groups"]}
-    except (
-        OSError,
-        EOFError,
-        zipfile.BadZipFile,
-        KeyError,
-        TypeError,
-        AttributeError,
-        json.JSONDecodeError,
-        UnicodeDecodeError,
-        ValueError,
-    ) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise ValueError(f"{os.fspath(path)!r} is not a readable netcl checkpoint: {error}") from None
+    except FileNotFoundError:
+        raise
+    except _DAMAGE as error:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable netcl checkpoint: {error!r}") from None
+
+
+def _read_arrays(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, npt.NDArray[Any]]:
+    """Every `.npy` member, by name without the suffix, after checking the sizes that
+    their headers declare against `max_bytes` (and against the members' stored sizes)."""
+    headers = []
+    total = 0
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"member {info.filename!r} is compressed; netcl checkpoints store members as they are")
+        if not info.filename.endswith(".npy"):
+            raise ValueError(f"member {info.filename!r} is not an .npy array")
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            header = member.tell()
+        if dtype.hasobject:
+            raise ValueError(f"member {info.filename!r} holds Python objects")
+        size = dtype.itemsize
+        for n in shape:
+            size *= n
+        if header + size != info.file_size:
+            raise ValueError(f"member {info.filename!r} declares {size} bytes but stores {info.file_size - header}")
+        total += size
+        if total > max_bytes:
+            raise ValueError(f"the arrays hold more than max_bytes={max_bytes} bytes")
+        headers.append((info, shape, fortran, dtype, header, size))
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    for info, shape, fortran, dtype, header, size in headers:
+        with archive.open(info) as member:
+            member.read(header)
+            raw = member.read(size)
+        if len(raw) != size:
+            raise ValueError(f"member {info.filename!r} is truncated")
+        flat = np.frombuffer(raw, dtype=dtype).copy()
+        arrays[info.filename.removesuffix(".npy")] = flat.reshape(shape, order="F" if fortran else "C")
+    return arrays
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:
+        raise ValueError(f"JSON integer of {len(text)} digits")
+    return int(text)
 
 
 def _host(value: Any, where: str) -> npt.NDArray[Any]:
