@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyopencl as cl
+import pyopencl.array as cl_array
 from pyopencl._cl import _Program  # what Kernel.program is: a built program
 from pyopencl.elementwise import ElementwiseKernel
 from pyopencl.tools import context_dependent_memoize, dtype_to_ctype
@@ -72,6 +74,9 @@ class KernelSpec:
     """How many scalar arguments shared by a group `update` takes after the buffers."""
     member_scalar_count: int = 0
     """How many scalar arguments of each parameter's own `update` takes after those."""
+    skip_nonfinite: bool = True
+    """Leave an element whose gradient is NaN or infinite as it was (and count it), or
+    else make its parameter NaN."""
 
 
 @dataclass(frozen=True)
@@ -183,22 +188,33 @@ class Launcher:
     parameters as pyopencl's `set_arg` for a single scalar, some 8 microseconds). A
     repeated step whose scalars did not change costs one enqueue per launch. The kernel
     object comes from the already built program: no build.
+
+    Gradients are not kept: `run` takes them at each launch, and between launches the
+    launcher holds only a weak reference to each (a pyopencl array: the same array again
+    needs no new arguments), so a gradient the user drops is freed.
     """
 
     def __init__(self, fused: FusedKernel) -> None:
         self.fused = fused
         self.kernel = cl.Kernel(fused.program, fused.name)
         slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.member_scalar_count
-        self.kernel.set_scalar_arg_dtypes(slot * fused.slots + [fused.dtype] * fused.scalar_count + [np.int64])
-        self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 1)
+        self.kernel.set_scalar_arg_dtypes(
+            slot * fused.slots + [fused.dtype] * fused.scalar_count + [None, np.int64, np.int64]
+        )
+        # the arguments: each slot's, the group's scalars, the counter (buffer, offset)
+        # of skipped values, and the number of work-items
+        self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 3)
+        self.args[-2] = 0
         self.bound: list[object] = [None] * (fused.slots * fused.arrays)
+        self.grads: list[Callable[[], object] | None] = [None] * fused.slots
         self.members: list[tuple[float, ...] | None] = [None] * fused.slots
         self.scalars: tuple[float, ...] | None = None
         self.changed = True
         self.global_size = 0
 
-    def bind(self, members: Sequence[Member]) -> None:
-        """Make the next runs update `members` (at most `slots`, each of size > 0)."""
+    def bind(self, members: Sequence[Member], counter: cl.Buffer) -> None:
+        """Make the next runs update `members` (at most `slots`, each of size > 0;
+        their gradients come with each run) and count skipped values in `counter`."""
         fused, args = self.fused, self.args
         per_slot = fused.per_slot
         groups = 0
@@ -207,10 +223,15 @@ class Launcher:
             arrays = (member or members[0]).arrays
             size = member.size if member else 0  # an unused slot repeats member 0, empty
             for j, x in enumerate(arrays):
-                if self.bound[k * fused.arrays + j] is not x:
+                if j == 1:
+                    continue  # the gradient: see run
+                # a pyopencl array keeps its buffer and offset; another object may not
+                known = x if isinstance(x, cl_array.Array) else (x.base_data, int(x.offset))
+                bound = self.bound[k * fused.arrays + j]
+                if bound is not known and bound != known:
                     args[k * per_slot + 2 * j] = x.base_data
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
-                    self.bound[k * fused.arrays + j] = x
+                    self.bound[k * fused.arrays + j] = known
                     self.changed = True
             if args[k * per_slot + 2 * fused.arrays] != size:
                 args[k * per_slot + 2 * fused.arrays] = size
@@ -219,6 +240,9 @@ class Launcher:
                 self._set_member(k, (0.0,) * fused.member_scalar_count)
             groups += group_count(size, fused.geometry)
         self.global_size = groups * fused.geometry.local_size
+        if args[-3] is not counter:
+            args[-3] = counter
+            self.changed = True
         if args[-1] != self.global_size:
             args[-1] = self.global_size
             self.changed = True
@@ -235,29 +259,42 @@ class Launcher:
         queue: cl.CommandQueue,
         scalars: tuple[float, ...],
         members: Sequence[tuple[float, ...]],
+        grads: Sequence[Any],
         wait_for: list[cl.Event],
     ) -> cl.Event:
-        """Enqueue the update of the bound members with these scalars: the group's, and
-        each member's own (in the order they were bound)."""
-        fused = self.fused
+        """Enqueue the update of the bound members with these gradients and scalars:
+        the group's, and each member's own (both in the order they were bound)."""
+        fused, args = self.fused, self.args
         if scalars != self.scalars:
             first = fused.slots * fused.per_slot
-            self.args[first : first + len(scalars)] = [fused.dtype.type(value) for value in scalars]
+            args[first : first + len(scalars)] = [fused.dtype.type(value) for value in scalars]
             self.scalars = scalars
             self.changed = True
         if fused.member_scalar_count:
             for k, values in enumerate(members):
                 self._set_member(k, values)
-        if self.changed:
-            self.kernel.set_args(*self.args)
-            self.changed = False
-        event: cl.Event = cl.enqueue_nd_range_kernel(
-            queue,
-            self.kernel,
-            (self.global_size,),
-            (fused.geometry.local_size,),
-            wait_for=wait_for or None,
-        )
+        for k in range(fused.slots):
+            grad = grads[k] if k < len(grads) else grads[0]
+            known = self.grads[k]
+            if known is None or known() is not grad:
+                self.grads[k] = weakref.ref(grad) if isinstance(grad, cl_array.Array) else None
+                self.changed = True
+            args[k * fused.per_slot + 2] = grad.base_data
+            args[k * fused.per_slot + 3] = int(grad.offset)
+        try:
+            if self.changed:
+                self.kernel.set_args(*args)
+                self.changed = False
+            event: cl.Event = cl.enqueue_nd_range_kernel(
+                queue,
+                self.kernel,
+                (self.global_size,),
+                (fused.geometry.local_size,),
+                wait_for=wait_for or None,
+            )
+        finally:
+            for k in range(fused.slots):
+                args[k * fused.per_slot + 2] = None
         return event
 
 
@@ -302,17 +339,27 @@ def _build(
             + [f"{real} {name}_{k}" for name in own]
         ]
         + [f"{real} {name}" for name in scalars]
+        + ["long *skipped"]
     )
     text = kernel_source(spec.source)
     float32 = dtype == np.float32
     bits, exponent = ("int", "0x7f800000") if float32 else ("long", "0x7ff0000000000000L")
     builtin_sqrt = "__builtin_sqrtf" if float32 else "__builtin_sqrt"
+    int64_atomics = "cl_khr_int64_base_atomics" in device.extensions
     preamble = [
         "#pragma OPENCL FP_CONTRACT OFF",
+        *(["#pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable"] if int64_atomics else []),
         f"#define real {real}",
         f"#define REAL_MAX {'FLT_MAX' if float32 else 'DBL_MAX'}",
         # FINITE(x): the exponent bits of x are not all ones (neither infinite nor NaN).
         f"#define FINITE(x) ((as_{bits}(x) & {exponent}) != {exponent})",
+        # SAT(x): x, or the largest finite value of its sign where x overflowed; NaN stays
+        # NaN (selects, not fmin/fmax, whose NaN rules cost a third of a step on PoCL).
+        "inline real SAT(real x) {",
+        "    x = (x < (real)(REAL_MAX)) ? x : (real)(REAL_MAX);",
+        "    x = (x > (real)(-REAL_MAX)) ? x : (real)(-REAL_MAX);",
+        "    return x;",
+        "}",
         # SQRT(x): the correctly rounded square root (the build options ask for it).
         # Where the compiler has clang's builtin, that one: PoCL's CPU compiler turns
         # it into SIMD instructions across work-items, but not its library's `sqrt`,
@@ -373,20 +420,28 @@ def _build(
     # vector and mask cost a fifth of a plain float32 step from cache.
     pick.append(f"const bool full = (group - begin + 1) * {local} <= size;")
     state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
-    update_args = ["&param_v", "grad[c]", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
+    update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
+    stores = [f"{name}[c] = {name}_v;" for name in ("param", *spec.buffers)]
+    if spec.skip_nonfinite:
+        # written back only where the gradient is finite: PoCL's SIMD code then stores
+        # under a mask rather than blending old and new values, a tenth faster from
+        # cache; each skipped value is counted (an atomic add that only those take)
+        count = "atom_inc(skipped);" if int64_atomics else "atomic_inc((volatile __global uint *)skipped);"
+        write = ["if (FINITE(grad_v)) {", *stores, "} else {", count, "}"]
+    else:
+        # every value is written; where the gradient is NaN or infinite the parameter
+        # becomes NaN, as it does in torch
+        write = [f"param_v = FINITE(grad_v) ? param_v : ({real})(NAN);", *stores]
     operation = [
         # (from the global id, which is a size_t, rather than ElementwiseKernel's `i`,
         # whose int arithmetic would overflow beyond 2**31 values)
         f"const long c = (long)get_global_id(0) - begin * {local};",
         "if (full || c < size) {",
         f"{real} param_v = param[c];",
+        f"const {real} grad_v = grad[c];",
         *state,
-        # written back only where `update` says so (not where the gradient is NaN or
-        # infinite): PoCL's SIMD code then stores under a mask rather than blending
-        # old and new values, a tenth faster from cache
-        f"if (update({', '.join(update_args)})) {{",
-        *(f"{name}[c] = {name}_v;" for name in ("param", *spec.buffers)),
-        "}",
+        f"update({', '.join(update_args)});",
+        *write,
         "}",
         "break;",
     ]

@@ -62,6 +62,27 @@ class ArrayNamespace(Protocol):
         """The float64 dtype."""
         ...
 
+    @property
+    def int64(self) -> object:
+        """The int64 dtype."""
+        ...
+
+    def logical_not(self, x: XArray, /) -> XArray:
+        """Element-wise not of a bool array."""
+        ...
+
+    def astype(self, x: XArray, dtype: object, /) -> XArray:
+        """`x` converted to `dtype`."""
+        ...
+
+    def sum(self, x: XArray, /) -> XArray:
+        """The sum of every element, as a 0-d array."""
+        ...
+
+    def full_like(self, x: A, /, fill_value: float) -> A:
+        """An array of `x`'s shape, dtype and device filled with `fill_value`."""
+        ...
+
     def sqrt(self, x: A, /) -> A:
         """Element-wise square root, correctly rounded."""
         ...

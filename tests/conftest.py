@@ -46,3 +46,25 @@ def count_makes(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
         return made
 
     return start
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="run the long adversarial and fuzz runs (20,000 steps per combination, 2,000 fuzz examples)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
+    settings.register_profile("long", max_examples=2000, deadline=None)
+    settings.load_profile("long" if config.getoption("--long") else "ci")
+
+
+@pytest.fixture
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """Whether `--long` was given."""
+    return bool(request.config.getoption("--long"))

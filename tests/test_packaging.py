@@ -54,4 +54,4 @@ def test_wheel_ships_the_kernel_sources(tmp_path: Path) -> None:
 def test_kernel_sources_are_found() -> None:
     from netcl._kernels import kernel_source
 
-    assert "inline bool update(" in kernel_source("rmsprop")
+    assert "inline void update(" in kernel_source("rmsprop")

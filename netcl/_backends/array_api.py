@@ -8,6 +8,8 @@ object holds the result; arrays that cannot be written (jax) are replaced: the p
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Hashable, MutableMapping, Sequence
 from typing import Any
 
@@ -15,7 +17,7 @@ import array_api_compat
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends.base import Backend, Work, check_same_shape, describe
+from netcl._backends.base import Backend, Tally, Work, check_same_shape, describe
 from netcl._backends.host import update_on_host
 from netcl._update import Step
 from netcl._xp import ArrayNamespace
@@ -37,26 +39,75 @@ def _rebinds(x: Any) -> bool:
     return bool(array_api_compat.is_jax_array(x))
 
 
+def _strides(x: Any) -> tuple[tuple[int, ...], int] | None:
+    """The strides of `x` and the size of one element in the same unit, where known."""
+    if isinstance(x, np.ndarray):
+        return tuple(x.strides), x.itemsize
+    if array_api_compat.is_torch_array(x):
+        return tuple(x.stride()), 1
+    return None
+
+
+def _overlaps(x: Any) -> bool:
+    """Whether two elements of `x` may share memory (a broadcast or expanded view): the
+    dimensions, by stride, must each step past all the smaller ones."""
+    known = _strides(x)
+    if known is None:
+        return False
+    strides, itemsize = known
+    span = 0
+    for stride, n in sorted((abs(st), int(n)) for st, n in zip(strides, x.shape, strict=True) if n > 1):
+        if stride < span + itemsize:
+            return True
+        span += stride * (n - 1)
+    return False
+
+
+def _check_dense(x: Any, where: str) -> None:
+    layout = getattr(x, "layout", None) if array_api_compat.is_torch_array(x) else None
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"{where} is a torch tensor with layout {layout}; netcl needs dense (strided) tensors")
+
+
+def no_autograd(x: Any) -> contextlib.AbstractContextManager[object]:
+    """torch's `no_grad()` for a torch tensor (as torch's own optimizers update
+    parameters that require grad), else nothing."""
+    if array_api_compat.is_torch_array(x):
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
 class ArrayAPIBackend(Backend):
     """Arrays of array-API libraries, updated with the reference maths."""
 
     name = "array-api"
-    stable = False
 
     def check_param(self, data: Any, where: str) -> None:
         xp = _namespace(data)
         if data.dtype not in (xp.float32, xp.float64):
             raise TypeError(f"{where} has dtype {data.dtype}; netcl optimizes float32 and float64 arrays")
+        _check_dense(data, where)
         if not _rebinds(data) and not array_api_compat.is_writeable_array(data):
             raise ValueError(f"{where} is read-only; netcl updates parameters in place, so it needs a writeable array")
+        if _overlaps(data):
+            raise ValueError(
+                f"{where} has elements that share memory (shape {tuple(data.shape)}, a broadcast or expanded "
+                "view); netcl updates parameters in place, so each element needs memory of its own"
+            )
 
     def check_grad(self, data: Any, grad: Any, where: str) -> None:
         _check_same_library(data, grad, where, "the gradient must be an array of the same library")
+        _check_dense(grad, where)
         _check_match(data, grad, where)
 
     def check_state(self, data: Any, buffer: Any, where: str) -> None:
         _check_same_library(data, buffer, where, "its state was made for another kind of array")
+        _check_dense(buffer, where)
         _check_match(data, buffer, where)
+        if not _rebinds(buffer) and (not array_api_compat.is_writeable_array(buffer) or _overlaps(buffer)):
+            raise ValueError(f"{where} is read-only or has elements that share memory; it is written in place")
 
     def dtype(self, data: Any) -> np.dtype[Any]:
         xp = _namespace(data)
@@ -78,25 +129,30 @@ class ArrayAPIBackend(Backend):
     def zero_(self, grad: Any) -> None:
         grad[...] = 0
 
-    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
+    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
         """Large contiguous host arrays go to the fused kernel on a CPU OpenCL device
         (bit-identical results); the rest are updated with the reference maths."""
-        for item in update_on_host(step, work, cache):
+        for item in update_on_host(step, work, cache, tally):
             data = item.data
             xp = _namespace(data, item.grad)
-            buffers = {name: item.state[name] for name in step.buffers}
             # Overflow and non-finite values are handled by the update's policy (saturation,
             # skipping); numpy's warnings about them would only be noise.
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                new_param, new_buffers = step.rule.reference(xp, data, item.grad, buffers, step.hyper, item.member)
-            if _rebinds(data):
-                setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
-                for name in step.buffers:
-                    item.state[name] = new_buffers[name]
-            else:
-                data[...] = new_param
-                for name in step.buffers:
-                    item.state[name][...] = new_buffers[name]
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"), no_autograd(data):
+                new_param, new_buffers = step.rule.reference(xp, data, item.grad, item.buffers, step.hyper, item.member)
+                finite = xp.isfinite(item.grad)
+                if step.skip_nonfinite:
+                    new_param = xp.where(finite, new_param, data)
+                    new_buffers = {name: xp.where(finite, new, item.buffers[name]) for name, new in new_buffers.items()}
+                    tally.add(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
+                else:
+                    new_param = xp.where(finite, new_param, xp.full_like(new_param, math.nan))
+                if _rebinds(data):
+                    setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
+                    item.buffers.update(new_buffers)
+                else:
+                    data[...] = new_param
+                    for name in step.buffers:
+                        item.buffers[name][...] = new_buffers[name]
 
 
 def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:

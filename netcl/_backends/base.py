@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyopencl as cl
 
 from netcl._types import ParameterLike
 from netcl._update import Step
 
-__all__ = ["Backend", "Work", "SUPPORTED_DTYPES", "check_same_shape", "describe"]
+__all__ = ["Backend", "SUPPORTED_DTYPES", "Tally", "Work", "check_same_shape", "describe"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -30,17 +31,86 @@ def describe(x: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-@dataclass
+class Tally:
+    """How many values the steps skipped (their gradient was NaN or infinite), counted
+    where they were updated and read only when asked: no host synchronization per step.
+
+    The fused kernel adds to one counter in device memory per OpenCL context; the
+    array-API path adds array scalars of its library, summed lazily.
+    """
+
+    def __init__(self) -> None:
+        self._counters: dict[cl.Context, tuple[cl.CommandQueue, cl.Buffer]] = {}
+        self._events: dict[cl.Context, dict[cl.CommandQueue, cl.Event]] = {}
+        self._pending: list[Any] = []
+
+    def counter(self, queue: cl.CommandQueue) -> cl.Buffer:
+        """The counter of the queue's context, which the fused kernel adds to."""
+        context = queue.context
+        known = self._counters.get(context)
+        if known is None:
+            flags = cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR
+            known = (queue, cl.Buffer(context, flags, hostbuf=np.zeros(1, np.int64)))
+            self._counters[context] = known
+        return known[1]
+
+    def launched(self, queue: cl.CommandQueue, event: cl.Event) -> None:
+        """Record a launch that adds to its context's counter."""
+        self._events.setdefault(queue.context, {})[queue] = event
+
+    def add(self, count: Any) -> None:
+        """Add an array scalar (or an int) of skipped values."""
+        if self._pending:
+            try:
+                self._pending[-1] = self._pending[-1] + count
+                return
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self._pending.append(count)
+
+    def take(self) -> int:
+        """The count since the last `take`; resets it to zero. Waits for the launches
+        that add to it."""
+        total = sum(int(count) for count in self._pending)
+        self._pending.clear()
+        for context, (queue, counter) in self._counters.items():
+            events = list(self._events.pop(context, {}).values())
+            if events:
+                cl.wait_for_events(events)
+            host = np.zeros(1, np.int64)
+            cl.enqueue_copy(queue, host, counter, is_blocking=True)
+            total += int(host[0])
+            cl.enqueue_copy(queue, counter, np.zeros(1, np.int64), is_blocking=True)
+        return total
+
+
+@dataclass(eq=False)
 class Work:
     """One parameter to update at this step, already validated."""
 
     param: ParameterLike
     data: Any
     grad: Any
+    """The gradient during a step; None between steps (a plan kept for the next step
+    does not keep the gradient alive)."""
     state: MutableMapping[str, Any]
-    """The parameter's live state (buffers by name); the backend may rebind entries."""
+    """The parameter's state: the optimizer commits `buffers` and `count` into it once
+    every update of the step has been written."""
+    buffers: dict[str, Any]
+    """The state buffers the update reads and writes, by name (new ones start at zero);
+    a backend whose arrays cannot be written in place rebinds entries."""
+    backend: Backend
+    at: str
+    """Where the parameter is, for error messages: `param_groups[i]['params'][k]`."""
+    count: int = 0
+    """The parameter's step count once this step is done."""
     member: tuple[float, ...] = ()
     """The parameter's own scalars at this step (`UpdateRule.member_scalars`)."""
+
+    @property
+    def stable(self) -> bool:
+        """Whether the parameter's arrays cannot change what their checks checked."""
+        return self.backend.stable(self.data) and self.backend.stable(self.grad)
 
 
 class Backend(ABC):
@@ -51,9 +121,11 @@ class Backend(ABC):
     """
 
     name: str
-    stable: bool
-    """Whether an array cannot change what `check_*` checked (so the same objects
-    pass again without a check)."""
+
+    def stable(self, array: Any) -> bool:
+        """Whether `array` cannot change what `check_*` checked (so the same object
+        passes again without a check)."""
+        return False
 
     @abstractmethod
     def check_param(self, data: Any, where: str) -> None:
@@ -88,8 +160,9 @@ class Backend(ABC):
         """Set every element of `grad` to zero, in place."""
 
     @abstractmethod
-    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
-        """Update every parameter in `work` by `step` (in place where the array allows).
+    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
+        """Update every parameter in `work` by `step` (in place where the array allows),
+        counting skipped values in `tally`.
 
         `cache` belongs to the calling optimizer and this backend, and lasts from one step
         to the next: what the backend keeps there to make the next step cheaper. A step

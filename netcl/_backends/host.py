@@ -15,14 +15,16 @@ before `step()` returns.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Hashable, MutableMapping, Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
 
-from netcl._backends.base import SUPPORTED_DTYPES, Work
+from netcl._backends.base import SUPPORTED_DTYPES, Tally, Work
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
@@ -31,6 +33,19 @@ __all__ = ["HOST_MIN_SIZE", "host_queue", "update_on_host"]
 HOST_MIN_SIZE = 1 << 19
 """Smaller arrays are updated by the array-API path: below this size a launch and its
 wait cost more than the passes they save."""
+
+
+_forked = False
+"""Whether this process was forked: PoCL's worker threads do not survive a fork, and a
+child that uses a CPU device made by its parent (or, with PoCL, any) blocks forever."""
+
+
+def _in_child() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_in_child)
 
 
 @functools.cache
@@ -58,7 +73,7 @@ def _host_view(x: Any) -> npt.NDArray[Any] | None:
         view = x
     else:
         try:
-            view = np.from_dlpack(x)
+            view = np.from_dlpack(x.detach() if array_api_compat.is_torch_array(x) else x)
         except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
             return None
     if not (view.flags.writeable and view.flags.aligned and view.dtype in SUPPORTED_DTYPES):
@@ -80,17 +95,17 @@ class _Wrapped:
         self.offset = 0
 
 
-def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> list[Work]:
+def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> list[Work]:
     """Update the items of `work` that the fused kernel can take on the host device;
     return the others, for the array-API path. `cache` keeps the launches' kernel
     objects from one step to the next (the caller's, as `Backend.apply` has it)."""
-    queue = host_queue()
+    queue = None if _forked else host_queue()
     if queue is None:
         return list(work)
     rest: list[Work] = []
     taken: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]] = []
     for item in work:
-        arrays = (item.data, item.grad, *(item.state[name] for name in step.buffers))
+        arrays = (item.data, item.grad, *(item.buffers[name] for name in step.buffers))
         views = [_host_view(x) for x in arrays]
         present = [v for v in views if v is not None]
         layouts = {"C" if v.flags.c_contiguous else "F" for v in present if v.ndim > 1 and v.size > 1}
@@ -99,7 +114,7 @@ def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hasha
         else:
             rest.append(item)
     if taken:
-        _launch(queue, step, taken, cache)
+        _launch(queue, step, taken, cache, tally)
     return rest
 
 
@@ -108,6 +123,7 @@ def _launch(
     step: Step,
     arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]],
     cache: MutableMapping[Hashable, Any],
+    tally: Tally,
 ) -> None:
     context, device = queue.context, queue.device
     by_dtype: dict[np.dtype[Any], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]] = {}
@@ -130,8 +146,10 @@ def _launch(
                 if not isinstance(launcher, Launcher):
                     launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
                     cache[key] = launcher
-                launcher.bind(members)
-                kernel_event = launcher.run(queue, step.scalars, [own for _, own in chunk], [])
+                launcher.bind(members, tally.counter(queue))
+                grads = [member.arrays[1] for member in members]
+                kernel_event = launcher.run(queue, step.scalars, [own for _, own in chunk], grads, [])
+                tally.launched(queue, kernel_event)
                 for member in members:
                     written = (member.arrays[0], *member.arrays[2:])
                     for w in written:

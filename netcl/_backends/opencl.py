@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from netcl._backends.base import SUPPORTED_DTYPES, Backend, Work, check_same_shape, describe
+from netcl._backends.base import SUPPORTED_DTYPES, Backend, Tally, Work, check_same_shape, describe
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
@@ -93,21 +93,24 @@ def _record(x: object, event: cl.Event) -> None:
 class _QueueFacts:
     context: cl.Context
     device: cl.Device
-    in_order: bool
 
 
 @functools.cache
 def _queue_facts(queue: cl.CommandQueue) -> _QueueFacts:
     """What a step needs to know of a queue, asked of the driver once."""
-    out_of_order = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
-    return _QueueFacts(queue.context, queue.device, not queue.properties & out_of_order)
+    return _QueueFacts(queue.context, queue.device)
 
 
 class OpenCLBackend(Backend):
     """Arrays in OpenCL buffers, updated by the fused kernel."""
 
     name = "opencl"
-    stable = True
+
+    def stable(self, array: Any) -> bool:
+        # pyopencl arrays keep their buffer, offset, shape and queue; an object of the
+        # user's own that exposes a buffer may rebind any of them, so it is checked at
+        # every step
+        return isinstance(array, cl_array.Array)
 
     def _check_array(self, x: Any, where: str) -> None:
         dtype = np.dtype(x.dtype)
@@ -197,7 +200,7 @@ class OpenCLBackend(Backend):
             )
             _record(grad, event)
 
-    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any]) -> None:
+    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
         """Update `work` with as few launches as the kernel's slots allow.
 
         Parameters are launched together when they share a queue and a dtype, in the
@@ -206,41 +209,53 @@ class OpenCLBackend(Backend):
         """
         prepared = cache.get("prepared")
         if not isinstance(prepared, _Prepared) or prepared.work is not work or prepared.spec is not step.kernel:
-            ids = tuple(
-                id(x) for item in work for x in (item.data, item.grad, *(item.state[name] for name in step.buffers))
-            )
-            if not isinstance(prepared, _Prepared) or prepared.ids != ids or prepared.spec != step.kernel:
+            key = tuple(_identity(x) for item in work for x in (item.data, *item.buffers.values()))
+            if not isinstance(prepared, _Prepared) or prepared.key != key or prepared.spec != step.kernel:
                 old = prepared.launchers if isinstance(prepared, _Prepared) else {}
-                prepared = _Prepared(ids, step, work, old)
+                prepared = _Prepared(key, step, work, old, tally)
                 cache["prepared"] = prepared
             prepared.work, prepared.spec = work, step.kernel
-        prepared.run(step.scalars, [item.member for item in work])
+        prepared.run(step.scalars, tally)
+
+
+def _identity(x: Any) -> Hashable:
+    """What a prepared launch depends on of an array: the object, and for an object of
+    the user's own, the buffer, offset, shape and queue it exposes now (a launch
+    prepared earlier holds the old buffer, so its id cannot be reused meanwhile)."""
+    if isinstance(x, cl_array.Array):
+        return id(x)
+    return (id(x), id(x.base_data), int(x.offset), tuple(x.shape), id(x.queue))
 
 
 class _Prepared:
     """A step's launches for one list of arrays, with their kernels' arguments bound.
 
-    Each launch waits for the events pending on the parameters and gradients it touches
-    and records its event on them; on an out-of-order queue it does the same for the
-    state buffers (on an in-order queue, the queue orders them).
+    Each launch waits for the events pending on every array it touches (parameters,
+    gradients and state buffers, whatever queue they were made on) and records its
+    event on them, so that anything that reads them later (`state_dict()`, pyopencl's
+    `get()`) waits for it. Gradients are taken from the work at each run.
     """
 
-    def __init__(self, ids: tuple[int, ...], step: Step, work: Sequence[Work], old: dict[Hashable, Launcher]) -> None:
-        self.ids = ids
+    def __init__(
+        self,
+        key: tuple[Hashable, ...],
+        step: Step,
+        work: Sequence[Work],
+        old: dict[Hashable, Launcher],
+        tally: Tally,
+    ) -> None:
+        self.key = key
         self.work = work
         """The list of work this plan last ran: the optimizer passes the same list object
         again only with the same arrays (see `Optimizer._plan`)."""
         self.spec = step.kernel
-        batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[Member]] = {}
-        positions: dict[int, int] = {}  # id(member) -> its item's place in `work`
+        batches: dict[tuple[cl.CommandQueue, np.dtype[Any]], list[tuple[Member, int]]] = {}
         for place, item in enumerate(work):
             data = item.data
             size = prod(data.shape)
             if size:
-                arrays = (data, item.grad, *(item.state[name] for name in step.buffers))
-                member = Member(arrays, size)
-                positions[id(member)] = place
-                batches.setdefault((data.queue, np.dtype(data.dtype)), []).append(member)
+                arrays = (data, item.grad, *(item.buffers[name] for name in step.buffers))
+                batches.setdefault((data.queue, np.dtype(data.dtype)), []).append((Member(arrays, size), place))
         self.launchers: dict[Hashable, Launcher] = {}
         self.launches: list[_Launch] = []
         for (queue, dtype), members in batches.items():
@@ -253,38 +268,42 @@ class _Prepared:
                 launcher = old.get(key)
                 if launcher is None:
                     launcher = fused_kernel(facts.context, facts.device, dtype, step.kernel, slots).launcher()
-                launcher.bind(chunk)
+                launcher.bind([member for member, _ in chunk], tally.counter(queue))
                 self.launchers[key] = launcher
-                touched = [x for m in chunk for x in (m.arrays[:2] if facts.in_order else m.arrays)]
+                touched = [x for member, _ in chunk for x in member.arrays[:1] + member.arrays[2:]]
                 self.launches.append(
                     _Launch(
                         queue,
                         launcher,
                         [x for x in touched if isinstance(x, cl_array.Array)],
                         [x for x in touched if not isinstance(x, cl_array.Array)],
-                        [positions[id(m)] for m in chunk],
+                        [place for _, place in chunk],
                     )
                 )
 
-    def run(self, scalars: tuple[float, ...], members: Sequence[tuple[float, ...]]) -> None:
-        """Enqueue every launch; `members` are the parameters' own scalars, in work order."""
+    def run(self, scalars: tuple[float, ...], tally: Tally) -> None:
+        """Enqueue every launch, with the work's gradients and own scalars."""
+        work = self.work
         for launch in self.launches:
+            grads = [work[k].grad for k in launch.places]
             # each event once: the arrays of a launch often wait for the same one
             waits = dict.fromkeys(event for x in launch.arrays for event in x.events)
-            for x in launch.others:
+            for x in (*launch.others, *grads):
                 waits.update(dict.fromkeys(_events(x)))
-            own = [members[k] for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
-            event = launch.launcher.run(launch.queue, scalars, own, list(waits))
+            own = [work[k].member for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
+            event = launch.launcher.run(launch.queue, scalars, own, grads, list(waits))
+            tally.launched(launch.queue, event)
             for x in launch.arrays:
                 x.events = [event]
-            for x in launch.others:
+            for x in (*launch.others, *grads):
                 _record(x, event)
 
 
 @dataclass(frozen=True)
 class _Launch:
-    """One enqueue of a step: its kernel and the arrays whose events it waits for and
-    records its own on (pyopencl arrays, and other objects exposing buffers)."""
+    """One enqueue of a step: its kernel and the arrays (but the gradients) whose events
+    it waits for and records its own on (pyopencl arrays, and other objects exposing
+    buffers)."""
 
     queue: cl.CommandQueue
     launcher: Launcher

@@ -17,7 +17,7 @@ from netcl.optim.adam import (
     AdamStateDict,
 )
 from netcl.optim.adamw import AdamW
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.optimizer import NonFinite, Optimizer
 from netcl.optim.rmsprop import (
     RMSProp,
     RMSPropHyperparameters,
@@ -49,6 +49,7 @@ __all__ = [
     "AdamState",
     "AdamStateDict",
     "AdamW",
+    "NonFinite",
     "Optimizer",
     "checkpoint",
     "RMSProp",

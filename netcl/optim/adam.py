@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 
 from netcl._types import Array, ParameterLike
-from netcl._update import Hyper, UpdateRule, pair, real
+from netcl._update import Hyper, UpdateRule, pair, real, saturate, sqrt
 from netcl._xp import ArrayNamespace, XArray
 from netcl.optim._hyper import Flag, HyperCheck, Pair, Real
-from netcl.optim.optimizer import FloatArray, Optimizer
+from netcl.optim.optimizer import FloatArray, NonFinite, Optimizer
 
 __all__ = [
     "Adam",
@@ -125,23 +125,23 @@ def _reference(
     p = param
     if weight_decay != 0:
         if decoupled:
-            p = p * decay
+            p = saturate(xp, p * decay)
         else:
-            g = g + weight_decay * p
+            g = saturate(xp, g + weight_decay * p)
     m0 = state["exp_avg"]
-    m = m0 + weight * (g - m0) if weight < 0.5 else g - (g - m0) * beta1
+    d = g - m0
+    m = m0 + weight * d if weight < 0.5 else g - d * beta1
+    m = saturate(xp, xp.where(xp.isfinite(d), m, beta1 * m0 + weight * g))
     v = xp.minimum(state["exp_avg_sq"] * beta2 + one_minus_beta2 * g * g, largest)
     new: dict[str, A] = {"exp_avg": m, "exp_avg_sq": v}
     if hyper["amsgrad"]:
         vmax = xp.maximum(state["max_exp_avg_sq"], v)
         new["max_exp_avg_sq"] = vmax
-        denom = xp.sqrt(vmax) / bias_correction2_sqrt + eps
+        denom = sqrt(xp, vmax) / bias_correction2_sqrt + eps
     else:
-        denom = xp.sqrt(v) / bias_correction2_sqrt + eps
-    p = p + (-step_size) * (m / denom)
-    finite = xp.isfinite(g)
-    kept = {name: xp.where(finite, value, state[name]) for name, value in new.items()}
-    return xp.where(finite, p, param), kept
+        denom = sqrt(xp, v) / bias_correction2_sqrt + eps
+    p = saturate(xp, p + (-step_size) * (m / denom))
+    return p, new
 
 
 def adam_rule(*, decoupled: bool) -> UpdateRule:
@@ -221,6 +221,10 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
         weight_decay: Coupled (L2) weight decay; `>= 0`, finite.
         amsgrad: Use the running maximum of v (AMSGrad).
         maximize: Maximize the objective instead of minimizing it.
+        nonfinite: What a step does with an element whose gradient is NaN or
+            infinite: `"skip"` leaves it and its state as they were and counts it
+            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
+            torch does.
 
     Raises:
         TypeError: As for `RMSProp`; `betas` not a pair of numbers.
@@ -254,6 +258,7 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        nonfinite: NonFinite = "skip",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -263,4 +268,4 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
             "amsgrad": amsgrad,
             "maximize": maximize,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)

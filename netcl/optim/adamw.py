@@ -8,6 +8,7 @@ from typing import ClassVar
 from netcl._types import ParameterLike
 from netcl._update import UpdateRule
 from netcl.optim.adam import Adam, AdamParamGroupInput, adam_rule
+from netcl.optim.optimizer import NonFinite
 
 __all__ = ["AdamW"]
 
@@ -28,6 +29,10 @@ class AdamW(Adam):
         weight_decay: Decoupled weight decay; `>= 0`, finite (default 1e-2).
         amsgrad: Use the running maximum of v (AMSGrad).
         maximize: Maximize the objective instead of minimizing it.
+        nonfinite: What a step does with an element whose gradient is NaN or
+            infinite: `"skip"` leaves it and its state as they were and counts it
+            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
+            torch does.
 
     Raises:
         TypeError: As for `Adam`.
@@ -60,5 +65,6 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        nonfinite: NonFinite = "skip",
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, nonfinite=nonfinite)

@@ -10,19 +10,26 @@ which state buffers it keeps, and its update (an
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
-from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
+from typing import Any, ClassVar, Generic, Literal, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
+from netcl._backends.base import Tally
 from netcl._types import ParameterLike
 from netcl._update import Step, UpdateRule
 from netcl.optim._hyper import HyperCheck
 
-__all__ = ["FloatArray", "HyperValue", "Optimizer"]
+__all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer"]
+
+NonFinite: TypeAlias = Literal["skip", "propagate"]
+"""What a step does with an element whose gradient is NaN or infinite: leave it (and its
+state) as it was and count it (`"skip"`), or update it and make its parameter NaN, as
+torch does (`"propagate"`)."""
 
 HyperValue: TypeAlias = float | bool | tuple[float, float]
 """The value of a hyperparameter: a real, a flag, or a pair (Adam's betas)."""
@@ -41,22 +48,40 @@ LossT = TypeVar("LossT")
 _TORCH_ONLY_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused"})
 
 
+def _weak(x: object) -> Callable[[], object]:
+    """A weak reference to `x`, or one that never matches when `x` takes none: caches
+    compare arrays by identity without keeping them (a gradient the user dropped is
+    freed), and an object they cannot refer to weakly is simply checked again."""
+    try:
+        return weakref.ref(x)
+    except TypeError:
+        return _nothing
+
+
+def _nothing() -> object:
+    return _NOTHING
+
+
+_NOTHING = object()
+
+
 class _Checked:
     """The objects a parameter's last full check passed with.
 
-    For a backend whose arrays cannot change the properties that were checked (OpenCL
-    arrays: shape, dtype, layout, buffer, queue), the same objects pass again, so a step
-    with the same parameter array, gradient and state buffers skips the checks.
+    For arrays that cannot change the properties that were checked (pyopencl arrays:
+    shape, dtype, layout, buffer, queue), the same objects pass again, so a step with the
+    same parameter array, gradient and state buffers skips the checks. The gradient is
+    held weakly.
     """
 
     __slots__ = ("backend", "data", "grad", "state")
 
     def __init__(self, data: object, grad: object, state: Mapping[str, object], backend: Backend) -> None:
-        self.data, self.grad, self.backend = data, grad, backend
+        self.data, self.grad, self.backend = data, _weak(grad), backend
         self.state = [(name, value) for name, value in state.items() if name != "step"]
 
     def holds(self, data: object, grad: object, state: Mapping[str, object]) -> bool:
-        if data is not self.data or grad is not self.grad or len(state) != len(self.state) + 1:
+        if data is not self.data or grad is not self.grad() or len(state) != len(self.state) + 1:
             return False
         for name, value in self.state:
             if state.get(name) is not value:
@@ -71,15 +96,17 @@ class _Plan:
     takes the same plan (the same `Work` lists, so backends keep their prepared
     launches) if `holds`: the group's parameters, their arrays, gradients, state dicts
     and buffers are the very same objects, and the variant needs the same buffers.
+    Gradients are held weakly, and each `Work` holds its gradient only during a step.
     """
 
-    __slots__ = ("batches", "buffers", "entries", "kept", "params")
+    __slots__ = ("batches", "buffers", "dtypes", "entries", "kept", "params")
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
-        self.entries: list[tuple[Any, object, object, MutableMapping[str, Any] | None]] = []
+        self.entries: list[tuple[Any, object, Callable[[], object] | None, MutableMapping[str, Any] | None]] = []
         self.batches: dict[Backend, list[Work]] = {}
         self.buffers: tuple[str, ...] = ()
+        self.dtypes: set[np.dtype[Any]] = set()
         self.kept: list[tuple[tuple[str, object], ...]] = []
 
     def settled(self, buffers: tuple[str, ...]) -> _Plan:
@@ -94,7 +121,13 @@ class _Plan:
         if params is not self.params or len(params) != len(self.entries) or buffers != self.buffers:
             return False
         for param, (known, data, grad, state), kept in zip(params, self.entries, self.kept, strict=True):
-            if param is not known or param.data is not data or param.grad is not grad:
+            if param is not known or param.data is not data:
+                return False
+            if grad is None:
+                if param.grad is not None:
+                    return False
+                continue
+            if param.grad is not grad():
                 return False
             if state is not None:
                 if states.get(id(param)) is not state or len(state) != len(kept) + 1:
@@ -103,6 +136,10 @@ class _Plan:
                     if state.get(name) is not value:
                         return False
         return True
+
+    def work(self) -> Iterable[Work]:
+        for work in self.batches.values():
+            yield from work
 
 
 def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
@@ -133,12 +170,27 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     state: dict[int, StateT]
     defaults: dict[str, HyperValue]
 
-    def __init__(self, params: Iterable[ParameterLike | GroupInputT], defaults: Mapping[str, object]) -> None:
+    def __init__(
+        self,
+        params: Iterable[ParameterLike | GroupInputT],
+        defaults: Mapping[str, object],
+        *,
+        nonfinite: NonFinite = "skip",
+    ) -> None:
+        if nonfinite not in ("skip", "propagate"):
+            raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}")
+        self.nonfinite: NonFinite = nonfinite
+        """What a step does with an element whose gradient is NaN or infinite."""
+        self._tally = Tally()
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
         self._plans: dict[int, _Plan] = {}
         self._steps: dict[int, tuple[list[object], Step]] = {}
         self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
+        self._owners: dict[int, ParameterLike] = {}
+        """The parameter of each entry of `state`: held, so that no new object takes
+        over its `id()` while the entry exists (see `_prune`)."""
+        self._group_count = 0
         self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
         self._check_combination(self.defaults, "")
         self.state = {}
@@ -185,7 +237,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         group: dict[str, Any] = {"params": params}
         for name, check in self.hyperparameters.items():
             value = param_group.get(name, self.defaults[name])
-            group[name] = check(f"{where}: {name}" if name in param_group else name, value)
+            group[name] = check(name, value, f"{where}: " if name in param_group else "")
         self._check_combination(group, f"{where}: ")
         self.param_groups.append(cast(GroupT, group))
 
@@ -205,19 +257,25 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def step(self, closure: Callable[[], LossT] | None = None) -> LossT | None:
         """Update every parameter that has a gradient.
 
-        Every parameter, gradient and state buffer is checked before any is written, so
-        a step that raises changes nothing. OpenCL arrays are updated by the fused kernel
-        on their own queue, without waiting on the host.
+        Everything that can be checked is checked before anything is written, so a step
+        that raises changes nothing: every hyperparameter changed in `param_groups`
+        since the last step (with the constructor's checks, and again in the dtype of
+        the parameters it is used with), every parameter, gradient and state buffer, and
+        every state's `step` count. Step counts and new state buffers are committed only
+        once every update has been written. OpenCL arrays are updated by the fused
+        kernel on their own queue, without waiting on the host.
 
         Args:
             closure: Called first, to recompute the loss (and the gradients); its result
                 is returned.
 
         Raises:
-            TypeError: A gradient is not an array of the parameter's kind, or has
-                another dtype.
-            ValueError: A gradient has another shape, device, context or layout than
-                its parameter.
+            TypeError: A hyperparameter in `param_groups` has the wrong type, a gradient
+                is not an array of the parameter's kind, or has another dtype.
+            ValueError: A hyperparameter in `param_groups` is missing or out of range
+                (in the parameters' dtype too), a gradient has another shape, device,
+                context or layout than its parameter, or a state's `step` is not a
+                whole number >= 0.
         """
         loss: LossT | None = None
         if closure is not None:
@@ -226,40 +284,113 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             loss = closure()
         with self._lock:
             plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
-            for index, (step, plan, known) in enumerate(plans):
-                for backend, work in plan.batches.items():
-                    for item in work:
-                        item.state["step"] += 1
-                        fresh: frozenset[str] = frozenset()
-                        if not known:
-                            self.state[id(item.param)] = cast(StateT, item.state)
-                            fresh = frozenset(name for name in step.buffers if name not in item.state)
-                            for name in fresh:
-                                item.state[name] = backend.zeros_like(item.data)
-                        if self.rule.member_scalars is not None:
-                            item.member = self.rule.member_scalars(step.hyper, item.state["step"], fresh)
-                    backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}))
-                if known:
-                    continue
-                if all(backend.stable for backend in plan.batches):
-                    self._plans[index] = plan.settled(step.buffers)
-                else:
-                    self._plans.pop(index, None)
+            try:
+                for step, plan, _ in plans:
+                    self._stage(step, plan)
+                for index, (step, plan, _) in enumerate(plans):
+                    for backend, work in plan.batches.items():
+                        backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}), self._tally)
+            finally:
+                for _, plan, _ in plans:
+                    for item in plan.work():
+                        item.grad = None  # the plan outlives the step; the gradient need not
+            self._commit(plans)
         return loss
+
+    def _stage(self, step: Step, plan: _Plan) -> None:
+        """Prepare each parameter's step count, state buffers and own scalars; raise
+        before anything the user can see has changed."""
+        for item in plan.work():
+            count = item.state["step"]
+            if type(count) is not int or count < 0:  # noqa: E721 (bool and numpy ints are not counts here)
+                count = _saved_step(count, f"state['step'] of {item.at}")
+            item.count = count + 1
+            fresh = frozenset(name for name in step.buffers if name not in item.state)
+            if fresh or len(item.buffers) != len(step.buffers):
+                item.buffers = {name: item.state[name] for name in step.buffers if name not in fresh}
+                for name in fresh:
+                    item.buffers[name] = item.backend.zeros_like(item.data)
+            if self.rule.member_scalars is not None:
+                item.member = self.rule.member_scalars(step.hyper, item.count, fresh)
+
+    def _commit(self, plans: list[tuple[Step, _Plan, bool]]) -> None:
+        """Record a step whose updates were all written: counts, new state, plans."""
+        rebuilt = False
+        for index, (step, plan, known) in enumerate(plans):
+            for item in plan.work():
+                state = item.state
+                state.update(item.buffers)
+                state["step"] = item.count
+                key = id(item.param)
+                if self.state.get(key) is not state:
+                    self.state[key] = cast(StateT, state)
+                    self._owners[key] = item.param
+            if known:
+                continue
+            rebuilt = True
+            if all(item.stable for item in plan.work()):
+                self._plans[index] = plan.settled(step.buffers)
+            else:
+                self._plans.pop(index, None)
+        if rebuilt or self._group_count != len(self.param_groups):
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget the state of parameters that are no longer in any param group (their
+        `id()` may be taken by a new object once they are freed)."""
+        self._group_count = len(self.param_groups)
+        live = {id(param) for group in self.param_groups for param in group["params"]}
+        for key in [key for key in self.state if key not in live]:
+            del self.state[key]
+            self._owners.pop(key, None)
+        for key in [key for key in self._checked if key not in live]:
+            del self._checked[key]
+        for index in [index for index in self._plans if index >= len(self.param_groups)]:
+            del self._plans[index]
 
     def _step_of(self, index: int, group: GroupT) -> Step:
         """The group's `Step` for its hyperparameters: the last one while each value is
-        the very same object (a `Step` depends on nothing else)."""
-        values = [group[name] for name in self.hyperparameters]
+        the very same object (a `Step` depends on nothing else). A changed value is
+        checked as the constructor checks it, and written back normalized."""
+        values = [group.get(name, _NOTHING) for name in self.hyperparameters]
         last = self._steps.get(index)
         if last is not None and all(a is b for a, b in zip(values, last[0], strict=True)):
             return last[1]
-        step = Step(self.rule, dict(zip(self.hyperparameters, values, strict=True)))
-        self._steps[index] = (values, step)
+        where = f"param_groups[{index}]: "
+        hyper: dict[str, HyperValue] = {}
+        for name, check in self.hyperparameters.items():
+            if name not in group:
+                raise ValueError(f"{where}{name} is missing; every param group needs every hyperparameter")
+            hyper[name] = check(name, group[name], where)
+        self._check_combination(hyper, where)
+        cast(dict[str, Any], group).update(hyper)
+        step = Step(self.rule, hyper, self.nonfinite == "skip")
+        self._steps[index] = ([group[name] for name in self.hyperparameters], step)
         return step
 
+    def _check_dtypes(self, index: int, step: Step, dtypes: Iterable[np.dtype[Any]]) -> None:
+        """Raise ValueError if a hyperparameter, or a scalar the kernel computes from
+        them, leaves its range in a dtype of the group's parameters."""
+        for dtype in dtypes:
+            if dtype in step.checked_dtypes:
+                continue
+            where = f"param_groups[{index}]: "
+            for name, check in self.hyperparameters.items():
+                check.in_dtype(name, step.hyper[name], dtype, where)
+            scalars = step.scalars
+            if self.rule.member_scalars is not None:  # largest at the first step
+                scalars += self.rule.member_scalars(step.hyper, 1, frozenset())
+            largest = float(np.finfo(dtype).max)
+            for value in scalars:
+                if not abs(value) <= largest:
+                    raise ValueError(
+                        f"{where}the hyperparameters {dict(step.hyper)} give the update a factor of {value!r}, "
+                        f"which overflows {dtype}, the dtype of the parameters they are used with"
+                    )
+            step.checked_dtypes.add(dtype)
+
     def _plan(self, index: int, group: GroupT) -> tuple[Step, _Plan, bool]:
-        """Check one group's parameters for this step; change nothing.
+        """Check one group for this step; change nothing the user sees.
 
         Returns the step, the plan of its work, and whether that plan is the last step's
         (the same parameters with the same arrays, gradients and state buffers, all of
@@ -268,6 +399,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         step = self._step_of(index, group)
         known = self._plans.get(index)
         if known is not None and known.holds(group["params"], self.state, step.buffers):
+            self._check_dtypes(index, step, known.dtypes)
+            for item in known.work():
+                item.grad = item.param.grad
             return step, known, True
         plan = _Plan(group["params"])
         for k, param in enumerate(group["params"]):
@@ -279,15 +413,21 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             state = cast("MutableMapping[str, Any] | None", self.state.get(id(param)))
             if state is None:
                 state = {"step": 0}
+            at = f"param_groups[{index}]['params'][{k}]"
             checked = self._checked.get(id(param))
             if checked is not None and checked.holds(data, grad, state):
                 backend = checked.backend
             else:
-                backend = self._check(f"param_groups[{index}]['params'][{k}]", data, grad, state)
-                if backend.stable:
+                backend = self._check(at, data, grad, state)
+                if backend.stable(data):
                     self._checked[id(param)] = _Checked(data, grad, state, backend)
-            plan.entries.append((param, data, grad, state))
-            plan.batches.setdefault(backend, []).append(Work(param, data, grad, state))
+            plan.dtypes.add(backend.dtype(data))
+            plan.entries.append((param, data, _weak(grad), state))
+            buffers = {name: state[name] for name in step.buffers if name in state}
+            plan.batches.setdefault(backend, []).append(
+                Work(param, data, grad, state, buffers=buffers, backend=backend, at=at)
+            )
+        self._check_dtypes(index, step, plan.dtypes)
         return step, plan, False
 
     def _check(self, at: str, data: Any, grad: Any, state: Mapping[str, Any]) -> Backend:
@@ -298,6 +438,17 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             if name in state:
                 backend.check_state(data, state[name], f"state[{name!r}] of {at}")
         return backend
+
+    def skipped_nonfinite(self) -> int:
+        """How many elements the steps since the last call left unchanged because their
+        gradient was NaN or infinite (with `nonfinite="skip"`, the default); resets the
+        count.
+
+        The fused kernel counts on the device, so steps never wait for the count; this
+        call waits for the steps that were enqueued before it.
+        """
+        with self._lock:
+            return self._tally.take()
 
     # --- gradients -------------------------------------------------------------------
 
@@ -335,6 +486,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         for the buffers' pending work.
         """
         with self._lock:
+            for g, group in enumerate(self.param_groups):
+                self._step_of(g, group)  # a value edited into a group is checked first
             state: dict[int, dict[str, Any]] = {}
             groups: list[dict[str, Any]] = []
             index = 0
@@ -384,6 +537,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 cast(dict[str, Any], group).update(hyper)
             self.state.clear()
             self.state.update(new_state)
+            self._owners = {id(param): param for param in id_map.values() if id(param) in new_state}
 
     def _check_state_dict(
         self, state_dict: Mapping[str, object]
@@ -419,7 +573,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 raise ValueError(
                     f"{where} does not fit {type(self).__name__}: unknown key(s) {unknown}, missing key(s) {missing}"
                 )
-            hyper = {name: check(f"{where}: {name}", saved[name]) for name, check in self.hyperparameters.items()}
+            hyper = {name: check(name, saved[name], f"{where}: ") for name, check in self.hyperparameters.items()}
             self._check_combination(hyper, f"{where}: ")
             hypers.append(hyper)
             indices = saved["params"]

@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 
 from netcl._types import Array, ParameterLike
-from netcl._update import Hyper, UpdateRule, real
+from netcl._update import Hyper, UpdateRule, real, saturate, sqrt
 from netcl._xp import ArrayNamespace, XArray
 from netcl.optim._hyper import Flag, HyperCheck, Real
-from netcl.optim.optimizer import FloatArray, Optimizer
+from netcl.optim.optimizer import FloatArray, NonFinite, Optimizer
 
 A = TypeVar("A", bound=XArray)
 
@@ -140,27 +140,31 @@ def _reference(
     lr, alpha, eps = real(hyper, "lr"), real(hyper, "alpha"), real(hyper, "eps")
     weight_decay, momentum = real(hyper, "weight_decay"), real(hyper, "momentum")
     largest = xp.finfo(param.dtype).max
+    one_minus_alpha, clip = 1.0 - alpha, _clip(alpha)
     g = -grad if hyper["maximize"] else grad
     if weight_decay != 0:
-        g = g + weight_decay * param
-    v = xp.minimum(state["square_avg"] * alpha + (1.0 - alpha) * (g * g), largest)
+        g = saturate(xp, g + weight_decay * param)
+    square = g * g
+    scaled = xp.where(xp.isfinite(square), one_minus_alpha * square, (one_minus_alpha * g) * g)
+    v = xp.minimum(state["square_avg"] * alpha + scaled, largest)
     new: dict[str, A] = {"square_avg": v}
     if hyper["centered"]:
-        m = state["grad_avg"] * alpha + (1.0 - alpha) * g
+        m = saturate(xp, state["grad_avg"] * alpha + one_minus_alpha * g)
         new["grad_avg"] = m
-        u = g / (xp.sqrt(xp.maximum(v - m * m, 0.0)) + eps)
+        mm = m * m
+        estimable = xp.isfinite(mm)
+        variance = xp.where(estimable, xp.maximum(v - mm, 0.0), v)
+        u = saturate(xp, g / (sqrt(xp, variance) + eps))
+        u = xp.where(estimable, u, xp.clip(u, -clip, clip))
     else:
-        clip = _clip(alpha)
-        u = xp.clip(g / (xp.sqrt(v) + eps), -clip, clip)
+        u = xp.clip(g / (sqrt(xp, v) + eps), -clip, clip)
     if momentum > 0:
-        b = state["momentum_buffer"] * momentum + u
+        b = saturate(xp, state["momentum_buffer"] * momentum + u)
         new["momentum_buffer"] = b
-        p = param + (-lr) * b
+        p = saturate(xp, param + (-lr) * b)
     else:
-        p = param + (-lr) * u
-    finite = xp.isfinite(g)
-    kept = {name: xp.where(finite, value, state[name]) for name, value in new.items()}
-    return xp.where(finite, p, param), kept
+        p = saturate(xp, param + (-lr) * u)
+    return p, new
 
 
 _RULE = UpdateRule(
@@ -230,6 +234,10 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
         centered: Normalize by an estimate of the gradient's variance instead of its
             second moment.
         maximize: Maximize the objective instead of minimizing it.
+        nonfinite: What a step does with an element whose gradient is NaN or
+            infinite: `"skip"` leaves it and its state as they were and counts it
+            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
+            torch does.
 
     Raises:
         TypeError: `params` is not an iterable of parameters or group dicts, a parameter
@@ -268,6 +276,7 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
         *,
         centered: bool = False,
         maximize: bool = False,
+        nonfinite: NonFinite = "skip",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -278,4 +287,4 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             "centered": centered,
             "maximize": maximize,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)

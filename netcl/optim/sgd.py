@@ -9,10 +9,10 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 
 from netcl._types import Array, ParameterLike
-from netcl._update import Hyper, UpdateRule, real
+from netcl._update import Hyper, UpdateRule, real, saturate
 from netcl._xp import ArrayNamespace, XArray
 from netcl.optim._hyper import Flag, HyperCheck, Real
-from netcl.optim.optimizer import FloatArray, Optimizer
+from netcl.optim.optimizer import FloatArray, NonFinite, Optimizer
 
 __all__ = [
     "SGD",
@@ -121,18 +121,17 @@ def _reference(
     lr, momentum, weight_decay = real(hyper, "lr"), real(hyper, "momentum"), real(hyper, "weight_decay")
     g = -grad if hyper["maximize"] else grad
     if weight_decay != 0:
-        g = g + weight_decay * param
+        g = saturate(xp, g + weight_decay * param)
     d = g
     new: dict[str, A] = {}
     if momentum != 0:
         first = member[0] != 0
-        b = g if first else state["momentum_buffer"] * momentum + (1.0 - real(hyper, "dampening")) * g
+        one_minus_dampening = 1.0 - real(hyper, "dampening")
+        b = g if first else saturate(xp, state["momentum_buffer"] * momentum + one_minus_dampening * g)
         new["momentum_buffer"] = b
-        d = g + momentum * b if hyper["nesterov"] else b
-    p = param + (-lr) * d
-    finite = xp.isfinite(g)
-    kept = {name: xp.where(finite, value, state[name]) if name in state else value for name, value in new.items()}
-    return xp.where(finite, p, param), kept
+        d = saturate(xp, g + momentum * b) if hyper["nesterov"] else b
+    p = saturate(xp, param + (-lr) * d)
+    return p, new
 
 
 _RULE = UpdateRule(
@@ -186,6 +185,10 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
         weight_decay: Coupled (L2) weight decay; `>= 0`, finite.
         nesterov: Nesterov momentum (needs `momentum > 0` and `dampening == 0`).
         maximize: Maximize the objective instead of minimizing it.
+        nonfinite: What a step does with an element whose gradient is NaN or
+            infinite: `"skip"` leaves it and its state as they were and counts it
+            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
+            torch does.
 
     Raises:
         TypeError: As for `RMSProp`.
@@ -218,6 +221,7 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        nonfinite: NonFinite = "skip",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -227,7 +231,7 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
             "nesterov": nesterov,
             "maximize": maximize,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _check_combination(self, hyper: Mapping[str, object], where: str) -> None:
         if hyper["nesterov"] and (hyper["momentum"] == 0 or hyper["dampening"] != 0):

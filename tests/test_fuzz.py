@@ -1,0 +1,126 @@
+"""Adversarial runs and a fuzz test over every optimizer and flag combination.
+
+- A long adversarial run: gradients from 1e-30 up to the dtype's largest value, exact
+  zeros, large learning rates and weight decay; no parameter or state value may become
+  NaN or infinite (200 steps per combination; 20,000 with `pytest --long`).
+- A fuzz test (hypothesis; 30 examples, 2,000 with `--long`): random valid
+  hyperparameters, edits of `param_groups` between steps (valid and not), gradients with
+  NaN, infinities and extremes. A rejected step changes nothing, nothing becomes
+  non-finite, and the fused kernel and the array-API path agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netcl import Parameter
+from netcl.optim.optimizer import Optimizer
+from tests.test_optimizers import CASES, FLAT, FLAT_IDS, Case
+
+DTYPES = [np.float32, np.float64]
+
+
+def _extreme(rng: np.random.Generator, n: int, dtype: Any) -> Any:
+    """Heavy-tailed finite gradients up to the dtype's largest value, with exact zeros."""
+    largest = float(np.finfo(dtype).max)
+    exponent = rng.uniform(-30, np.log10(largest), n)
+    g = rng.choice([-1.0, 1.0], n) * 10.0**exponent
+    g[rng.random(n) < 0.2] = 0.0
+    g[rng.random(n) < 0.05] = largest
+    return np.clip(g, -largest, largest).astype(dtype)
+
+
+def _finite(opt: Optimizer[Any, Any, Any, Any], param: Parameter[Any]) -> bool:
+    arrays = [np.asarray(param.data)] + [np.asarray(v) for k, v in opt.state[id(param)].items() if k != "step"]
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize(("case", "flags"), FLAT, ids=FLAT_IDS)
+def test_finite_gradients_never_make_a_value_non_finite(
+    case: Case, flags: dict[str, Any], dtype: Any, long_run: bool
+) -> None:
+    rng = np.random.default_rng(14)
+    n = 64
+    steps = 20_000 if long_run else 200
+    big = dict(flags, weight_decay=1e3) if flags.get("weight_decay") else flags
+    param = Parameter(_extreme(rng, n, dtype))
+    opt = case.ours([param], lr=10.0, **big)
+    for k in range(steps):
+        param.grad = _extreme(rng, n, dtype)
+        opt.step()
+        if k % 50 == 0 or k == steps - 1:
+            assert _finite(opt, param), f"a non-finite value at step {k + 1}"
+    assert opt.skipped_nonfinite() == 0
+
+
+def _hyper(case: Case, data: st.DataObject) -> dict[str, Any]:
+    flags = dict(data.draw(st.sampled_from(case.flags)))
+    flags["lr"] = data.draw(st.sampled_from([0.0, 1e-3, 0.1, 10.0]))
+    if flags.get("weight_decay"):
+        flags["weight_decay"] = data.draw(st.sampled_from([1e-2, 1.0, 1e3]))
+    return flags
+
+
+EDITS: dict[str, tuple[list[object], list[object]]] = {
+    # key: (valid values, invalid values)
+    "lr": ([1e-4, 0.5, 3.0], [-1.0, float("nan"), float("inf"), "0.1", None, 1e39]),
+    "eps": ([1e-6, 1e-3], [0.0, -1.0, 1e-50]),
+    "maximize": ([True, False], ["False", 1]),
+}
+
+
+@given(data=st.data())
+def test_fuzz_steps_and_edits(data: st.DataObject, queue: cl.CommandQueue) -> None:
+    case = data.draw(st.sampled_from(CASES), label="optimizer")
+    dtype: Any = data.draw(st.sampled_from(DTYPES), label="dtype")
+    hyper = _hyper(case, data)
+    p0 = data.draw(hnp.arrays(dtype, 8, elements=st.floats(-1e6, 1e6, width=32)), label="param")
+    fused = Parameter(cl_array.to_device(queue, p0))
+    host = Parameter(p0.copy())
+    optimizers = [case.ours([fused], **hyper), case.ours([host], **hyper)]
+    elements = st.one_of(
+        st.floats(width=32, allow_nan=True, allow_infinity=True),
+        st.sampled_from([0.0, float(np.finfo(dtype).max), -float(np.finfo(dtype).max), 1e-30]),
+    )
+    for _ in range(data.draw(st.integers(1, 5), label="steps")):
+        grad = data.draw(hnp.arrays(dtype, 8, elements=elements), label="grad")
+        fused.grad, host.grad = cl_array.to_device(queue, grad), grad.copy()
+        edit = data.draw(st.sampled_from([None, *EDITS]), label="edit")
+        valid = True
+        if edit is not None and edit in optimizers[0].param_groups[0]:
+            good, bad = EDITS[edit]
+            valid = data.draw(st.booleans(), label="valid edit")
+            value = data.draw(st.sampled_from(good if valid else bad), label="value")
+            for opt in optimizers:
+                opt.param_groups[0][edit] = value
+        before = [fused.data.get().tobytes(), host.data.tobytes()]
+        outcomes: list[type[Exception] | None] = []
+        for opt in optimizers:
+            try:
+                opt.step()
+                outcomes.append(None)
+            except (TypeError, ValueError) as error:
+                outcomes.append(type(error))
+        assert outcomes[0] == outcomes[1]
+        if outcomes[0] is not None:
+            assert not valid
+            assert [fused.data.get().tobytes(), host.data.tobytes()] == before, "a rejected step changed something"
+            for opt in optimizers:
+                opt.param_groups[0][edit] = EDITS[edit][0][0]  # type: ignore[index]
+            continue
+        assert fused.data.get().tobytes() == host.data.tobytes()
+        assert np.isfinite(host.data).all()
+        for name, value in optimizers[1].state.get(id(host), {}).items():
+            if name != "step":
+                assert np.isfinite(value).all(), name
+                assert optimizers[0].state[id(fused)][name].get().tobytes() == value.tobytes(), name
+    assert optimizers[0].skipped_nonfinite() == optimizers[1].skipped_nonfinite()
