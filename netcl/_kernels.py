@@ -227,8 +227,7 @@ class Launcher:
                     continue  # the gradient: see run
                 # a pyopencl array keeps its buffer and offset; another object may not
                 known = x if isinstance(x, cl_array.Array) else (x.base_data, int(x.offset))
-                bound = self.bound[k * fused.arrays + j]
-                if bound is not known and bound != known:
+                if not _same_binding(self.bound[k * fused.arrays + j], known):
                     args[k * per_slot + 2 * j] = x.base_data
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
                     self.bound[k * fused.arrays + j] = known
@@ -296,6 +295,14 @@ class Launcher:
             for k in range(fused.slots):
                 args[k * fused.per_slot + 2] = None
         return event
+
+
+def _same_binding(bound: object, known: object) -> bool:
+    """Whether an argument bound as `bound` (a pyopencl array, or a buffer and offset)
+    is bound as `known` needs."""
+    if bound is known:
+        return True
+    return isinstance(bound, tuple) and isinstance(known, tuple) and bound[0] == known[0] and bound[1] == known[1]
 
 
 _build_lock = threading.Lock()
