@@ -34,7 +34,7 @@ inline void update(
     const real m0 = *exp_avg;
     const real d = g - m0;
     real m = (weight < (real)0.5) ? m0 + weight * d : g - d * beta1;
-    m = FINITE(d) ? m : beta1 * m0 + weight * g;
+    m = (d <= REAL_MAX && d >= -REAL_MAX) ? m : beta1 * m0 + weight * g;
     m = SAT(m);
     /* v = beta2 * v + (1 - beta2) * g^2 */
     real v = *exp_avg_sq * beta2 + one_minus_beta2 * g * g;

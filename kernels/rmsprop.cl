@@ -45,9 +45,10 @@ inline void update(
 #endif
 
     /* v = alpha * v + (1 - alpha) * g^2; squaring first rounds a little less often in
-       the worst case than torch's ((1 - alpha) * g) * g (at most 2 ulp against 2.1) */
+       the worst case than torch's ((1 - alpha) * g) * g (at most 2 ulp against 2.1).
+       (Overflow tests compare with REAL_MAX: PoCL vectorizes those, not FINITE here.) */
     const real square = g * g;
-    const real scaled = FINITE(square) ? one_minus_alpha * square : (one_minus_alpha * g) * g;
+    const real scaled = (square <= REAL_MAX) ? one_minus_alpha * square : (one_minus_alpha * g) * g;
     real v = *square_avg * alpha + scaled;
     v = (v > REAL_MAX) ? (real)(REAL_MAX) : v;
 
@@ -57,10 +58,11 @@ inline void update(
     const real mm = m * m;
     real variance = v - mm;
     variance = (variance < (real)0) ? (real)(0) : variance;
-    variance = FINITE(mm) ? variance : v;
+    const bool estimable = mm <= REAL_MAX;
+    variance = estimable ? variance : v;
     real u = SAT(g / (SQRT(variance) + eps));
     const real bounded = (u > clip) ? (real)(clip) : ((u < -clip) ? (real)(-clip) : u);
-    u = FINITE(mm) ? u : bounded;
+    u = estimable ? u : bounded;
 #else
     /* u = g / (sqrt(v) + eps) */
     real u = g / (SQRT(v) + eps);

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import pyopencl as cl
@@ -56,6 +56,13 @@ def kernel_source(name: str) -> str:
     return (_CHECKOUT_KERNELS / f"{name}.cl").read_text(encoding="utf-8")
 
 
+NonFinite: TypeAlias = Literal["skip", "count", "propagate"]
+"""What a step does with an element whose gradient is NaN or infinite: leave it and its
+state as they were (`"skip"`), the same and count it on the device (`"count"`, read with
+`skipped_nonfinite()`), or update it and make its parameter NaN, as torch does
+(`"propagate"`)."""
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Which fused kernel: the source and the variant of it."""
@@ -74,9 +81,8 @@ class KernelSpec:
     """How many scalar arguments shared by a group `update` takes after the buffers."""
     member_scalar_count: int = 0
     """How many scalar arguments of each parameter's own `update` takes after those."""
-    skip_nonfinite: bool = True
-    """Leave an element whose gradient is NaN or infinite as it was (and count it), or
-    else make its parameter NaN."""
+    nonfinite: NonFinite = "skip"
+    """What the kernel does with an element whose gradient is NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -272,14 +278,15 @@ class Launcher:
         if fused.member_scalar_count:
             for k, values in enumerate(members):
                 self._set_member(k, values)
+        per_slot, refs = fused.per_slot, self.grads
         for k in range(fused.slots):
             grad = grads[k] if k < len(grads) else grads[0]
-            known = self.grads[k]
+            known = refs[k]
             if known is None or known() is not grad:
-                self.grads[k] = weakref.ref(grad) if isinstance(grad, cl_array.Array) else None
+                refs[k] = weakref.ref(grad) if isinstance(grad, cl_array.Array) else None
                 self.changed = True
-            args[k * fused.per_slot + 2] = grad.base_data
-            args[k * fused.per_slot + 3] = int(grad.offset)
+            args[k * per_slot + 2] = grad.base_data
+            args[k * per_slot + 3] = grad.offset
         try:
             if self.changed:
                 self.kernel.set_args(*args)
@@ -293,7 +300,7 @@ class Launcher:
             )
         finally:
             for k in range(fused.slots):
-                args[k * fused.per_slot + 2] = None
+                args[k * per_slot + 2] = None
         return event
 
 
@@ -412,14 +419,16 @@ def _build(
         ]
     if slots > 1:
         pick.append("barrier(CLK_LOCAL_MEM_FENCE);")
-    else:
+    if slots == 1 or spec.nonfinite == "count":
         # The launch has one work-item per index (the kernel finds its own from the
         # global id), so ElementwiseKernel's loop over indices runs exactly once in each
         # (the body ends with a break). With its bound set to the largest long, which
         # its int-based index never reaches, the compiler drops the loop and its
         # per-value bound check, a tenth of a plain SGD step on PoCL. Not with the
         # barrier of a launch over several parameters: PoCL then loses track of the
-        # arrays being the same for the whole group (see above) and gathers.
+        # arrays being the same for the whole group (see above) and gathers. Counting
+        # needs it all the same: with a barrier in the loop's body too, PoCL's kernel
+        # never ends unless the loop is dropped.
         pick.append("n = LONG_MAX;")
     # Every work-group but a parameter's last is full. Saying so with a flag that is the
     # same for the whole group lets PoCL's compiler split its loop over the group's
@@ -429,27 +438,59 @@ def _build(
     state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
     update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
     stores = [f"{name}[c] = {name}_v;" for name in ("param", *spec.buffers)]
-    if spec.skip_nonfinite:
-        # written back only where the gradient is finite: PoCL's SIMD code then stores
-        # under a mask rather than blending old and new values, a tenth faster from
-        # cache; each skipped value is counted (an atomic add that only those take)
-        count = "atom_inc(skipped);" if int64_atomics else "atomic_inc((volatile __global uint *)skipped);"
-        write = ["if (FINITE(grad_v)) {", *stores, "} else {", count, "}"]
-    else:
+    if spec.nonfinite == "propagate":
         # every value is written; where the gradient is NaN or infinite the parameter
         # becomes NaN, as it does in torch
         write = [f"param_v = FINITE(grad_v) ? param_v : ({real})(NAN);", *stores]
+    else:
+        # where the gradient is not finite, the old values are written back: a blend and
+        # a plain store, which PoCL vectorizes on every x86 CPU (a store under a mask is
+        # a tenth faster with AVX-512 but a third slower with AVX2's masked moves, and
+        # code in an else branch, such as the counting below, costs as much again)
+        write = ["const bool keep = FINITE(grad_v);"]
+        write += [f"{name}_v = keep ? {name}_v : {name}_old;" for name in ("param", *spec.buffers)]
+        write += stores
+    counting: list[str] = []
+    if spec.nonfinite == "count":
+        # Each work-item marks its value in local memory; after a barrier, the group's
+        # first work-item looks at the marks 8 at a time and adds their count to the
+        # counter only where one is set. An atomic add per skipped value, in a branch,
+        # stops PoCL from vectorizing the update (5 times slower); this costs the
+        # barrier and a pass over 1/8 of the group's bytes.
+        add = "atom_add(skipped, (long)s);" if int64_atomics else "atomic_add((volatile __global uint *)skipped, s);"
+        pick.append(f"__local uchar skipped_here[{local}] __attribute__((aligned(8)));")
+        counting = [
+            "skipped_here[get_local_id(0)] = mine;",
+            "barrier(CLK_LOCAL_MEM_FENCE);",
+            "if (get_local_id(0) == 0) {",
+            "ulong any = 0;",
+            f"for (int k = 0; k < {local // 8}; ++k) any |= ((__local ulong *)skipped_here)[k];",
+            "if (any) {",
+            "uint s = 0;",
+            f"for (int k = 0; k < {local}; ++k) s += skipped_here[k];",
+            add,
+            "}",
+            "}",
+        ]
     operation = [
         # (from the global id, which is a size_t, rather than ElementwiseKernel's `i`,
         # whose int arithmetic would overflow beyond 2**31 values)
         f"const long c = (long)get_global_id(0) - begin * {local};",
+        *(["uchar mine = 0;"] if counting else []),
         "if (full || c < size) {",
         f"{real} param_v = param[c];",
         f"const {real} grad_v = grad[c];",
         *state,
+        *(
+            [f"const {real} {name}_old = {name}_v;" for name in ("param", *spec.buffers)]
+            if spec.nonfinite != "propagate"
+            else []
+        ),
         f"update({', '.join(update_args)});",
         *write,
+        *(["mine = !keep;"] if counting else []),
         "}",
+        *counting,
         "break;",
     ]
     elementwise = ElementwiseKernel(

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeAlias, TypeVar, cast
 import array_api_compat
 import numpy as np
 
-from netcl._kernels import KernelSpec
+from netcl._kernels import KernelSpec, NonFinite
 from netcl._xp import ArrayNamespace, XArray
 
 A = TypeVar("A", bound=XArray)
@@ -118,9 +118,8 @@ class Step:
 
     rule: UpdateRule
     hyper: Hyper
-    skip_nonfinite: bool = True
-    """Leave an element whose gradient is NaN or infinite as it was, or else make its
-    parameter NaN."""
+    nonfinite: NonFinite = "skip"
+    """What the step does with an element whose gradient is NaN or infinite."""
     checked_dtypes: set[np.dtype[Any]] = field(default_factory=set, compare=False)
     """The dtypes whose range every hyperparameter and kernel scalar was checked in."""
     buffers: tuple[str, ...] = field(init=False)
@@ -143,6 +142,6 @@ class Step:
             all_buffers=self.rule.buffers,
             scalar_count=len(scalars),
             member_scalar_count=self.rule.member_scalar_count,
-            skip_nonfinite=self.skip_nonfinite,
+            nonfinite=self.nonfinite,
         )
         object.__setattr__(self, "kernel", spec)

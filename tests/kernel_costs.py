@@ -10,7 +10,8 @@ work-groups, built with netcl's build options: the floor (trivial arithmetic), t
 with a multiply per written array, the update's arithmetic without and then with its
 square root and division, then with each of netcl's extreme-value policies (and, for
 Adam, torch's form of the first moment's lerp) in turn, then all of them; and netcl's own
-`step()`. Prints medians, ratios to the floor and the bandwidth each reaches.
+`step()`, with `nonfinite="skip"` (the default), `"count"` and `"propagate"`. Prints
+medians, ratios to the floor and the bandwidth each reaches.
 
 With `--many N`: what a step over the benchmark's N parameters of 64 to 20,000 values
 (each in its own buffer) costs beyond the floor for their total bytes: one parameter of
@@ -33,7 +34,7 @@ import pyopencl.array as cl_array
 from netcl import Parameter
 from netcl._backends.opencl import _Launch, _Prepared
 from netcl._kernels import _BUILD_OPTIONS, geometry
-from netcl.bench import VARIANTS, Floor, _bytes, _netcl_step, _time, many_sizes
+from netcl.bench import LR, VARIANTS, Floor, _bytes, _netcl_step, _time, many_sizes
 from netcl.optim import RMSProp
 from netcl.optim.optimizer import Optimizer
 
@@ -61,6 +62,7 @@ _RMS_CLAMP = "u = (u > clip) ? clip : u; u = (u < -clip) ? -clip : u;"
 _FINITE = "const int f = (as_int(g) & 0x7f800000) != 0x7f800000;"
 _RMS_STORE = "V[i] = v; P[i] = p0 + (-lr) * u;"
 _RMS_STORE_FINITE = f"if (f) {{ {_RMS_STORE} }}"
+_RMS_BLEND = "V[i] = f ? v : v0; P[i] = f ? p0 + (-lr) * u : p0;"
 
 # Adam: w = 1 - beta1, b1, b2, omb2 = 1 - beta2, eps, ss = step size, bc2 = the square
 # root of beta2's bias correction
@@ -70,6 +72,7 @@ _ADAM_V = "float v = v0 * b2 + omb2 * g * g;"
 _ADAM_UPDATE = "float u = m / (__builtin_sqrtf(v) / bc2 + eps);"
 _ADAM_STORE = "M[i] = m; V[i] = v; P[i] = p0 + (-ss) * u;"
 _ADAM_STORE_FINITE = f"if (f) {{ {_ADAM_STORE} }}"
+_ADAM_BLEND = "M[i] = f ? m : m0; V[i] = f ? v : v0; P[i] = f ? p0 + (-ss) * u : p0;"
 
 OPTIMIZERS = {
     "rmsprop": Costs(
@@ -83,8 +86,9 @@ OPTIMIZERS = {
             "arithmetic": _RMS_ARITHMETIC + _RMS_UPDATE + _RMS_STORE,
             "+ saturate v": _RMS_ARITHMETIC + _SATURATE + _RMS_UPDATE + _RMS_STORE,
             "+ clamp u": _RMS_ARITHMETIC + _RMS_UPDATE + _RMS_CLAMP + _RMS_STORE,
-            "+ skip non-finite g": _RMS_ARITHMETIC + _RMS_UPDATE + _FINITE + _RMS_STORE_FINITE,
-            "+ all three": _RMS_ARITHMETIC + _SATURATE + _RMS_UPDATE + _RMS_CLAMP + _FINITE + _RMS_STORE_FINITE,
+            "+ skip non-finite g, masked store": _RMS_ARITHMETIC + _RMS_UPDATE + _FINITE + _RMS_STORE_FINITE,
+            "+ skip non-finite g, blend": _RMS_ARITHMETIC + _RMS_UPDATE + _FINITE + _RMS_BLEND,
+            "+ all three (blend)": _RMS_ARITHMETIC + _SATURATE + _RMS_UPDATE + _RMS_CLAMP + _FINITE + _RMS_BLEND,
         },
     ),
     "adam": Costs(
@@ -98,8 +102,9 @@ OPTIMIZERS = {
             "arithmetic": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _ADAM_STORE,
             "+ torch's lerp": _ADAM_LERP + _ADAM_V + _ADAM_UPDATE + _ADAM_STORE,
             "+ saturate v": _ADAM_M + _ADAM_V + _SATURATE + _ADAM_UPDATE + _ADAM_STORE,
-            "+ skip non-finite g": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
-            "+ all three": _ADAM_LERP + _ADAM_V + _SATURATE + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
+            "+ skip non-finite g, masked store": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _FINITE + _ADAM_STORE_FINITE,
+            "+ skip non-finite g, blend": _ADAM_M + _ADAM_V + _ADAM_UPDATE + _FINITE + _ADAM_BLEND,
+            "+ all three (blend)": _ADAM_LERP + _ADAM_V + _SATURATE + _ADAM_UPDATE + _FINITE + _ADAM_BLEND,
         },
     ),
 }
@@ -150,6 +155,16 @@ def main(argv: list[str] | None = None) -> None:
 
     contenders = {name: kernel(body) for name, body in costs.bodies.items()}
     contenders["netcl step()"] = netcl_step
+    for mode in ("count", "propagate"):
+        # the same parameter and gradient, state buffers of its own
+        other = variant.optimizer([Parameter(p, g)], lr=LR, nonfinite=mode, **variant.flags)
+        other.step()
+
+        def step(other: Optimizer[Any, Any, Any, Any] = other) -> None:
+            other.step()
+            queue.finish()
+
+        contenders[f"netcl step(), nonfinite={mode!r}"] = step
     medians, _ = _time(contenders, 0.0, args.rounds, args.rounds)
     floor = next(iter(medians.values()))
     moved = _bytes(costs.variant, 1, 4)  # per value

@@ -59,7 +59,12 @@ def test_kernel_costs_runs(optimizer: str, capsys: pytest.CaptureFixture[str]) -
 
     kernel_costs.main(["--optimizer", optimizer, "--size", "5000", "--rounds", "2"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    names = [*kernel_costs.OPTIMIZERS[optimizer].bodies, "netcl step()"]
+    names = [
+        *kernel_costs.OPTIMIZERS[optimizer].bodies,
+        "netcl step()",
+        "netcl step(), nonfinite='count'",
+        "netcl step(), nonfinite='propagate'",
+    ]
     assert [row[0] for row in rows] == [f"| {name}" for name in names]
     assert all(float(row[1]) > 0 for row in rows)
 

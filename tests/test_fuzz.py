@@ -53,7 +53,7 @@ def test_finite_gradients_never_make_a_value_non_finite(
     steps = 20_000 if long_run else 200
     big = dict(flags, weight_decay=1e3) if flags.get("weight_decay") else flags
     param = Parameter(_extreme(rng, n, dtype))
-    opt = case.ours([param], lr=10.0, **big)
+    opt = case.ours([param], lr=10.0, nonfinite="count", **big)
     for k in range(steps):
         param.grad = _extreme(rng, n, dtype)
         opt.step()
@@ -86,7 +86,7 @@ def test_fuzz_steps_and_edits(data: st.DataObject, queue: cl.CommandQueue) -> No
     p0 = data.draw(hnp.arrays(dtype, 8, elements=st.floats(-1e6, 1e6, width=32)), label="param")
     fused = Parameter(cl_array.to_device(queue, p0))
     host = Parameter(p0.copy())
-    optimizers = [case.ours([fused], **hyper), case.ours([host], **hyper)]
+    optimizers = [case.ours([fused], nonfinite="count", **hyper), case.ours([host], nonfinite="count", **hyper)]
     elements = st.one_of(
         st.floats(width=32, allow_nan=True, allow_infinity=True),
         st.sampled_from([0.0, float(np.finfo(dtype).max), -float(np.finfo(dtype).max), 1e-30]),

@@ -443,7 +443,7 @@ def test_skipped_values_are_counted_until_asked(kind: str, factory: Factory, que
     grad = np.ones(n, F32)
     grad[[1, 7, 9]] = [np.nan, np.inf, -np.inf]
     params = [Parameter(make(np.ones(n, F32)), make(grad)) for _ in range(2)]
-    opt = factory(params, lr=1e-2)
+    opt = factory(params, lr=1e-2, nonfinite="count")
     assert opt.skipped_nonfinite() == 0
     opt.step()
     opt.step()
@@ -478,9 +478,26 @@ def test_propagate_lets_nan_reach_the_parameter_as_torch_does(
     assert list(np.isnan(got)) == [False, True, False, False, True, False]
     assert list(~np.isfinite(theirs)) == list(np.isnan(got))
     np.testing.assert_array_equal(got[np.isfinite(theirs)], theirs[np.isfinite(theirs)])
-    assert opt.skipped_nonfinite() == 0
 
 
-def test_nonfinite_takes_two_words() -> None:
-    with pytest.raises(ValueError, match="nonfinite must be 'skip' or 'propagate', got 'raise'"):
+def test_nonfinite_takes_three_words_and_only_count_counts() -> None:
+    with pytest.raises(ValueError, match="nonfinite must be 'skip', 'count' or 'propagate', got 'raise'"):
         RMSProp([Parameter(np.ones(3, F32))], nonfinite="raise")  # type: ignore[arg-type]
+    for mode in ("skip", "propagate"):
+        opt = RMSProp([Parameter(np.ones(3, F32))], nonfinite=mode)
+        with pytest.raises(ValueError, match=f"needs an optimizer made with nonfinite='count'.*'{mode}'"):
+            opt.skipped_nonfinite()
+
+
+@pytest.mark.parametrize("kind", ["pyopencl", "numpy"])
+def test_skip_and_count_give_the_same_bits(kind: str, queue: cl.CommandQueue) -> None:
+    make, n = _maker(kind, queue)
+    grad = np.linspace(-1, 1, n).astype(F32)
+    grad[::5] = np.nan
+    results = []
+    for mode in ("skip", "count"):
+        param = Parameter(make(np.ones(n, F32)), make(grad))
+        opt = Adam([param], nonfinite=mode)
+        opt.step()
+        results.append(param.data.get() if kind == "pyopencl" else param.data)
+    assert results[0].tobytes() == results[1].tobytes()

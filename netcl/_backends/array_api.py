@@ -140,10 +140,11 @@ class ArrayAPIBackend(Backend):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"), no_autograd(data):
                 new_param, new_buffers = step.rule.reference(xp, data, item.grad, item.buffers, step.hyper, item.member)
                 finite = xp.isfinite(item.grad)
-                if step.skip_nonfinite:
+                if step.nonfinite != "propagate":
                     new_param = xp.where(finite, new_param, data)
                     new_buffers = {name: xp.where(finite, new, item.buffers[name]) for name, new in new_buffers.items()}
-                    tally.add(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
+                    if step.nonfinite == "count":
+                        tally.add(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
                 else:
                     new_param = xp.where(finite, new_param, xp.full_like(new_param, math.nan))
                 if _rebinds(data):

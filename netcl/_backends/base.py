@@ -107,11 +107,6 @@ class Work:
     member: tuple[float, ...] = ()
     """The parameter's own scalars at this step (`UpdateRule.member_scalars`)."""
 
-    @property
-    def stable(self) -> bool:
-        """Whether the parameter's arrays cannot change what their checks checked."""
-        return self.backend.stable(self.data) and self.backend.stable(self.grad)
-
 
 class Backend(ABC):
     """How netcl reaches one kind of array: checks, state, the update, host copies.

@@ -93,12 +93,14 @@ def _record(x: object, event: cl.Event) -> None:
 class _QueueFacts:
     context: cl.Context
     device: cl.Device
+    in_order: bool
 
 
 @functools.cache
 def _queue_facts(queue: cl.CommandQueue) -> _QueueFacts:
     """What a step needs to know of a queue, asked of the driver once."""
-    return _QueueFacts(queue.context, queue.device)
+    out_of_order = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+    return _QueueFacts(queue.context, queue.device, not queue.properties & out_of_order)
 
 
 class OpenCLBackend(Backend):
@@ -230,10 +232,11 @@ def _identity(x: Any) -> Hashable:
 class _Prepared:
     """A step's launches for one list of arrays, with their kernels' arguments bound.
 
-    Each launch waits for the events pending on every array it touches (parameters,
-    gradients and state buffers, whatever queue they were made on) and records its
+    Each launch waits for the events pending on every array it touches and records its
     event on them, so that anything that reads them later (`state_dict()`, pyopencl's
-    `get()`) waits for it. Gradients are taken from the work at each run.
+    `get()`) waits for it: the parameters, the gradients, and the state buffers that
+    the launch's queue does not order (on an out-of-order queue, or made on another
+    queue). Gradients are taken from the work at each run.
     """
 
     def __init__(
@@ -270,7 +273,14 @@ class _Prepared:
                     launcher = fused_kernel(facts.context, facts.device, dtype, step.kernel, slots).launcher()
                 launcher.bind([member for member, _ in chunk], tally.counter(queue))
                 self.launchers[key] = launcher
-                touched = [x for member, _ in chunk for x in member.arrays[:1] + member.arrays[2:]]
+                # the state buffers too where the queue does not order them: on an
+                # out-of-order queue, or made on another queue than the parameter's now
+                touched = [
+                    x
+                    for member, _ in chunk
+                    for k, x in enumerate(member.arrays)
+                    if k == 0 or (k > 1 and (not facts.in_order or getattr(x, "queue", None) is not queue))
+                ]
                 self.launches.append(
                     _Launch(
                         queue,
@@ -288,8 +298,7 @@ class _Prepared:
             grads = [work[k].grad for k in launch.places]
             # each event once: the arrays of a launch often wait for the same one
             waits = dict.fromkeys(event for x in launch.arrays for event in x.events)
-            for x in (*launch.others, *grads):
-                waits.update(dict.fromkeys(_events(x)))
+            waits.update(dict.fromkeys(event for x in (*launch.others, *grads) for event in _events(x)))
             own = [work[k].member for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
             event = launch.launcher.run(launch.queue, scalars, own, grads, list(waits))
             tally.launched(launch.queue, event)

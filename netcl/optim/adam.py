@@ -222,9 +222,9 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
         amsgrad: Use the running maximum of v (AMSGrad).
         maximize: Maximize the objective instead of minimizing it.
         nonfinite: What a step does with an element whose gradient is NaN or
-            infinite: `"skip"` leaves it and its state as they were and counts it
-            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
-            torch does.
+            infinite: `"skip"` leaves it and its state as they were; `"count"` does
+            the same and counts it (see `skipped_nonfinite()`; it costs the fused
+            kernel time); `"propagate"` makes its parameter NaN, as torch does.
 
     Raises:
         TypeError: As for `RMSProp`; `betas` not a pair of numbers.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
-from typing import Any, ClassVar, Generic, Literal, TypeAlias, TypeGuard, TypeVar, cast, overload
+from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -20,16 +20,13 @@ import numpy.typing as npt
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
 from netcl._backends.base import Tally
+from netcl._kernels import NonFinite
 from netcl._types import ParameterLike
 from netcl._update import Step, UpdateRule
 from netcl.optim._hyper import HyperCheck
 
 __all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer"]
 
-NonFinite: TypeAlias = Literal["skip", "propagate"]
-"""What a step does with an element whose gradient is NaN or infinite: leave it (and its
-state) as it was and count it (`"skip"`), or update it and make its parameter NaN, as
-torch does (`"propagate"`)."""
 
 HyperValue: TypeAlias = float | bool | tuple[float, float]
 """The value of a hyperparameter: a real, a flag, or a pair (Adam's betas)."""
@@ -99,7 +96,7 @@ class _Plan:
     Gradients are held weakly, and each `Work` holds its gradient only during a step.
     """
 
-    __slots__ = ("batches", "buffers", "dtypes", "entries", "kept", "params")
+    __slots__ = ("batches", "buffers", "dtypes", "entries", "kept", "params", "stable")
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
@@ -108,6 +105,8 @@ class _Plan:
         self.buffers: tuple[str, ...] = ()
         self.dtypes: set[np.dtype[Any]] = set()
         self.kept: list[tuple[tuple[str, object], ...]] = []
+        self.stable = True
+        """Whether every array of the plan cannot change what was checked of it."""
 
     def settled(self, buffers: tuple[str, ...]) -> _Plan:
         self.buffers = buffers
@@ -127,7 +126,8 @@ class _Plan:
                 if param.grad is not None:
                     return False
                 continue
-            if param.grad is not grad():
+            now = param.grad
+            if now is None or now is not grad():  # (a dead reference gives None)
                 return False
             if state is not None:
                 if states.get(id(param)) is not state or len(state) != len(kept) + 1:
@@ -177,8 +177,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         *,
         nonfinite: NonFinite = "skip",
     ) -> None:
-        if nonfinite not in ("skip", "propagate"):
-            raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}")
+        if nonfinite not in ("skip", "count", "propagate"):
+            raise ValueError(f"nonfinite must be 'skip', 'count' or 'propagate', got {nonfinite!r}")
         self.nonfinite: NonFinite = nonfinite
         """What a step does with an element whose gradient is NaN or infinite."""
         self._tally = Tally()
@@ -285,8 +285,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         with self._lock:
             plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
             try:
-                for step, plan, _ in plans:
-                    self._stage(step, plan)
+                for step, plan, known in plans:
+                    self._stage(step, plan, known)
                 for index, (step, plan, _) in enumerate(plans):
                     for backend, work in plan.batches.items():
                         backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}), self._tally)
@@ -297,26 +297,31 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             self._commit(plans)
         return loss
 
-    def _stage(self, step: Step, plan: _Plan) -> None:
+    def _stage(self, step: Step, plan: _Plan, known: bool) -> None:
         """Prepare each parameter's step count, state buffers and own scalars; raise
-        before anything the user can see has changed."""
+        before anything the user can see has changed. (A known plan has its buffers.)"""
+        member_scalars = self.rule.member_scalars
+        fresh: frozenset[str] = frozenset()
         for item in plan.work():
             count = item.state["step"]
             if type(count) is not int or count < 0:  # noqa: E721 (bool and numpy ints are not counts here)
                 count = _saved_step(count, f"state['step'] of {item.at}")
             item.count = count + 1
-            fresh = frozenset(name for name in step.buffers if name not in item.state)
-            if fresh or len(item.buffers) != len(step.buffers):
-                item.buffers = {name: item.state[name] for name in step.buffers if name not in fresh}
+            if not known:
+                fresh = frozenset(name for name in step.buffers if name not in item.state)
                 for name in fresh:
                     item.buffers[name] = item.backend.zeros_like(item.data)
-            if self.rule.member_scalars is not None:
-                item.member = self.rule.member_scalars(step.hyper, item.count, fresh)
+            if member_scalars is not None:
+                item.member = member_scalars(step.hyper, item.count, fresh)
 
     def _commit(self, plans: list[tuple[Step, _Plan, bool]]) -> None:
         """Record a step whose updates were all written: counts, new state, plans."""
         rebuilt = False
         for index, (step, plan, known) in enumerate(plans):
+            if known:  # the same state dicts and buffers
+                for item in plan.work():
+                    item.state["step"] = item.count
+                continue
             for item in plan.work():
                 state = item.state
                 state.update(item.buffers)
@@ -325,10 +330,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 if self.state.get(key) is not state:
                     self.state[key] = cast(StateT, state)
                     self._owners[key] = item.param
-            if known:
-                continue
             rebuilt = True
-            if all(item.stable for item in plan.work()):
+            if plan.stable:
                 self._plans[index] = plan.settled(step.buffers)
             else:
                 self._plans.pop(index, None)
@@ -364,7 +367,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             hyper[name] = check(name, group[name], where)
         self._check_combination(hyper, where)
         cast(dict[str, Any], group).update(hyper)
-        step = Step(self.rule, hyper, self.nonfinite == "skip")
+        step = Step(self.rule, hyper, self.nonfinite)
         self._steps[index] = ([group[name] for name in self.hyperparameters], step)
         return step
 
@@ -419,8 +422,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 backend = checked.backend
             else:
                 backend = self._check(at, data, grad, state)
-                if backend.stable(data):
+                if backend.stable(data) and backend.stable(grad):
                     self._checked[id(param)] = _Checked(data, grad, state, backend)
+            plan.stable = plan.stable and backend.stable(data) and backend.stable(grad)
             plan.dtypes.add(backend.dtype(data))
             plan.entries.append((param, data, _weak(grad), state))
             buffers = {name: state[name] for name in step.buffers if name in state}
@@ -441,12 +445,19 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
 
     def skipped_nonfinite(self) -> int:
         """How many elements the steps since the last call left unchanged because their
-        gradient was NaN or infinite (with `nonfinite="skip"`, the default); resets the
-        count.
+        gradient was NaN or infinite; resets the count. Needs `nonfinite="count"`.
 
         The fused kernel counts on the device, so steps never wait for the count; this
         call waits for the steps that were enqueued before it.
+
+        Raises:
+            ValueError: The optimizer does not count (`nonfinite` is not `"count"`).
         """
+        if self.nonfinite != "count":
+            raise ValueError(
+                f"skipped_nonfinite() needs an optimizer made with nonfinite='count' (this one has "
+                f"nonfinite={self.nonfinite!r}): counting costs the fused kernel time, so it is asked for"
+            )
         with self._lock:
             return self._tally.take()
 

@@ -235,9 +235,9 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             second moment.
         maximize: Maximize the objective instead of minimizing it.
         nonfinite: What a step does with an element whose gradient is NaN or
-            infinite: `"skip"` leaves it and its state as they were and counts it
-            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
-            torch does.
+            infinite: `"skip"` leaves it and its state as they were; `"count"` does
+            the same and counts it (see `skipped_nonfinite()`; it costs the fused
+            kernel time); `"propagate"` makes its parameter NaN, as torch does.
 
     Raises:
         TypeError: `params` is not an iterable of parameters or group dicts, a parameter

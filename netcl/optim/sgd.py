@@ -186,9 +186,9 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
         nesterov: Nesterov momentum (needs `momentum > 0` and `dampening == 0`).
         maximize: Maximize the objective instead of minimizing it.
         nonfinite: What a step does with an element whose gradient is NaN or
-            infinite: `"skip"` leaves it and its state as they were and counts it
-            (see `skipped_nonfinite()`); `"propagate"` makes its parameter NaN, as
-            torch does.
+            infinite: `"skip"` leaves it and its state as they were; `"count"` does
+            the same and counts it (see `skipped_nonfinite()`; it costs the fused
+            kernel time); `"propagate"` makes its parameter NaN, as torch does.
 
     Raises:
         TypeError: As for `RMSProp`.
