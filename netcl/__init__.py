@@ -4,9 +4,10 @@
 kernel, and accepts arrays of any array-API library too.
 """
 
+from netcl._flat import flat_parameters
 from netcl._parameter import Parameter
 from netcl._types import Array, ArrayAPIArray, ClArrayLike, ParameterLike
 
-__all__ = ["Array", "ArrayAPIArray", "ClArrayLike", "Parameter", "ParameterLike", "__version__"]
+__all__ = ["Array", "ArrayAPIArray", "ClArrayLike", "Parameter", "ParameterLike", "__version__", "flat_parameters"]
 
 __version__ = "0.1.0"

@@ -9,13 +9,15 @@ Every case times its contenders side by side, in turns, in one run, and reports 
   gradient and the state, writes the parameter and the state; netcl's own arrays, but for
   the many-parameter case) with trivial arithmetic, built with the best vector width and
   work-group size of several tried on the device;
-* torch: `torch.optim.RMSprop(foreach=True)` on CPU tensors (when torch is installed);
+* torch: the same torch optimizer on CPU tensors (when torch is installed), `fused=True`
+  where torch has it (Adam, AdamW, SGD), else `foreach=True` (RMSprop);
 * numpy: the fewest in-place passes of numpy ufuncs that compute the step (plain variant).
 
 Cases: one parameter of each size, in float32 and float64, plain and with momentum or
-centered; 160 parameters of 64 to 20,000 values each, each in its own buffer (the floor
-moves the same total bytes in one buffer); numpy float32 parameters stepped by netcl.
-The last two run when the plain variant and float32 are among those chosen.
+centered; for each variant, 160 parameters of 64 to 20,000 values each, each in its own
+buffer (`many`) or from `netcl.flat_parameters` (`flat`; the floor moves the same total
+bytes in one buffer); numpy float32 parameters stepped by netcl. The many-parameter
+cases run when float32 is chosen, the numpy case with the plain variant too.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 import netcl
-from netcl import Parameter
+from netcl import Parameter, flat_parameters
 from netcl.device import create_queue, describe_device
 from netcl.optim import SGD, Adam, AdamW, RMSProp
 from netcl.optim.optimizer import Optimizer
@@ -184,8 +186,14 @@ def _torch_step(size: int | Sequence[int], dtype: np.dtype[Any], variant: Varian
     for p in params:
         p.grad = torch.rand_like(p)
     cls: Callable[..., torch.optim.Optimizer] = getattr(torch.optim, variant.torch_name)
-    optimizer = cls(params, lr=LR, foreach=True, **variant.flags)
+    # torch's fastest CPU implementation: fused where it has one, else foreach
+    how = {"fused": True} if variant.torch_name in _TORCH_FUSED else {"foreach": True}
+    optimizer = cls(params, lr=LR, **how, **variant.flags)
     return optimizer.step
+
+
+_TORCH_FUSED = frozenset({"Adam", "AdamW", "SGD", "Adagrad"})
+"""torch's optimizers with `fused=True` on the CPU."""
 
 
 def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
@@ -215,17 +223,28 @@ def many_sizes(count: int) -> list[int]:
 
 
 def _netcl_step(
-    queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any], variant: Variant
+    queue: cl.CommandQueue, sizes: Sequence[int], dtype: np.dtype[Any], variant: Variant, *, flat: bool = False
 ) -> tuple[Callable[[], None], list[cl_array.Array]]:
-    """A timed netcl step over parameters of `sizes`, and the first one's arrays in the
-    floor kernel's order: its gradient, itself, then its state buffers (made by a first
+    """A timed netcl step over parameters of `sizes` (each in its own buffer, or with
+    `flat`, from `netcl.flat_parameters`), and the first one's arrays in the floor
+    kernel's order: its gradient, itself, then its state buffers (made by a first
     step)."""
     rng = np.random.default_rng(0)
-    arrays = [
-        (cl_array.to_device(queue, rng.random(n).astype(dtype)), cl_array.to_device(queue, rng.random(n).astype(dtype)))
-        for n in sizes
-    ]
-    params = [Parameter(data, grad) for data, grad in arrays]
+    if flat:
+        params: list[Parameter[Any]] = list(flat_parameters(queue, [(n,) for n in sizes], dtype))
+        for param in params:
+            param.data.set(rng.random(param.data.shape).astype(dtype))
+            cast(cl_array.Array, param.grad).set(rng.random(param.data.shape).astype(dtype))
+        arrays = [(param.data, cast(cl_array.Array, param.grad)) for param in params]
+    else:
+        arrays = [
+            (
+                cl_array.to_device(queue, rng.random(n).astype(dtype)),
+                cl_array.to_device(queue, rng.random(n).astype(dtype)),
+            )
+            for n in sizes
+        ]
+        params = [Parameter(data, grad) for data, grad in arrays]
     optimizer = variant.optimizer(params, lr=LR, **variant.flags)
     optimizer.step()
     first = params[0]
@@ -292,9 +311,9 @@ def run(
     plan: list[tuple[str, str, str, int]] = [
         ("single", dtype, variant, size) for dtype in dtypes for variant in variants for size in sizes
     ]
-    if "float32" in dtypes and "plain" in variants:  # both other cases are RMSProp's plain float32
-        if many:
-            plan.append(("many", "float32", "plain", many))
+    if "float32" in dtypes and many:  # many parameters: separate arrays, and flat storage
+        plan += [(case, "float32", variant, many) for variant in variants for case in ("many", "flat")]
+    if "float32" in dtypes and "plain" in variants:
         plan += [("numpy-params", "float32", "plain", size) for size in sizes]
     floors: dict[tuple[str, int], Floor] = {}
     rows: list[Row] = []
@@ -304,10 +323,10 @@ def run(
         buffers = chosen.buffers
         floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
         contenders: dict[str, Callable[[], None]] = {}
-        if case == "many":
+        if case in ("many", "flat"):
             counts = many_sizes(size)
             total = sum(counts)
-            contenders["netcl"], _ = _netcl_step(queue, counts, dtype, chosen)
+            contenders["netcl"], _ = _netcl_step(queue, counts, dtype, chosen, flat=case == "flat")
             floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
             contenders["floor"] = floor.launcher(floor_arrays, total)
             torch_step = _torch_step(counts, dtype, chosen)

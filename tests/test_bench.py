@@ -19,6 +19,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     data = json.loads(out_json.read_text())
     cases = {(row["case"], row["dtype"], row["variant"]) for row in data["rows"]}
     assert ("single", "float64", "centered") in cases and ("many", "float32", "plain") in cases
+    assert ("flat", "float32", "centered") in cases
     assert ("numpy-params", "float32", "plain") in cases
     for row in data["rows"]:
         assert row["median_ms"]["netcl"] > 0 and row["repeats"] >= 2
@@ -30,7 +31,12 @@ def test_only_the_chosen_variants_and_dtypes_are_run(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--quiet", "--variants", "adam", "--json", str(out_json)]) == 0
     cases = {(row["case"], row["dtype"], row["variant"]) for row in json.loads(out_json.read_text())["rows"]}
-    assert cases == {("single", "float32", "adam"), ("single", "float64", "adam")}
+    assert cases == {
+        ("single", "float32", "adam"),
+        ("single", "float64", "adam"),
+        ("many", "float32", "adam"),  # separate arrays
+        ("flat", "float32", "adam"),  # flat_parameters
+    }
 
 
 def test_table_gives_the_bandwidth_the_floor_reached_as_text_or_markdown() -> None:

@@ -116,6 +116,24 @@ class ArrayAPIBackend(Backend):
     def zeros_like(self, data: Any) -> Any:
         return _namespace(data).zeros_like(data)
 
+    def zeros_for(self, datas: Sequence[Any]) -> list[Any]:
+        """C-contiguous numpy arrays get views of one numpy array per dtype (see
+        `Backend.zeros_for`); other arrays their own."""
+        out: list[Any] = [None] * len(datas)
+        groups: dict[np.dtype[Any], list[int]] = {}
+        for k, data in enumerate(datas):
+            if isinstance(data, np.ndarray) and data.flags.c_contiguous:
+                groups.setdefault(data.dtype, []).append(k)
+            else:
+                out[k] = self.zeros_like(data)
+        for dtype, members in groups.items():
+            arena = np.zeros(sum(datas[k].size for k in members), dtype)
+            start = 0
+            for k in members:
+                out[k] = arena[start : start + datas[k].size].reshape(datas[k].shape)
+                start += datas[k].size
+        return out
+
     def to_host(self, array: Any) -> npt.NDArray[Any]:
         try:
             return np.from_dlpack(array, device="cpu", copy=True)

@@ -142,6 +142,12 @@ class Backend(ABC):
     def zeros_like(self, data: Any) -> Any:
         """A new state buffer for `data`, filled with zeros, on its device."""
 
+    def zeros_for(self, datas: Sequence[Any]) -> list[Any]:
+        """New state buffers for each of `datas` (one state name of a param group's
+        parameters, in order). A backend that can makes them views of one buffer, so
+        that parameters that follow each other in memory get state that does too."""
+        return [self.zeros_like(data) for data in datas]
+
     @abstractmethod
     def to_host(self, array: Any) -> npt.NDArray[Any]:
         """A numpy copy of `array` that shares no memory with it."""

@@ -103,19 +103,55 @@ def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hasha
     if queue is None:
         return list(work)
     rest: list[Work] = []
-    taken: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]] = []
+    runs: list[tuple[list[Work], list[npt.NDArray[Any]]]] = []
     for item in work:
         arrays = (item.data, item.grad, *(item.buffers[name] for name in step.buffers))
-        views = [_host_view(x) for x in arrays]
-        present = [v for v in views if v is not None]
+        present = [v for v in (_host_view(x) for x in arrays) if v is not None]
         layouts = {"C" if v.flags.c_contiguous else "F" for v in present if v.ndim > 1 and v.size > 1}
-        if len(present) == len(views) and present[0].size >= HOST_MIN_SIZE and len(layouts) <= 1:
-            taken.append((tuple(present), item.member))
-        else:
+        if len(present) != len(arrays) or len(layouts) > 1:
             rest.append(item)
+            continue
+        if runs and runs[-1][0][-1].member == item.member:
+            joined = _joined(runs[-1][1], present)
+            if joined is not None:
+                runs[-1][0].append(item)
+                runs[-1] = (runs[-1][0], joined)
+                continue
+        runs.append(([item], present))
+    taken: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]] = []
+    for items, views in runs:
+        if views[0].size >= HOST_MIN_SIZE:
+            taken.append((tuple(views), items[0].member))
+        else:
+            rest.extend(items)
     if taken:
         _launch(queue, step, taken, cache, tally)
     return rest
+
+
+def _joined(run: list[npt.NDArray[Any]], views: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]] | None:
+    """`run`'s arrays extended by `views`, where each of `views` continues its role's
+    array in the memory of the same numpy array (as `flat_parameters` and a param
+    group's state buffers lay them out); else None."""
+    joined = []
+    for a, b in zip(run, views, strict=True):
+        owner = a.base if a.base is not None else a
+        if (
+            not isinstance(owner, np.ndarray)
+            or b.base is not owner
+            or not owner.flags.c_contiguous
+            or b.dtype != a.dtype
+            or _address(b) != _address(a) + a.nbytes
+        ):
+            return None
+        start = (_address(a) - _address(owner)) // a.itemsize
+        joined.append(owner.reshape(-1)[start : start + a.size + b.size])
+    return joined
+
+
+def _address(x: npt.NDArray[Any]) -> int:
+    address: int = x.__array_interface__["data"][0]
+    return address
 
 
 def _launch(

@@ -202,31 +202,88 @@ class OpenCLBackend(Backend):
             )
             _record(grad, event)
 
+    def zeros_for(self, datas: Sequence[Any]) -> list[cl_array.Array]:
+        """State buffers for `datas` as views of one buffer per queue, dtype and layout,
+        in the order given, so that parameters that follow each other in a buffer get
+        state that does too (see `_runs`)."""
+        groups: dict[tuple[cl.CommandQueue, np.dtype[Any], Layout | None], list[int]] = {}
+        for k, data in enumerate(datas):
+            groups.setdefault((data.queue, np.dtype(data.dtype), _layout(data)), []).append(k)
+        out: list[Any] = [None] * len(datas)
+        for (queue, dtype, layout), members in groups.items():
+            sizes = [prod(int(n) for n in datas[k].shape) for k in members]
+            arena = cl_array.zeros(queue, max(sum(sizes), 1), dtype)
+            start = 0
+            for k, size in zip(members, sizes, strict=True):
+                out[k] = arena[start : start + size].reshape(tuple(datas[k].shape), order=layout or "C")
+                start += size
+        return out
+
     def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
         """Update `work` with as few launches as the kernel's slots allow.
 
         Parameters are launched together when they share a queue and a dtype, in the
-        order given. The launches are prepared once and kept in `cache` until a step
-        brings other arrays, so a training loop's step only enqueues them.
+        order given; a run of them whose arrays follow each other in their buffers is
+        one member of a launch (`_runs`). The launches are prepared once and kept in
+        `cache` until a step brings other arrays, so a training loop's step only
+        enqueues them.
         """
         prepared = cache.get("prepared")
-        if not isinstance(prepared, _Prepared) or prepared.work is not work or prepared.spec is not step.kernel:
-            key = tuple(_identity(x) for item in work for x in (item.data, *item.buffers.values()))
+        # where neighbours' own scalars differ (step counts), a run must break
+        breaks = (
+            tuple(k for k in range(1, len(work)) if work[k].member != work[k - 1].member)
+            if step.kernel.member_scalar_count
+            else ()
+        )
+        if (
+            not isinstance(prepared, _Prepared)
+            or prepared.work is not work
+            or prepared.spec is not step.kernel
+            or prepared.breaks != breaks
+        ):
+            key = tuple(_identity(x) for item in work for x in (item.data, item.grad, *item.buffers.values())) + (
+                breaks,
+            )
             if not isinstance(prepared, _Prepared) or prepared.key != key or prepared.spec != step.kernel:
                 old = prepared.launchers if isinstance(prepared, _Prepared) else {}
-                prepared = _Prepared(key, step, work, old, tally)
+                prepared = _Prepared(key, step, work, old, tally, breaks)
                 cache["prepared"] = prepared
             prepared.work, prepared.spec = work, step.kernel
         prepared.run(step.scalars, tally)
 
 
 def _identity(x: Any) -> Hashable:
-    """What a prepared launch depends on of an array: the object, and for an object of
-    the user's own, the buffer, offset, shape and queue it exposes now (a launch
-    prepared earlier holds the old buffer, so its id cannot be reused meanwhile)."""
-    if isinstance(x, cl_array.Array):
-        return id(x)
-    return (id(x), id(x.base_data), int(x.offset), tuple(x.shape), id(x.queue))
+    """What a prepared launch depends on of an array: its buffer, offset, shape and
+    queue (a launch prepared earlier holds the buffers of its parameters and state, so
+    their ids cannot be reused meanwhile; a gradient's buffer may be a new one with an
+    old id, which the launch is given afresh at each run anyway)."""
+    return (id(x.base_data), int(x.offset), tuple(x.shape), id(x.queue))
+
+
+def _follows(run: Member, member: Member, itemsize: int) -> bool:
+    """Whether each of `member`'s arrays starts in the buffer of `run`'s where that one
+    ends."""
+    return all(
+        b.base_data == a.base_data and int(b.offset) == int(a.offset) + run.size * itemsize
+        for a, b in zip(run.arrays, member.arrays, strict=True)
+    )
+
+
+def _runs(members: list[tuple[Member, int]], breaks: tuple[int, ...], itemsize: int) -> list[tuple[Member, list[int]]]:
+    """`members` (each with its place in the work) joined into runs: a member joins the
+    run before it when every one of its arrays (parameter, gradient, state buffers)
+    continues that run's in the same buffer and no break (different own scalars) falls
+    between them. A run is updated as one member, as its values are one after another
+    in every array: the same bits as its parameters one by one."""
+    runs: list[tuple[Member, list[int]]] = []
+    for member, place in members:
+        if runs:
+            run, places = runs[-1]
+            if place == places[-1] + 1 and place not in breaks and _follows(run, member, itemsize):
+                runs[-1] = (Member(run.arrays, run.size + member.size), [*places, place])
+                continue
+        runs.append((member, [place]))
+    return runs
 
 
 class _Prepared:
@@ -246,8 +303,10 @@ class _Prepared:
         work: Sequence[Work],
         old: dict[Hashable, Launcher],
         tally: Tally,
+        breaks: tuple[int, ...],
     ) -> None:
         self.key = key
+        self.breaks = breaks
         self.work = work
         """The list of work this plan last ran: the optimizer passes the same list object
         again only with the same arrays (see `Optimizer._plan`)."""
@@ -264,21 +323,25 @@ class _Prepared:
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
             limit = max_slots(facts.device, step.kernel)
-            for n, start in enumerate(range(0, len(members), limit)):
-                chunk = members[start : start + limit]
+            runs = _runs(members, breaks, dtype.itemsize)
+            for n, start in enumerate(range(0, len(runs), limit)):
+                chunk = runs[start : start + limit]
                 slots = slots_for(len(chunk))
                 key = (queue, dtype, step.kernel, slots, n)
                 launcher = old.get(key)
                 if launcher is None:
                     launcher = fused_kernel(facts.context, facts.device, dtype, step.kernel, slots).launcher()
-                launcher.bind([member for member, _ in chunk], tally.counter(queue))
+                launcher.bind([run for run, _ in chunk], tally.counter(queue))
                 self.launchers[key] = launcher
                 # the state buffers too where the queue does not order them: on an
                 # out-of-order queue, or made on another queue than the parameter's now
                 touched = [
                     x
-                    for member, _ in chunk
-                    for k, x in enumerate(member.arrays)
+                    for _, places in chunk
+                    for place in places
+                    for k, x in enumerate(
+                        (work[place].data, None, *(work[place].buffers[name] for name in step.buffers))
+                    )
                     if k == 0 or (k > 1 and (not facts.in_order or getattr(x, "queue", None) is not queue))
                 ]
                 self.launches.append(
@@ -287,7 +350,8 @@ class _Prepared:
                         launcher,
                         [x for x in touched if isinstance(x, cl_array.Array)],
                         [x for x in touched if not isinstance(x, cl_array.Array)],
-                        [place for _, place in chunk],
+                        [places[0] for _, places in chunk],
+                        [place for _, places in chunk for place in places],
                     )
                 )
 
@@ -296,15 +360,16 @@ class _Prepared:
         work = self.work
         for launch in self.launches:
             grads = [work[k].grad for k in launch.places]
+            every = [work[k].grad for k in launch.members] if len(launch.members) > len(launch.places) else grads
             # each event once: the arrays of a launch often wait for the same one
             waits = dict.fromkeys(event for x in launch.arrays for event in x.events)
-            waits.update(dict.fromkeys(event for x in (*launch.others, *grads) for event in _events(x)))
+            waits.update(dict.fromkeys(event for x in (*launch.others, *every) for event in _events(x)))
             own = [work[k].member for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
             event = launch.launcher.run(launch.queue, scalars, own, grads, list(waits))
             tally.launched(launch.queue, event)
             for x in launch.arrays:
                 x.events = [event]
-            for x in (*launch.others, *grads):
+            for x in (*launch.others, *every):
                 _record(x, event)
 
 
@@ -319,7 +384,9 @@ class _Launch:
     arrays: list[cl_array.Array]
     others: list[Any]
     places: list[int]
-    """Where each parameter of the launch is in the step's work."""
+    """Where the first parameter of each of the launch's runs is in the step's work."""
+    members: list[int]
+    """Where every parameter of the launch is in the step's work."""
 
 
 def _check_match(data: Any, other: Any, where: str) -> None:

@@ -301,18 +301,26 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         """Prepare each parameter's step count, state buffers and own scalars; raise
         before anything the user can see has changed. (A known plan has its buffers.)"""
         member_scalars = self.rule.member_scalars
+        if not known:  # new state buffers: one buffer per name and backend (`zeros_for`)
+            for backend, work in plan.batches.items():
+                for name in step.buffers:
+                    needing = [item for item in work if name not in item.state]
+                    for item, buffer in zip(needing, backend.zeros_for([i.data for i in needing]), strict=True):
+                        item.buffers[name] = buffer
+        made: dict[tuple[int, frozenset[str]], tuple[float, ...]] = {}  # parameters mostly share a count
         fresh: frozenset[str] = frozenset()
         for item in plan.work():
             count = item.state["step"]
             if type(count) is not int or count < 0:  # noqa: E721 (bool and numpy ints are not counts here)
                 count = _saved_step(count, f"state['step'] of {item.at}")
             item.count = count + 1
-            if not known:
-                fresh = frozenset(name for name in step.buffers if name not in item.state)
-                for name in fresh:
-                    item.buffers[name] = item.backend.zeros_like(item.data)
             if member_scalars is not None:
-                item.member = member_scalars(step.hyper, item.count, fresh)
+                if not known:
+                    fresh = frozenset(name for name in step.buffers if name not in item.state)
+                own = made.get((item.count, fresh))
+                if own is None:
+                    own = made[item.count, fresh] = member_scalars(step.hyper, item.count, fresh)
+                item.member = own
 
     def _commit(self, plans: list[tuple[Step, _Plan, bool]]) -> None:
         """Record a step whose updates were all written: counts, new state, plans."""

@@ -1,0 +1,92 @@
+"""`flat_parameters`: a model's parameters as views of one buffer, gradients of another.
+
+The optimizers find runs of parameters whose arrays (the data, the gradient and each
+state buffer) follow each other in one buffer, and update such a run as one member of
+one launch: a whole model in one kernel, whatever the number of its tensors. A group's
+state buffers are made the same way, one buffer per state name with a view per
+parameter, so the run stays whole. `flat_parameters` lays out parameters so; arrays
+that a user lays out the same way get the same launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+from typing import Any, overload
+
+import numpy as np
+import numpy.typing as npt
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+from netcl._parameter import Parameter
+
+__all__ = ["flat_parameters"]
+
+
+@overload
+def flat_parameters(
+    queue: cl.CommandQueue, shapes: Sequence[tuple[int, ...]], dtype: npt.DTypeLike = np.float32
+) -> list[Parameter[cl_array.Array]]: ...
+@overload
+def flat_parameters(
+    queue: None, shapes: Sequence[tuple[int, ...]], dtype: npt.DTypeLike = np.float32
+) -> list[Parameter[npt.NDArray[Any]]]: ...
+
+
+def flat_parameters(
+    queue: cl.CommandQueue | None, shapes: Sequence[tuple[int, ...]], dtype: npt.DTypeLike = np.float32
+) -> list[Parameter[cl_array.Array]] | list[Parameter[npt.NDArray[Any]]]:
+    """Parameters of the given shapes whose data are views of one buffer, in order, and
+    whose gradients are views of another, all zero.
+
+    The optimizers step such parameters (and any laid out the same way) with one launch
+    per run of them, with no limit on their number. Fill the data in place
+    (`param.data.set(...)`, or `param.data[...] = ...` for numpy) and write the
+    gradients in place too: clear them with `optimizer.zero_grad(set_to_none=False)`,
+    since a new gradient array ends the run at its parameter.
+
+    Args:
+        queue: The queue of the pyopencl arrays, or None for numpy arrays.
+        shapes: Each parameter's shape.
+        dtype: float32 or float64.
+
+    Raises:
+        TypeError: `dtype` is not float32 or float64, or a shape is not a tuple of ints.
+        ValueError: A dimension is negative.
+
+    Example:
+        ```python
+        from netcl import flat_parameters
+        from netcl.optim import Adam
+
+        params = flat_parameters(None, [(64, 10), (10,)])
+        optimizer = Adam(params, lr=1e-3)
+        params[0].grad[...] = 0.5  # your backward pass writes the gradients in place
+        optimizer.step()
+        ```
+    """
+    kind = np.dtype(dtype)
+    if kind not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {kind}")
+    checked: list[tuple[int, ...]] = []
+    for k, shape in enumerate(shapes):
+        if not isinstance(shape, tuple) or not all(isinstance(n, int | np.integer) for n in shape):
+            raise TypeError(f"shapes[{k}] must be a tuple of ints, got {shape!r}")
+        if any(n < 0 for n in shape):
+            raise ValueError(f"shapes[{k}] has a negative dimension: {shape!r}")
+        checked.append(tuple(int(n) for n in shape))
+    sizes = [prod(shape) for shape in checked]
+    total = sum(sizes)
+    starts = np.cumsum([0, *sizes])
+    if queue is None:
+        data_np, grad_np = np.zeros(total, kind), np.zeros(total, kind)
+        return [
+            Parameter(data_np[a:b].reshape(shape), grad_np[a:b].reshape(shape))
+            for a, b, shape in zip(starts[:-1], starts[1:], checked, strict=True)
+        ]
+    data_cl, grad_cl = cl_array.zeros(queue, total, kind), cl_array.zeros(queue, total, kind)
+    return [
+        Parameter(data_cl[int(a) : int(b)].reshape(shape), grad_cl[int(a) : int(b)].reshape(shape))
+        for a, b, shape in zip(starts[:-1], starts[1:], checked, strict=True)
+    ]

@@ -1,0 +1,201 @@
+"""Flat storage: `flat_parameters`, and runs of parameters stepped as one member of one
+launch, bit for bit as each parameter alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+
+from netcl import Parameter, flat_parameters
+from netcl._backends import host
+from netcl.optim import SGD, Adam, RMSProp
+from netcl.optim.optimizer import Optimizer
+from tests.test_optimizers import FLAT, FLAT_IDS, Case
+
+SHAPES = [(4, 3), (5,), (), (2, 2, 2), (1,), (7,)]
+F32 = np.float32
+
+
+def _launches(opt: Optimizer[Any, Any, Any, Any]) -> int:
+    return sum(len(cache["prepared"].launches) for cache in opt._launch_cache.values() if "prepared" in cache)
+
+
+def _get(x: Any) -> Any:
+    return x.get() if isinstance(x, cl_array.Array) else np.array(x, copy=True)
+
+
+@pytest.mark.parametrize("where", ["pyopencl", "numpy"])
+def test_flat_parameters_are_views_of_one_buffer_in_order(where: str, queue: cl.CommandQueue) -> None:
+    params: list[Parameter[Any]] = list(flat_parameters(queue if where == "pyopencl" else None, SHAPES))
+    assert [tuple(p.data.shape) for p in params] == SHAPES
+    offset = 0
+    for p in params:
+        assert p.grad is not None
+        assert not _get(p.data).any() and not _get(p.grad).any()
+        if where == "pyopencl":
+            first: Any = params[0].grad
+            assert p.data.base_data is params[0].data.base_data and p.grad.base_data is first.base_data
+            assert p.data.offset == offset and p.grad.offset == offset
+        else:
+            assert p.data.base is params[0].data.base
+        offset += int(np.prod(p.data.shape)) * 4
+
+
+def test_flat_parameters_refuse_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got int32"):
+        flat_parameters(None, [(3,)], np.int32)
+    with pytest.raises(TypeError, match=r"shapes\[1\] must be a tuple of ints, got \[3\]"):
+        flat_parameters(None, [(3,), [3]])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"shapes\[0\] has a negative dimension: \(-1,\)"):
+        flat_parameters(None, [(-1,)])
+
+
+def _runs(
+    case: Case, flags: dict[str, Any], make: Callable[[list[Any]], list[Parameter[Any]]], steps: int
+) -> list[bytes]:
+    rng = np.random.default_rng(4)
+    start = [rng.standard_normal(s).astype(F32) for s in SHAPES]
+    params = make(start)
+    opt = case.ours(params, lr=1e-2, **flags)
+    out: list[bytes] = []
+    for k in range(steps):
+        for j, p in enumerate(params):
+            g = (rng.standard_normal(SHAPES[j]) * 10.0 ** rng.uniform(-2, 2)).astype(F32)
+            if k == 1 and j == 2:  # skipped values in the middle of the run
+                g = np.full(SHAPES[j], np.nan, F32)
+            _write(p.grad, g)
+        if k == 2:  # and different step counts break it from then on
+            params[3].grad, kept = None, params[3].grad
+            opt.step()
+            params[3].grad = kept
+            continue
+        opt.step()
+        out += [_get(p.data).tobytes() for p in params]
+    return out
+
+
+def _write(x: Any, value: Any) -> None:
+    if isinstance(x, cl_array.Array):
+        x.set(np.ascontiguousarray(value).reshape(x.shape))
+    else:
+        x[...] = value
+
+
+@pytest.mark.parametrize(("case", "flags"), FLAT, ids=FLAT_IDS)
+def test_a_flat_run_gives_the_bits_of_each_parameter_alone(
+    case: Case, flags: dict[str, Any], queue: cl.CommandQueue
+) -> None:
+    def flat(start: list[Any]) -> list[Parameter[Any]]:
+        params = flat_parameters(queue, SHAPES)
+        for p, x in zip(params, start, strict=True):
+            _write(p.data, x)
+        return params
+
+    def alone(start: list[Any]) -> list[Parameter[Any]]:
+        return [Parameter(cl_array.to_device(queue, x), cl_array.zeros(queue, x.shape, F32)) for x in start]
+
+    def numpy_flat(start: list[Any]) -> list[Parameter[Any]]:
+        params = flat_parameters(None, SHAPES)
+        for p, x in zip(params, start, strict=True):
+            _write(p.data, x)
+        return params
+
+    expected = _runs(case, flags, alone, 5)
+    assert _runs(case, flags, flat, 5) == expected
+    assert _runs(case, flags, numpy_flat, 5) == expected
+
+
+@pytest.mark.parametrize("factory", [SGD, Adam, RMSProp], ids=["SGD", "Adam", "RMSProp"])
+def test_160_flat_parameters_take_one_launch_and_make_nothing_per_step(
+    factory: Callable[..., Optimizer[Any, Any, Any, Any]],
+    queue: cl.CommandQueue,
+    count_makes: Callable[[], list[str]],
+) -> None:
+    params = flat_parameters(queue, [(n,) for n in range(1, 161)])
+    opt = factory(params, lr=1e-2)
+    opt.step()
+    assert _launches(opt) == 1
+    for name in opt.state[id(params[0])]:
+        if name != "step":  # one buffer per state name, a view per parameter, in order
+            views = [opt.state[id(p)][name] for p in params]
+            assert all(v.base_data is views[0].base_data for v in views)
+            assert [v.offset for v in views] == [p.data.offset for p in params]
+    made = count_makes()
+    for _ in range(3):
+        opt.step()
+    assert made == []
+    assert _launches(opt) == 1
+
+
+def test_arrays_laid_out_by_hand_take_the_same_launch(queue: cl.CommandQueue) -> None:
+    data = cl_array.zeros(queue, 30, F32)
+    grad = cl_array.to_device(queue, np.ones(30, F32))
+    params = [Parameter(data[a:b], grad[a:b]) for a, b in [(0, 10), (10, 25), (25, 30)]]
+    opt = Adam(params)
+    opt.step()
+    assert _launches(opt) == 1
+    separate = [
+        Parameter(cl_array.zeros(queue, n, F32), cl_array.to_device(queue, np.ones(n, F32))) for n in (10, 15, 5)
+    ]
+    other = Adam(separate)
+    other.step()
+    assert data.get().tobytes() == np.concatenate([p.data.get() for p in separate]).tobytes()
+
+
+def test_a_new_gradient_array_ends_the_run_and_is_followed(queue: cl.CommandQueue) -> None:
+    params = flat_parameters(queue, [(4,), (4,), (4,)])
+    for p in params:
+        p.data.fill(1.0)
+        assert p.grad is not None
+        p.grad.fill(1.0)
+    opt = SGD(params, lr=0.5)
+    opt.step()
+    params[1].grad = cl_array.to_device(queue, np.full(4, 3.0, F32))
+    opt.step()
+    np.testing.assert_array_equal(params[0].data.get(), 0.0)
+    np.testing.assert_array_equal(params[1].data.get(), -1.0)
+    np.testing.assert_array_equal(params[2].data.get(), 0.0)
+
+
+def test_state_dicts_keep_the_per_parameter_layout(queue: cl.CommandQueue) -> None:
+    params = flat_parameters(queue, SHAPES)
+    for p in params:
+        assert p.grad is not None
+        p.grad.fill(0.5)
+    opt = Adam(params)
+    opt.step()
+    saved = opt.state_dict()
+    assert sorted(saved["state"]) == list(range(len(SHAPES)))
+    assert [saved["state"][k]["exp_avg"].shape for k in range(len(SHAPES))] == SHAPES
+    fresh = Adam(flat_parameters(queue, SHAPES))
+    fresh.load_state_dict(saved)
+    again = fresh.state_dict()
+    for k in saved["state"]:
+        assert again["state"][k]["exp_avg"].tobytes() == saved["state"][k]["exp_avg"].tobytes()
+
+
+def test_a_flat_numpy_model_takes_the_host_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    if host.host_queue() is None:
+        pytest.fail("no CPU OpenCL device: install netcl[pocl]")
+    sizes = [host.HOST_MIN_SIZE // 4] * 4 + [10]
+    params = flat_parameters(None, [(n,) for n in sizes])
+    opt = Adam(params)
+    opt.step()
+    launched: list[int] = []
+    original = host._launch
+
+    def spy(queue: cl.CommandQueue, step: Any, taken: Any, cache: Any, tally: Any) -> None:
+        launched.extend(views[0].size for views, _ in taken)
+        original(queue, step, taken, cache, tally)
+
+    monkeypatch.setattr(host, "_launch", spy)
+    for p in params:
+        assert p.grad is not None
+        p.grad[...] = 0.25
+    opt.step()
+    assert launched == [sum(sizes)]
