@@ -67,6 +67,9 @@ VARIANTS: dict[str, Variant] = {
 }
 """plain, momentum and centered are RMSProp's."""
 LR, ALPHA, EPS = 1e-3, 0.99, 1e-8
+WIDE_SPREAD = 0.25
+"""A contender whose rounds' interquartile range exceeds this share of its median is
+reported: its row's ratios are uncertain."""
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Row:
     bytes_per_step: int
     median_ms: dict[str, float] = field(default_factory=dict)
     repeats: int = 0
+    spread: dict[str, float] = field(default_factory=dict)
+    """Each contender's interquartile range over its median: how much its rounds moved."""
 
     def ratio(self, a: str, b: str) -> float | None:
         """Median of contender `a` over that of `b`, or None if either is missing."""
@@ -266,9 +271,14 @@ def _netcl_numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
 
 
 def _time(
-    contenders: dict[str, Callable[[], None]], budget_s: float, min_repeats: int, max_repeats: int
+    contenders: dict[str, Callable[[], None]],
+    budget_s: float,
+    min_repeats: int,
+    max_repeats: int,
+    spread: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], int]:
-    """Median milliseconds of each contender, timed in turns so noise hits all alike.
+    """Median milliseconds of each contender, timed in turns so noise hits all alike;
+    `spread`, if given, gets each one's interquartile range over its median.
 
     The order of the turns is shuffled every round: torch's OpenMP threads keep spinning
     for a while after its step, which slows whichever contender comes next.
@@ -287,6 +297,10 @@ def _time(
             fn()
             samples[name].append(time.perf_counter() - start)
         repeats += 1
+    if spread is not None:
+        for name, times in samples.items():
+            low, median, high = np.percentile(times, [25, 50, 75])
+            spread[name] = float((high - low) / median)
     return {name: float(np.median(times)) * 1e3 for name, times in samples.items()}, repeats
 
 
@@ -350,7 +364,7 @@ def run(
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
         if torch_step is not None:
             contenders["torch"] = torch_step
-        row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats)
+        row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread)
         rows.append(row)
         del contenders
         gc.collect()
@@ -504,6 +518,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = describe_device(queue)
     print(f"device: {device}")
     print(table(rows, markdown=args.markdown))
+    for row in rows:
+        wide = {name: value for name, value in row.spread.items() if value > WIDE_SPREAD}
+        if wide:
+            moved = ", ".join(f"{name} {value:.0%}" for name, value in wide.items())
+            print(
+                f"warning: {row.case} {row.dtype} {row.variant} {row.size:,}: the rounds' interquartile range "
+                f"is {moved} of the median; its ratios are uncertain (a busy machine?)",
+                file=sys.stderr,
+            )
     if args.json:
         meta = {
             "device": device,

@@ -23,6 +23,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert ("numpy-params", "float32", "plain") in cases
     for row in data["rows"]:
         assert row["median_ms"]["netcl"] > 0 and row["repeats"] >= 2
+        assert set(row["spread"]) == set(row["median_ms"]) and all(v >= 0 for v in row["spread"].values())
     assert data["meta"]["device"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -88,3 +89,10 @@ def test_kernel_costs_of_many_parameters_runs(capsys: pytest.CaptureFixture[str]
         "| 40 parameters, step()",
     ]
     assert all(float(row[1]) > 0 for row in rows)
+
+
+def test_a_wide_spread_is_reported(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "WIDE_SPREAD", -1.0)  # every row is "wide"
+    assert bench.main(["--smoke", "--quiet", "--variants", "sgd", "--dtypes", "float32", "--many", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: single float32 sgd 1,000: the rounds' interquartile range is netcl" in err
