@@ -459,12 +459,17 @@ def _build(
         # barrier and a pass over 1/8 of the group's bytes.
         add = "atom_add(skipped, (long)s);" if int64_atomics else "atomic_add((volatile __global uint *)skipped, s);"
         pick.append(f"__local uchar skipped_here[{local}] __attribute__((aligned(8)));")
+        # (the marks 8 at a time where the group size allows it, else every value looks)
+        any_set = (
+            ["ulong any = 0;", f"for (int k = 0; k < {local // 8}; ++k) any |= ((__local ulong *)skipped_here)[k];"]
+            if local % 8 == 0
+            else ["const bool any = true;"]
+        )
         counting = [
             "skipped_here[get_local_id(0)] = mine;",
             "barrier(CLK_LOCAL_MEM_FENCE);",
             "if (get_local_id(0) == 0) {",
-            "ulong any = 0;",
-            f"for (int k = 0; k < {local // 8}; ++k) any |= ((__local ulong *)skipped_here)[k];",
+            *any_set,
             "if (any) {",
             "uint s = 0;",
             f"for (int k = 0; k < {local}; ++k) s += skipped_here[k];",

@@ -501,3 +501,23 @@ def test_skip_and_count_give_the_same_bits(kind: str, queue: cl.CommandQueue) ->
         opt.step()
         results.append(param.data.get() if kind == "pyopencl" else param.data)
     assert results[0].tobytes() == results[1].tobytes()
+
+
+@pytest.mark.parametrize("local_size", [4, 12, 64])
+def test_counting_works_with_any_work_group_size(
+    local_size: int, queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The work-group's first work-item reads the marks 8 at a time where the group's
+    size allows it; groups of other sizes count value by value."""
+    import netcl._kernels as kernels
+
+    monkeypatch.setattr(kernels, "geometry", lambda device: kernels.Geometry(local_size=local_size))
+    fresh = cl.CommandQueue(cl.Context([queue.device]))  # kernels are built once per context
+    grads = [np.ones(n, F32) for n in (5, 37)]
+    grads[0][[0, 4]] = np.nan
+    grads[1][[3, 11, 36]] = np.inf
+    params = [Parameter(cl_array.zeros(fresh, g.size, F32), cl_array.to_device(fresh, g)) for g in grads]
+    opt = SGD(params, lr=0.5, nonfinite="count")
+    opt.step()
+    assert opt.skipped_nonfinite() == 5
+    np.testing.assert_array_equal(params[1].data.get()[[0, 1, 2]], -0.5)
