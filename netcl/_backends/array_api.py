@@ -69,6 +69,20 @@ def _check_dense(x: Any, where: str) -> None:
         raise TypeError(f"{where} is a torch tensor with layout {layout}; netcl needs dense (strided) tensors")
 
 
+def _check_written_in_place(x: Any, where: str) -> None:
+    """Raise ValueError unless netcl can write `x` in place (or rebinds it, jax): it is
+    writeable and no two of its elements share memory."""
+    if _rebinds(x):
+        return
+    if not array_api_compat.is_writeable_array(x):
+        raise ValueError(f"{where} is read-only; netcl updates parameters in place, so it needs a writeable array")
+    if _overlaps(x):
+        raise ValueError(
+            f"{where} has elements that share memory (shape {tuple(x.shape)}, a broadcast or expanded "
+            "view); netcl updates parameters in place, so each element needs memory of its own"
+        )
+
+
 def no_autograd(x: Any) -> contextlib.AbstractContextManager[object]:
     """torch's `no_grad()` for a torch tensor (as torch's own optimizers update
     parameters that require grad), else nothing."""
@@ -89,13 +103,7 @@ class ArrayAPIBackend(Backend):
         if data.dtype not in (xp.float32, xp.float64):
             raise TypeError(f"{where} has dtype {data.dtype}; netcl optimizes float32 and float64 arrays")
         _check_dense(data, where)
-        if not _rebinds(data) and not array_api_compat.is_writeable_array(data):
-            raise ValueError(f"{where} is read-only; netcl updates parameters in place, so it needs a writeable array")
-        if _overlaps(data):
-            raise ValueError(
-                f"{where} has elements that share memory (shape {tuple(data.shape)}, a broadcast or expanded "
-                "view); netcl updates parameters in place, so each element needs memory of its own"
-            )
+        _check_written_in_place(data, where)
 
     def check_grad(self, data: Any, grad: Any, where: str) -> None:
         _check_same_library(data, grad, where, "the gradient must be an array of the same library")
@@ -106,8 +114,7 @@ class ArrayAPIBackend(Backend):
         _check_same_library(data, buffer, where, "its state was made for another kind of array")
         _check_dense(buffer, where)
         _check_match(data, buffer, where)
-        if not _rebinds(buffer) and (not array_api_compat.is_writeable_array(buffer) or _overlaps(buffer)):
-            raise ValueError(f"{where} is read-only or has elements that share memory; it is written in place")
+        _check_written_in_place(buffer, where)
 
     def dtype(self, data: Any) -> np.dtype[Any]:
         xp = _namespace(data)

@@ -335,14 +335,12 @@ class _Prepared:
                 self.launchers[key] = launcher
                 # the state buffers too where the queue does not order them: on an
                 # out-of-order queue, or made on another queue than the parameter's now
-                touched = [
+                places = [place for _, run_places in chunk for place in run_places]
+                touched = [work[place].data for place in places] + [
                     x
-                    for _, places in chunk
                     for place in places
-                    for k, x in enumerate(
-                        (work[place].data, None, *(work[place].buffers[name] for name in step.buffers))
-                    )
-                    if k == 0 or (k > 1 and (not facts.in_order or getattr(x, "queue", None) is not queue))
+                    for x in (work[place].buffers[name] for name in step.buffers)
+                    if not facts.in_order or getattr(x, "queue", None) is not queue
                 ]
                 self.launches.append(
                     _Launch(
@@ -350,8 +348,8 @@ class _Prepared:
                         launcher,
                         [x for x in touched if isinstance(x, cl_array.Array)],
                         [x for x in touched if not isinstance(x, cl_array.Array)],
-                        [places[0] for _, places in chunk],
-                        [place for _, places in chunk for place in places],
+                        [run_places[0] for _, run_places in chunk],
+                        places,
                     )
                 )
 

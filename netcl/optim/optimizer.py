@@ -428,11 +428,13 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             checked = self._checked.get(id(param))
             if checked is not None and checked.holds(data, grad, state):
                 backend = checked.backend
+                stable = True  # only stable arrays are remembered as checked
             else:
                 backend = self._check(at, data, grad, state)
-                if backend.stable(data) and backend.stable(grad):
+                stable = backend.stable(data) and backend.stable(grad)
+                if stable:
                     self._checked[id(param)] = _Checked(data, grad, state, backend)
-            plan.stable = plan.stable and backend.stable(data) and backend.stable(grad)
+            plan.stable = plan.stable and stable
             plan.dtypes.add(backend.dtype(data))
             plan.entries.append((param, data, _weak(grad), state))
             buffers = {name: state[name] for name in step.buffers if name in state}
