@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Hashable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import array_api_compat
@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from netcl._backends.base import Backend, Tally, Work, check_same_shape, describe
-from netcl._backends.host import update_on_host
+from netcl._backends.host import host_view, update_on_host
 from netcl._update import Step
 from netcl._xp import ArrayNamespace
 
@@ -150,6 +150,25 @@ class ArrayAPIBackend(Backend):
     def from_host(self, host: npt.NDArray[Any], like: Any) -> Any:
         xp = _namespace(like)
         return xp.asarray(host, dtype=like.dtype, device=array_api_compat.device(like), copy=True)
+
+    @contextlib.contextmanager
+    def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[list[npt.NDArray[Any]]]:
+        # numpy arrays and CPU tensors lend their memory; the others are copied in and out
+        views: list[npt.NDArray[Any]] = []
+        copies: list[tuple[Any, npt.NDArray[Any]]] = []
+        for k, x in enumerate(arrays):
+            view = host_view(x)
+            if view is None:
+                if write and (_rebinds(x) or not array_api_compat.is_writeable_array(x)):
+                    raise TypeError(f"arrays[{k}] ({describe(x)}) cannot be written in place")
+                view = self.to_host(x)
+                copies.append((x, view))
+            views.append(view.ravel(order="K"))
+        yield views
+        if write:
+            for x, view in copies:
+                with no_autograd(x):
+                    x[...] = _namespace(x).asarray(view, device=array_api_compat.device(x))
 
     def zero_(self, grad: Any) -> None:
         grad[...] = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,16 @@ class Backend(ABC):
     @abstractmethod
     def from_host(self, host: npt.NDArray[Any], like: Any) -> Any:
         """A copy of `host` in this backend, on the device of `like`."""
+
+    @abstractmethod
+    def host_views(
+        self, arrays: Sequence[Any], write: bool
+    ) -> contextlib.AbstractContextManager[list[npt.NDArray[Any]]]:
+        """Each of `arrays` (which passed `check_param`) as a flat numpy array, for the
+        time of a `with` block: a view of its memory where the library allows it (host
+        memory, or an OpenCL buffer mapped to the host), else a copy. With `write`, what
+        the block writes into the views is in the arrays afterwards. Arrays that follow
+        each other in one buffer give views that follow each other in one host array."""
 
     @abstractmethod
     def zero_(self, grad: Any) -> None:

@@ -67,7 +67,7 @@ def host_queue() -> cl.CommandQueue | None:
     return None
 
 
-def _host_view(x: Any) -> npt.NDArray[Any] | None:
+def host_view(x: Any) -> npt.NDArray[Any] | None:
     """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
     if isinstance(x, np.ndarray):
         view = x
@@ -106,7 +106,7 @@ def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hasha
     runs: list[tuple[list[Work], list[npt.NDArray[Any]]]] = []
     for item in work:
         arrays = (item.data, item.grad, *(item.buffers[name] for name in step.buffers))
-        present = [v for v in (_host_view(x) for x in arrays) if v is not None]
+        present = [v for v in (host_view(x) for x in arrays) if v is not None]
         layouts = {"C" if v.flags.c_contiguous else "F" for v in present if v.ndim > 1 and v.size > 1}
         if len(present) != len(arrays) or len(layouts) > 1:
             rest.append(item)

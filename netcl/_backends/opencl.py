@@ -7,11 +7,12 @@ its own event is recorded on each of them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Hashable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -184,6 +185,45 @@ class OpenCLBackend(Backend):
     def from_host(self, host: npt.NDArray[Any], like: Any) -> cl_array.Array:
         return cl_array.to_device(like.queue, np.asarray(host, order=_layout(like)))
 
+    @contextlib.contextmanager
+    def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[list[npt.NDArray[Any]]]:
+        # each run of arrays that follow each other in one buffer is mapped once: a
+        # CPU device hands out its own memory, a GPU's driver copies the run
+        flags = cast(cl.map_flags, cl.map_flags.READ | cl.map_flags.WRITE if write else cl.map_flags.READ)
+        views: list[npt.NDArray[Any]] = []
+        mapped: list[tuple[Any, cl.CommandQueue, list[Any]]] = []
+        try:
+            for run in _buffer_runs(arrays):
+                first = run[0]
+                dtype = np.dtype(first.dtype)
+                sizes = [prod(int(n) for n in x.shape) for x in run]
+                if sum(sizes) == 0:
+                    views.extend(np.empty(0, dtype) for _ in run)
+                    continue
+                queue = first.queue or cl.CommandQueue(_context(first))
+                events = [event for x in run for event in _events(x)]
+                host, _ = cl.enqueue_map_buffer(
+                    queue,
+                    first.base_data,
+                    flags,
+                    int(first.offset),
+                    (sum(sizes),),
+                    dtype,
+                    wait_for=events or None,
+                    is_blocking=True,
+                )
+                mapped.append((host, queue, run))
+                start = 0
+                for size in sizes:
+                    views.append(host[start : start + size])
+                    start += size
+            yield views
+        finally:
+            for host, queue, run in mapped:
+                event = host.base.release(queue)
+                for x in run:
+                    _record(x, event)
+
     def zero_(self, grad: Any) -> None:
         if isinstance(grad, cl_array.Array):
             grad.fill(0)
@@ -250,6 +290,28 @@ class OpenCLBackend(Backend):
                 cache["prepared"] = prepared
             prepared.work, prepared.spec = work, step.kernel
         prepared.run(step.scalars, tally)
+
+
+def _buffer_runs(arrays: Sequence[Any]) -> list[list[Any]]:
+    """`arrays` split into runs that follow each other in one buffer, in order."""
+    runs: list[list[Any]] = []
+    end = -1
+    for x in arrays:
+        size = prod(int(n) for n in x.shape) * np.dtype(x.dtype).itemsize
+        if runs and size and end >= 0:
+            last = runs[-1][-1]
+            if (
+                x.base_data is last.base_data
+                and int(x.offset) == end
+                and x.queue is last.queue
+                and np.dtype(x.dtype) == np.dtype(last.dtype)
+            ):
+                runs[-1].append(x)
+                end += size
+                continue
+        runs.append([x])
+        end = int(x.offset) + size if size else -1
+    return runs
 
 
 def _identity(x: Any) -> Hashable:

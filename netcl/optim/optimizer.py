@@ -297,6 +297,18 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             self._commit(plans)
         return loss
 
+    def _check_step(self) -> None:
+        """Raise as `step()` would on this input, and change nothing (the distributed
+        optimizers agree on this verdict across ranks before they communicate)."""
+        with self._lock:
+            for index, group in enumerate(self.param_groups):
+                _, plan, _ = self._plan(index, group)
+                for item in plan.work():
+                    item.grad = None
+                    count = item.state["step"]
+                    if type(count) is not int or count < 0:  # noqa: E721 (as in _stage)
+                        _saved_step(count, f"state['step'] of {item.at}")
+
     def _stage(self, step: Step, plan: _Plan, known: bool) -> None:
         """Prepare each parameter's step count, state buffers and own scalars; raise
         before anything the user can see has changed. (A known plan has its buffers.)"""

@@ -1,0 +1,400 @@
+"""Scenarios that run on several MPI ranks: `mpiexec -n 2 python -m tests.mpi_scenarios NAME`.
+
+Each rank asserts what it sees and prints `ok RANK` last; `tests/test_distributed.py`
+launches every scenario and checks every rank's output. A failed assertion ends the run
+with MPI's abort, so no rank waits on one that failed.
+
+Equality with one process: with 2 ranks the mean of two float32 gradients is their sum
+(the same bits in either order) halved (exact), so the parameters, the state and the
+mean gradient must equal, bit for bit, one process's step on `(g0 + g1) / 2`.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyopencl as cl
+import pyopencl.array as cl_array
+import torch
+from mpi4py import MPI
+
+from netcl import Parameter, flat_parameters
+from netcl.distributed import (
+    DistributedOptimizer,
+    ZeroRedundancyOptimizer,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
+from netcl.optim import SGD, Adam, AdamW, Optimizer, RMSProp, checkpoint
+from tests.kinds import KINDS, Kind
+
+F = npt.NDArray[Any]
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+QUEUE = cl.CommandQueue(cl.create_some_context(interactive=False))
+SHAPES = [(6, 5), (5,), (130,), (1,), (3, 4, 2)]
+STEPS = 21
+
+OPTIMIZERS: list[tuple[type[Optimizer[Any, Any, Any, Any]], dict[str, Any]]] = [
+    (RMSProp, {"lr": 1e-2, "momentum": 0.9, "centered": True, "weight_decay": 0.01}),
+    (SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
+    (Adam, {"lr": 1e-2, "amsgrad": True}),
+    (AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+]
+
+
+def gradients(step: int, rank: int) -> list[F]:
+    rng = np.random.default_rng(1000 * step + rank)
+    return [rng.standard_normal(shape).astype(np.float32) for shape in SHAPES]
+
+
+def starts() -> list[F]:
+    """Different on each rank: `broadcast_parameters` makes them rank 0's."""
+    rng = np.random.default_rng(RANK + 17)
+    return [rng.standard_normal(shape).astype(np.float32) for shape in SHAPES]
+
+
+def get(x: Any) -> F:
+    if isinstance(x, cl_array.Array):
+        return x.get()
+    if isinstance(x, torch.Tensor):
+        return np.array(x.detach().numpy(), copy=True)
+    if hasattr(x, "get"):
+        host: F = x.get()
+        return host
+    return np.array(x, copy=True)
+
+
+class Model:
+    """Parameters of one kind, their gradients written in place or replaced."""
+
+    def __init__(self, kind: str, values: Sequence[F]) -> None:
+        self.kind = kind
+        if kind in ("flat-pyopencl", "flat-numpy"):
+            self.params: list[Any] = list(flat_parameters(QUEUE if kind == "flat-pyopencl" else None, SHAPES))
+            for param, value in zip(self.params, values, strict=True):
+                if kind == "flat-numpy":
+                    param.data[...] = value
+                else:
+                    param.data.set(value)
+        else:
+            made = {k.name: k for k in KINDS}[kind]
+            self.params = [Parameter(made.make(QUEUE, value)) for value in values]
+        self.made: Kind | None = None if kind.startswith("flat") else {k.name: k for k in KINDS}[kind]
+        self.grad_views = [param.grad for param in self.params]
+
+    def set_grads(self, grads: Sequence[F | None]) -> None:
+        for param, grad in zip(self.params, grads, strict=True):
+            if grad is None:
+                param.grad = None
+            elif self.made is None:  # flat storage: written in place
+                param.grad = self.grad_views[self.params.index(param)]
+                if isinstance(param.grad, np.ndarray):
+                    param.grad[...] = grad
+                else:
+                    param.grad.set(grad)
+            else:
+                param.grad = self.made.make(QUEUE, grad)
+
+    def values(self) -> list[F]:
+        return [get(param.data) for param in self.params]
+
+
+def same_on_every_rank(arrays: Sequence[F], what: str) -> None:
+    gathered: list[list[bytes]] = COMM.allgather([a.tobytes() for a in arrays])
+    assert all(g == gathered[0] for g in gathered), f"{what} differ between ranks"
+
+
+def equal(a: Sequence[F], b: Sequence[F], what: str) -> None:
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x.dtype == y.dtype and np.array_equal(x, y), f"{what}[{k}] differs: max |d| {np.max(np.abs(x - y))}"
+
+
+def state_arrays(state_dict: Any) -> list[F]:
+    return [
+        np.asarray(value)
+        for index in sorted(state_dict["state"])
+        for name, value in sorted(state_dict["state"][index].items())
+        if name != "step"
+    ]
+
+
+def mean(step: int) -> list[F]:
+    g0, g1 = gradients(step, 0), gradients(step, 1)
+    return [(a + b) / np.float32(2) for a, b in zip(g0, g1, strict=True)]
+
+
+def without(grads: list[F], step: int) -> list[F | None]:
+    """Parameter 3 has no gradient at every third step, on every rank."""
+    out: list[F | None] = list(grads)
+    if step % 3 == 2:
+        out[3] = None
+    return out
+
+
+# --- scenarios -------------------------------------------------------------------------
+
+
+def data_parallel() -> None:
+    """DistributedOptimizer on every optimizer and kind, two bucket sizes: the very
+    bits of one process stepping on the mean gradient, on every rank."""
+    kinds = ["pyopencl", "pyopencl-offset", "buffer-object", "numpy", "torch", "array_api_strict"]
+    kinds += ["flat-pyopencl", "flat-numpy"]
+    for cls, hyper in OPTIMIZERS:
+        for kind in kinds:
+            for bucket_bytes in (2**20, 64):
+                model = Model(kind, starts())
+                broadcast_parameters(model.params, root=0)
+                first = model.values()
+                same_on_every_rank(first, f"{kind}: parameters after broadcast_parameters")
+                reference = Model("numpy", first)
+                optimizer = DistributedOptimizer(cls(model.params, **hyper), bucket_bytes=bucket_bytes)
+                single = cls(reference.params, **hyper)
+                for step in range(STEPS):
+                    model.set_grads(without(gradients(step, RANK), step))
+                    optimizer.step()
+                    reference.set_grads(without(mean(step), step))
+                    single.step()
+                    if kind.startswith("flat"):
+                        # flat storage: write zeros into the gradient buffer rather than drop it
+                        optimizer.zero_grad(set_to_none=False)
+                where = f"{cls.__name__} {kind} bucket_bytes={bucket_bytes}"
+                equal(model.values(), reference.values(), f"{where}: parameters")
+                same_on_every_rank(model.values(), f"{where}: parameters")
+                equal(
+                    state_arrays(optimizer.optimizer.state_dict()), state_arrays(single.state_dict()), f"{where}: state"
+                )
+
+
+def zero() -> None:
+    """ZeroRedundancyOptimizer (under DistributedOptimizer): equal to one process, state
+    sharded (each rank keeps only its share), consolidated on rank 0 into a state dict a
+    single-process optimizer loads, and a whole state dict loaded back into the shards."""
+    for cls, hyper in OPTIMIZERS:
+        for kind in ("pyopencl", "numpy", "torch", "flat-pyopencl"):
+            model = Model(kind, starts())
+            broadcast_parameters(model.params)
+            reference = Model("numpy", model.values())
+            sharded = ZeroRedundancyOptimizer(model.params, cls, **hyper)
+            optimizer = DistributedOptimizer(sharded)
+            single = cls(reference.params, **hyper)
+            for step in range(STEPS):
+                model.set_grads(gradients(step, RANK))
+                optimizer.step()
+                reference.set_grads(mean(step))
+                single.step()
+            where = f"ZeRO {cls.__name__} {kind}"
+            equal(model.values(), reference.values(), f"{where}: parameters")
+            same_on_every_rank(model.values(), f"{where}: parameters")
+            # sharded: this rank keeps state for its own parameters only
+            mine = {id(p) for p, owner in zip(model.params, sharded.owners, strict=True) if owner == RANK}
+            assert set(sharded.state) == mine, f"{where}: state kept for parameters of other ranks"
+            kept = sum(
+                get(buffer).nbytes for entry in sharded.state.values() for k, buffer in entry.items() if k != "step"
+            )
+            whole = sum(a.nbytes for a in state_arrays(single.state_dict()))
+            kept_all: list[int] = COMM.allgather(kept)
+            assert sum(kept_all) == whole and max(kept_all) < whole, f"{where}: state bytes {kept_all} of {whole}"
+            try:
+                sharded.state_dict()
+            except RuntimeError:
+                pass
+            else:
+                raise AssertionError(f"{where}: state_dict() before consolidate_state_dict() did not raise")
+            sharded.consolidate_state_dict(to=0)
+            if RANK == 0:
+                full = sharded.state_dict()
+                expected = single.state_dict()
+                assert full["param_groups"] == expected["param_groups"], where
+                assert sorted(full["state"]) == sorted(expected["state"]), where
+                equal(state_arrays(full), state_arrays(expected), f"{where}: consolidated state")
+                loaded = cls(Model("numpy", reference.values()).params, **hyper)
+                loaded.load_state_dict(full)
+            else:
+                try:
+                    sharded.state_dict()
+                except RuntimeError:
+                    pass
+                else:
+                    raise AssertionError(f"{where}: state_dict() on a rank that was not consolidated to")
+            # a single process's whole state dict, loaded into fresh shards, resumes equal
+            restart = Model(kind, reference.values())
+            fresh = DistributedOptimizer(ZeroRedundancyOptimizer(restart.params, cls, **hyper))
+            fresh.optimizer.load_state_dict(single.state_dict())
+            for step in range(STEPS, STEPS + 5):
+                restart.set_grads(gradients(step, RANK))
+                fresh.step()
+                reference.set_grads(mean(step))
+                single.step()
+            equal(restart.values(), reference.values(), f"{where}: resumed parameters")
+
+
+def raises(call: Callable[[], object], kind: type[Exception], words: str) -> str:
+    try:
+        call()
+    except kind as error:
+        message = str(error)
+        assert words in message, f"expected {words!r} in {message!r}"
+        return message
+    except Exception as error:
+        raise AssertionError(f"expected {kind.__name__}, got {type(error).__name__}: {error}") from error
+    raise AssertionError(f"expected {kind.__name__} ({words!r}), nothing raised")
+
+
+def bad_input() -> None:
+    """Bad input on one rank: every rank raises in the same call and nothing changes
+    anywhere; a good step afterwards works on every rank (nobody was left waiting)."""
+    for kind in ("pyopencl", "numpy", "torch"):
+        bad_input_of(kind)
+
+
+def bad_input_of(kind: str) -> None:
+    model = Model(kind, starts())
+    broadcast_parameters(model.params)
+    optimizer = DistributedOptimizer(Adam(model.params, lr=1e-2))
+    model.set_grads(gradients(0, RANK))
+    optimizer.step()
+    state = [get(b) for p in model.params for b in (optimizer.optimizer.state[id(p)][n] for n in ("exp_avg",))]
+    before = model.values()
+    make = {k.name: k for k in KINDS}[kind].make
+
+    def bad_shape() -> None:
+        model.set_grads(gradients(1, RANK))
+        if RANK == 1:
+            model.params[2].grad = make(QUEUE, np.zeros(131, np.float32))
+
+    def bad_dtype() -> None:
+        model.set_grads(gradients(1, RANK))
+        if RANK == 0:
+            model.params[0].grad = make(QUEUE, np.zeros(SHAPES[0], np.float64))
+
+    def no_grad_on_one_rank() -> None:
+        model.set_grads(gradients(1, RANK))
+        if RANK == 1:
+            model.params[1].grad = None
+
+    def other_lr() -> None:
+        model.set_grads(gradients(1, RANK))
+        optimizer.param_groups[0]["lr"] = 1e-2 if RANK == 0 else 2e-2
+
+    def bad_lr() -> None:
+        model.set_grads(gradients(1, RANK))
+        optimizer.param_groups[0]["lr"] = -1.0 if RANK == 1 else 1e-2
+
+    cases: list[tuple[Callable[[], None], type[Exception], str, str]] = [
+        (bad_shape, ValueError, "shape", "rank 1"),
+        (bad_dtype, TypeError, "dtype", "rank 0"),
+        (no_grad_on_one_rank, ValueError, "do not agree", "rank 1 has"),
+        (other_lr, ValueError, "do not agree", "rank 1 has"),
+        (bad_lr, ValueError, "lr", "rank 1"),
+    ]
+    for setup, error, words, names in cases:
+        setup()
+        message = raises(optimizer.step, error, words)
+        if not (names.startswith(f"rank {RANK}") and "agree" not in words):
+            assert names in message, f"{setup.__name__}: {names!r} not in {message!r}"
+        equal(model.values(), before, f"{kind} {setup.__name__}: parameters changed")
+        state_now = [get(optimizer.optimizer.state[id(p)]["exp_avg"]) for p in model.params]
+        equal(state_now, state, f"{kind} {setup.__name__}: state changed")
+        optimizer.param_groups[0]["lr"] = 1e-2
+
+    def closure_fails() -> float:
+        if RANK == 0:
+            raise KeyError("the loss")
+        return 1.0
+
+    model.set_grads(gradients(1, RANK))
+    raises(lambda: optimizer.step(closure_fails), KeyError if RANK == 0 else RuntimeError, "loss")
+    equal(model.values(), before, f"{kind}: a failed closure changed parameters")
+    # every rank still answers: a good step goes through, the same everywhere
+    model.set_grads(gradients(1, RANK))
+    optimizer.step()
+    same_on_every_rank(model.values(), f"{kind}: parameters after a good step")
+
+    # broadcast_parameters with different shapes on the ranks
+    shapes = [*SHAPES[:-1], (3, 4, 2) if RANK == 0 else (4, 3, 2)]
+    other = [Parameter(np.zeros(shape, np.float32)) for shape in shapes]
+    mine = [get(p.data) for p in other]
+    raises(lambda: broadcast_parameters(other), ValueError, "do not agree")
+    equal([get(p.data) for p in other], mine, "broadcast_parameters changed parameters")
+    raises(lambda: broadcast_parameters(model.params, root=2), ValueError, "root")
+
+    # ZeRO: a bad gradient of a parameter one rank owns
+    sharded = ZeroRedundancyOptimizer(model.params, SGD, lr=0.1)
+    model.set_grads(gradients(2, RANK))
+    owned_by_1 = sharded.owners.index(1)
+    if RANK == 1:
+        model.params[owned_by_1].grad = make(QUEUE, np.zeros(7, np.float32))
+    before = model.values()
+    raises(sharded.step, ValueError, "rank 1" if RANK == 0 else "shape")
+    equal(model.values(), before, f"{kind} ZeRO: parameters changed")
+
+
+def checkpoints() -> None:
+    """broadcast_optimizer_state gives rank 1 rank 0's state; a consolidated ZeRO state
+    saved with netcl.optim.checkpoint on rank 0 loads on every rank and resumes."""
+    model = Model("pyopencl", starts())
+    optimizer = RMSProp(model.params, lr=1e-2, momentum=0.9, centered=True)
+    steps = 3 if RANK == 0 else 1
+    for step in range(steps):
+        model.set_grads(gradients(step, RANK))
+        optimizer.step()
+    broadcast_parameters(model.params)
+    broadcast_optimizer_state(optimizer)
+    saved = optimizer.state_dict()
+    same_on_every_rank(state_arrays(saved), "state after broadcast_optimizer_state")
+    steps_seen: list[list[int]] = COMM.allgather([saved["state"][i]["step"] for i in sorted(saved["state"])])
+    assert steps_seen[0] == steps_seen[1] == [3] * len(SHAPES), steps_seen
+
+    sharded = ZeroRedundancyOptimizer(model.params, Adam, lr=1e-2)
+    for step in range(4):
+        model.set_grads(mean(step))
+        sharded.step()
+    sharded.consolidate_state_dict(to=0)
+    with tempfile.TemporaryDirectory() as directory:
+        path = COMM.bcast(f"{directory}/zero.ckpt" if RANK == 0 else None)
+        if RANK == 0:
+            checkpoint.save(sharded.state_dict(), path)
+        COMM.Barrier()
+        loaded = checkpoint.load(path)
+        COMM.Barrier()
+    restart = Model("numpy", model.values())
+    resumed = ZeroRedundancyOptimizer(restart.params, Adam, lr=1e-2)
+    resumed.load_state_dict(loaded)
+    reference = Model("numpy", model.values())
+    single = Adam(reference.params, lr=1e-2)
+    single.load_state_dict(loaded)
+    for step in range(4, 8):
+        model.set_grads(mean(step))
+        sharded.step()
+        restart.set_grads(mean(step))
+        resumed.step()
+        reference.set_grads(mean(step))
+        single.step()
+    equal(restart.values(), model.values(), "resumed ZeRO parameters")
+    equal(reference.values(), model.values(), "single-process parameters from the ZeRO checkpoint")
+
+
+SCENARIOS: dict[str, Callable[[], None]] = {f.__name__: f for f in (data_parallel, zero, bad_input, checkpoints)}
+
+
+def main(argv: list[str]) -> None:
+    try:
+        SCENARIOS[argv[0]]()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        COMM.Abort(1)
+    COMM.Barrier()
+    print(f"ok {RANK}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
