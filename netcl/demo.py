@@ -1,22 +1,28 @@
 """Train a small neural network on OpenCL arrays you own, with netcl's RMSProp.
 
     python -m netcl.demo [--epochs 30] [--lr 1e-3] [--seed 0] [--device P:D] [--plot loss.png]
+    mpiexec -n 2 python -m netcl.demo   # data-parallel, on 2 processes (needs netcl[mpi])
 
 A 64-64-10 multilayer perceptron learns to classify the 8x8 handwritten digits that
 scikit-learn ships (1,797 images; nothing is downloaded). The weights, biases and their
 gradients are pyopencl arrays that this file owns; the forward and backward passes are the
 four short OpenCL kernels below. netcl only does what it is for: one fused RMSProp update
 of each parameter per step, on the arrays' own queue.
+
+Under `mpiexec`, each process computes the gradients of its share of every batch and
+`netcl.distributed.DistributedOptimizer` averages them before the step: the processes
+train one model together, and rank 0 prints and plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +32,11 @@ import pyopencl.array as cl_array
 from netcl import Parameter
 from netcl.device import create_queue, describe_device
 from netcl.optim import RMSProp
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from netcl.distributed import DistributedOptimizer
 
 __all__ = ["MLP", "History", "load_digits_split", "main", "train"]
 
@@ -218,22 +229,44 @@ class History:
 
 
 def train(
-    queue: cl.CommandQueue, *, epochs: int, lr: float, batch_size: int, seed: int, progress: bool = True
+    queue: cl.CommandQueue,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+    comm: MPI.Comm | None = None,
 ) -> tuple[MLP, History]:
-    """Train the network on the digits and record its history, epoch by epoch."""
+    """Train the network on the digits and record its history, epoch by epoch.
+
+    With `comm` (every rank calls this), each rank takes every `size`-th example of each
+    batch (`batch_size` must divide among the ranks) and the gradients are averaged over
+    the ranks before each step.
+    """
     from tqdm import tqdm
 
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     model = MLP(queue, [64, 64, 10], seed)
-    optimizer = RMSProp(model.parameters(), lr=lr)
+    rmsprop = RMSProp(model.parameters(), lr=lr)
+    optimizer: RMSProp | DistributedOptimizer[RMSProp] = rmsprop
+    rank, size = 0, 1
+    if comm is not None:
+        from netcl.distributed import DistributedOptimizer, broadcast_parameters
+
+        rank, size = comm.Get_rank(), comm.Get_size()
+        if batch_size % size:
+            raise ValueError(f"batch_size {batch_size} does not divide among {size} processes")
+        broadcast_parameters(model.parameters(), root=0, comm=comm)
+        optimizer = DistributedOptimizer(rmsprop, comm)
     history = History()
     rng = np.random.default_rng(seed + 1)
     batches = range(0, len(y_train) - batch_size + 1, batch_size)
-    bar = tqdm(total=epochs * len(batches), disable=not progress, unit="step", file=sys.stderr)
+    bar = tqdm(total=epochs * len(batches), disable=not progress or rank != 0, unit="step", file=sys.stderr)
     for epoch in range(epochs):
         order = rng.permutation(len(y_train))
         for start in batches:
-            rows = order[start : start + batch_size]
+            rows = order[start : start + batch_size][rank::size]
             x = cl_array.to_device(queue, x_train[rows])
             y = cl_array.to_device(queue, y_train[rows])
             losses = model.loss_and_gradients(x, y)
@@ -296,16 +329,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    comm = _launched_by_mpiexec()
+    size = 1 if comm is None else comm.Get_size()
+    if args.batch_size % size:
+        parser.error(f"--batch-size {args.batch_size} does not divide among {size} processes")
     try:
         queue = create_queue(args.device)
     except ValueError as error:
         parser.error(str(error))
     start = time.perf_counter()
     _, history = train(
-        queue, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet
+        queue,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+        comm=comm,
     )
     seconds = time.perf_counter() - start
+    if comm is not None and comm.Get_rank() != 0:
+        return 0
     print(f"device:            {describe_device(queue)}")
+    if comm is not None:
+        print(f"processes:         {size} (data-parallel: {args.batch_size // size} examples of each batch each)")
     print(f"epochs:            {args.epochs} (batch {args.batch_size}, lr {args.lr}, seed {args.seed})")
     print(f"time:              {seconds:.1f} s")
     print(f"training accuracy: {history.train_accuracy[-1]:.2%}")
@@ -314,6 +361,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(history, args.plot)
         print(f"plot:              {args.plot}")
     return 0
+
+
+# What MPICH's and Open MPI's mpiexec set in each process they start.
+_MPIEXEC_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def _launched_by_mpiexec() -> MPI.Comm | None:
+    """MPI's world when this process was started by mpiexec with others, else None
+    (a plain run does not load MPI at all)."""
+    if not any(name in os.environ for name in _MPIEXEC_VARIABLES):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise SystemExit("started by mpiexec, but mpi4py is missing: pip install 'netcl[mpi]'") from None
+    world = MPI.COMM_WORLD
+    return world if world.Get_size() > 1 else None
 
 
 if __name__ == "__main__":

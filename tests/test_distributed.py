@@ -49,6 +49,22 @@ def test_scenario_on_two_ranks(scenario: str) -> None:
     assert sorted(re.findall(r"ok (\d)", output)) == ["0", "1"], output
 
 
+def test_the_demo_trains_on_two_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    """`mpiexec -n 2 python -m netcl.demo`: rank 0 alone reports, with the accuracy of one
+    process (each rank's gradients are means over half of each batch; their mean is the
+    batch's mean up to rounding, which these 3 epochs do not show in the accuracy)."""
+    from netcl import demo
+
+    argv = ["--epochs", "3", "--quiet"]
+    output = run_on_two_ranks("-m", "netcl.demo", *argv)
+    assert output.count("held-out accuracy:") == 1 and "processes:         2" in output, output
+    assert demo.main(argv) == 0
+    alone = capsys.readouterr().out
+    for line in ("training accuracy:", "held-out accuracy:"):
+        ours = next(text for text in output.splitlines() if text.startswith(line))
+        assert ours == next(text for text in alone.splitlines() if text.startswith(line))
+
+
 def test_one_process_without_mpiexec() -> None:
     """Run as a plain script (a world of 1 rank), the wrappers step as the optimizer does."""
     import numpy as np
