@@ -381,7 +381,35 @@ def checkpoints() -> None:
     equal(reference.values(), model.values(), "single-process parameters from the ZeRO checkpoint")
 
 
-SCENARIOS: dict[str, Callable[[], None]] = {f.__name__: f for f in (data_parallel, zero, bad_input, checkpoints)}
+def mean_on_any_ranks() -> None:
+    """On any number of ranks (the tests use 3, where MPI may sum in another order on
+    each rank): after `DistributedOptimizer.step()` every gradient holds the mean, the
+    same bits on every rank, within the rounding of a float32 sum of its terms: at most
+    (ranks - 1) roundings of partial sums, each by at most eps/2 of the sum of
+    magnitudes, then one of the division (half an ulp; a whole one allowed, for a result
+    next to a power of two): |mean - exact| <= (ranks - 1) * eps/2 * mean(|g|) + ulp(mean)."""
+    size = COMM.Get_size()
+    for kind in ("pyopencl", "numpy", "torch", "flat-pyopencl", "flat-numpy"):
+        for bucket_bytes in (2**20, 64):
+            model = Model(kind, starts())
+            optimizer = DistributedOptimizer(SGD(model.params, lr=0.0), bucket_bytes=bucket_bytes)
+            model.set_grads(gradients(0, RANK))
+            optimizer.step()
+            means = [get(param.grad) for param in model.params]
+            same_on_every_rank(means, f"{kind}: mean gradients")
+            every = [gradients(0, rank) for rank in range(size)]
+            for k, got in enumerate(means):
+                terms = np.stack([g[k].astype(np.float64) for g in every])
+                exact = terms.mean(axis=0)
+                bound = (size - 1) * np.finfo(np.float32).eps / 2 * np.abs(terms).mean(axis=0) + np.spacing(
+                    np.abs(exact).astype(np.float32)
+                )
+                assert np.all(np.abs(got - exact) <= bound), f"{kind}: mean gradient {k} off by more than {bound.max()}"
+
+
+SCENARIOS: dict[str, Callable[[], None]] = {
+    f.__name__: f for f in (data_parallel, zero, bad_input, checkpoints, mean_on_any_ranks)
+}
 
 
 def main(argv: list[str]) -> None:

@@ -27,10 +27,10 @@ def mpiexec() -> str:
     return found
 
 
-def run_on_two_ranks(*argv: str) -> str:
+def run_on_ranks(*argv: str, ranks: int = 2) -> str:
     env = {**os.environ, "POCL_MAX_PTHREAD_COUNT": "1", "POCL_CPU_MAX_CU_NUM": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [mpiexec(), "-n", "2", sys.executable, *argv],
+        [mpiexec(), "-n", str(ranks), sys.executable, *argv],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -45,8 +45,15 @@ def run_on_two_ranks(*argv: str) -> str:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_scenario_on_two_ranks(scenario: str) -> None:
-    output = run_on_two_ranks("-m", "tests.mpi_scenarios", scenario)
+    output = run_on_ranks("-m", "tests.mpi_scenarios", scenario)
     assert sorted(re.findall(r"ok (\d)", output)) == ["0", "1"], output
+
+
+def test_the_mean_on_three_ranks() -> None:
+    """Three ranks on two cores: MPI may sum in a different order on each rank, so the
+    mean is computed by blocks (reduce-scatter then all-gather)."""
+    output = run_on_ranks("-m", "tests.mpi_scenarios", "mean_on_any_ranks", ranks=3)
+    assert sorted(re.findall(r"ok (\d)", output)) == ["0", "1", "2"], output
 
 
 def test_the_demo_trains_on_two_processes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,7 +63,7 @@ def test_the_demo_trains_on_two_processes(capsys: pytest.CaptureFixture[str]) ->
     from netcl import demo
 
     argv = ["--epochs", "3", "--quiet"]
-    output = run_on_two_ranks("-m", "netcl.demo", *argv)
+    output = run_on_ranks("-m", "netcl.demo", *argv)
     assert output.count("held-out accuracy:") == 1 and "processes:         2" in output, output
     assert demo.main(argv) == 0
     alone = capsys.readouterr().out

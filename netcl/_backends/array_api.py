@@ -17,8 +17,8 @@ import array_api_compat
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends.base import Backend, Tally, Work, check_same_shape, describe
-from netcl._backends.host import host_view, update_on_host
+from netcl._backends.base import Backend, HostViews, Tally, Work, check_same_shape, describe
+from netcl._backends.host import host_view, joined_runs, update_on_host
 from netcl._update import Step
 from netcl._xp import ArrayNamespace
 
@@ -152,7 +152,7 @@ class ArrayAPIBackend(Backend):
         return xp.asarray(host, dtype=like.dtype, device=array_api_compat.device(like), copy=True)
 
     @contextlib.contextmanager
-    def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[list[npt.NDArray[Any]]]:
+    def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[HostViews]:
         # numpy arrays and CPU tensors lend their memory; the others are copied in and out
         views: list[npt.NDArray[Any]] = []
         copies: list[tuple[Any, npt.NDArray[Any]]] = []
@@ -164,7 +164,7 @@ class ArrayAPIBackend(Backend):
                 view = self.to_host(x)
                 copies.append((x, view))
             views.append(view.ravel(order="K"))
-        yield views
+        yield HostViews(views, joined_runs(views))
         if write:
             for x, view in copies:
                 with no_autograd(x):

@@ -15,7 +15,7 @@ import pyopencl as cl
 from netcl._types import ParameterLike
 from netcl._update import Step
 
-__all__ = ["Backend", "SUPPORTED_DTYPES", "Tally", "Work", "check_same_shape", "describe"]
+__all__ = ["Backend", "HostViews", "SUPPORTED_DTYPES", "Tally", "Work", "check_same_shape", "describe"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -83,6 +83,17 @@ class Tally:
             total += int(host[0])
             cl.enqueue_copy(queue, counter, np.zeros(1, np.int64), is_blocking=True)
         return total
+
+
+@dataclass(frozen=True)
+class HostViews:
+    """Arrays seen in host memory (see `Backend.host_views`)."""
+
+    arrays: list[npt.NDArray[Any]]
+    """One flat view per array, in order."""
+    runs: list[npt.NDArray[Any]]
+    """The same memory as flat arrays, in order, each the views of arrays that follow
+    each other in one buffer (flat storage) joined: what to hand MPI."""
 
 
 @dataclass(eq=False)
@@ -158,9 +169,7 @@ class Backend(ABC):
         """A copy of `host` in this backend, on the device of `like`."""
 
     @abstractmethod
-    def host_views(
-        self, arrays: Sequence[Any], write: bool
-    ) -> contextlib.AbstractContextManager[list[npt.NDArray[Any]]]:
+    def host_views(self, arrays: Sequence[Any], write: bool) -> contextlib.AbstractContextManager[HostViews]:
         """Each of `arrays` (which passed `check_param`) as a flat numpy array, for the
         time of a `with` block: a view of its memory where the library allows it (host
         memory, or an OpenCL buffer mapped to the host), else a copy. With `write`, what

@@ -149,6 +149,21 @@ def _joined(run: list[npt.NDArray[Any]], views: list[npt.NDArray[Any]]) -> list[
     return joined
 
 
+def joined_runs(views: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    """Flat, contiguous `views` joined where each continues the one before it in the
+    memory of one numpy array (see `_joined`)."""
+    runs: list[npt.NDArray[Any]] = []
+    for view in views:
+        if view.size == 0:
+            continue
+        joined = _joined(runs[-1:], [view]) if runs else None
+        if joined is not None:
+            runs[-1] = joined[0]
+        else:
+            runs.append(view)
+    return runs
+
+
 def _address(x: npt.NDArray[Any]) -> int:
     address: int = x.__array_interface__["data"][0]
     return address

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from netcl._backends.base import SUPPORTED_DTYPES, Backend, Tally, Work, check_same_shape, describe
+from netcl._backends.base import SUPPORTED_DTYPES, Backend, HostViews, Tally, Work, check_same_shape, describe
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
@@ -186,7 +186,7 @@ class OpenCLBackend(Backend):
         return cl_array.to_device(like.queue, np.asarray(host, order=_layout(like)))
 
     @contextlib.contextmanager
-    def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[list[npt.NDArray[Any]]]:
+    def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[HostViews]:
         # each run of arrays that follow each other in one buffer is mapped once: a
         # CPU device hands out its own memory, a GPU's driver copies the run
         flags = cast(cl.map_flags, cl.map_flags.READ | cl.map_flags.WRITE if write else cl.map_flags.READ)
@@ -217,7 +217,7 @@ class OpenCLBackend(Backend):
                 for size in sizes:
                     views.append(host[start : start + size])
                     start += size
-            yield views
+            yield HostViews(views, [host for host, _, _ in mapped])
         finally:
             for host, queue, run in mapped:
                 event = host.base.release(queue)

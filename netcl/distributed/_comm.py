@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from netcl._backends import backend_for
+from netcl._backends.base import HostViews
 
 try:
     from mpi4py import MPI
@@ -30,13 +31,27 @@ except ImportError as error:  # pragma: no cover (the extra is installed in test
         "(mpi4py, and MPICH's wheel for a machine without an MPI)"
     ) from error
 
-__all__ = ["MPI", "DEFAULT_BUCKET_BYTES", "agree", "allreduce_mean", "communicator", "host_views", "signature"]
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "MPI",
+    "PACK_BELOW",
+    "agree",
+    "allreduce_mean",
+    "communicator",
+    "host_views",
+    "in_buckets",
+    "signature",
+]
 
 _MPI_TYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
 """MPI's own types, for which MPI.SUM is defined."""
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 """The most bytes of small arrays packed into one message (torch DDP's default)."""
+
+PACK_BELOW = 2**18
+"""Runs of arrays smaller than this many bytes are packed with others into one message
+(their time is mostly MPI's latency); larger ones are sent from where they are."""
 
 
 def communicator(comm: MPI.Comm | None, where: str = "comm") -> MPI.Comm:
@@ -106,10 +121,11 @@ def _brief(description: object, limit: int = 600) -> str:
 
 
 @contextlib.contextmanager
-def host_views(arrays: Sequence[Any], write: bool) -> Iterator[list[npt.NDArray[Any]]]:
-    """Every array of `arrays` (of any backend) as a flat host array, in order, for the
-    time of a `with` block (see `Backend.host_views`)."""
+def host_views(arrays: Sequence[Any], write: bool) -> Iterator[HostViews]:
+    """`arrays` (of any backends) in host memory, for the time of a `with` block (see
+    `Backend.host_views`)."""
     views: list[npt.NDArray[Any]] = []
+    runs: list[npt.NDArray[Any]] = []
     with contextlib.ExitStack() as stack:
         start = 0
         while start < len(arrays):
@@ -117,51 +133,32 @@ def host_views(arrays: Sequence[Any], write: bool) -> Iterator[list[npt.NDArray[
             end = start + 1
             while end < len(arrays) and backend_for(arrays[end], f"arrays[{end}]") is backend:
                 end += 1
-            views.extend(stack.enter_context(backend.host_views(arrays[start:end], write)))
+            seen = stack.enter_context(backend.host_views(arrays[start:end], write))
+            views += seen.arrays
+            runs += seen.runs
             start = end
-        yield views
-
-
-def _root(view: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    root = view
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    return root
-
-
-def _address(view: npt.NDArray[Any]) -> int:
-    return int(view.__array_interface__["data"][0])
-
-
-def contiguous_runs(views: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
-    """`views` (flat, each contiguous) joined where they follow each other in one host
-    array of one dtype: a run of them is one view of that array."""
-    runs: list[npt.NDArray[Any]] = []
-    last: npt.NDArray[Any] | None = None
-    for view in views:
-        if view.size == 0:
-            continue
-        if last is not None and view.dtype == last.dtype and _address(view) == _address(last) + last.nbytes:
-            root = _root(last)
-            if root is _root(view) and root.dtype == view.dtype and root.flags.c_contiguous:
-                start = (_address(runs[-1]) - _address(root)) // root.itemsize
-                stop = (_address(view) - _address(root)) // root.itemsize + view.size
-                if 0 <= start and stop <= root.size:
-                    runs[-1] = root.reshape(-1)[start:stop]
-                    last = view
-                    continue
-        runs.append(view)
-        last = view
-    return runs
+        yield HostViews(views, runs)
 
 
 def _mean_in_place(comm: MPI.Comm, buffer: npt.NDArray[Any]) -> None:
-    """Replace `buffer` (flat, the same length on every rank) by its mean over the ranks.
+    """Replace `buffer` (flat, the same length on every rank) by its mean over the ranks,
+    the very same bits on every rank.
 
-    Each rank reduces one block (MPI's reduce-scatter) and divides it, then every rank
-    gathers every block: each value is computed on one rank only, so every rank holds
-    the very same bits, whatever order MPI sums in.
+    Two ranks sum one pair of values, the same in either order: MPI's all-reduce. With
+    more, MPI may add in another order on each rank, so each rank reduces one block
+    (reduce-scatter) and divides it, and every rank gathers every block: each value is
+    computed on one rank only.
     """
+    size = comm.Get_size()
+    kind = _MPI_TYPES[buffer.dtype]
+    if size == 2:
+        comm.Allreduce(MPI.IN_PLACE, [buffer, kind], op=MPI.SUM)
+        np.divide(buffer, np.asarray(size, buffer.dtype), out=buffer)
+    else:
+        _mean_by_blocks(comm, buffer)
+
+
+def _mean_by_blocks(comm: MPI.Comm, buffer: npt.NDArray[Any]) -> None:
     size = comm.Get_size()
     counts = [len(buffer) // size + (1 if rank < len(buffer) % size else 0) for rank in range(size)]
     displacements = [sum(counts[:rank]) for rank in range(size)]
@@ -201,19 +198,19 @@ def in_buckets(
 
 def allreduce_mean(
     comm: MPI.Comm,
-    views: Sequence[npt.NDArray[Any]],
+    runs: Sequence[npt.NDArray[Any]],
     bucket_bytes: int,
     buckets: dict[np.dtype[Any], npt.NDArray[Any]],
 ) -> None:
-    """Average each of `views` over the ranks of `comm`, in place: runs of views that
-    follow each other in memory (flat storage) of at least `bucket_bytes` go as one
-    message each, the rest packed into buckets of at most `bucket_bytes`, by dtype.
-    `buckets` keeps the packing buffers from one call to the next."""
+    """Average each of `runs` (flat host arrays, `HostViews.runs`) over the ranks of
+    `comm`, in place: each goes as one message from where it is, but those of fewer
+    than `PACK_BELOW` bytes, which are packed by dtype into buckets of at most
+    `bucket_bytes`. `buckets` keeps the packing buffers from one call to the next."""
     if comm.Get_size() == 1:
         return
     small: dict[np.dtype[Any], list[npt.NDArray[Any]]] = {}
-    for run in contiguous_runs(views):
-        if run.nbytes >= bucket_bytes:
+    for run in runs:
+        if run.nbytes >= min(PACK_BELOW, bucket_bytes) or len(runs) == 1:
             _mean_in_place(comm, run)
         else:
             small.setdefault(run.dtype, []).append(run)

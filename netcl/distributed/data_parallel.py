@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends import backend_for, checked_backend, describe
+from netcl._backends import checked_backend, describe
 from netcl._types import ParameterLike
 from netcl.distributed._comm import (
     DEFAULT_BUCKET_BYTES,
     MPI,
+    PACK_BELOW,
     agree,
     allreduce_mean,
     communicator,
-    contiguous_runs,
     host_views,
     in_buckets,
 )
@@ -66,7 +66,8 @@ def describe_groups(param_groups: Sequence[MutableMapping[str, Any]]) -> list[ob
             if grad is None:
                 grads.append(None)
             else:
-                grads.append((tuple(int(n) for n in grad.shape), str(backend_for(grad, "grad").dtype(grad))))
+                dtype = grad.dtype  # numpy's, or torch's (one kind of array on every rank)
+                grads.append((tuple(grad.shape), dtype.char if isinstance(dtype, np.dtype) else str(dtype)))
         described.append((hyper, grads))
     return described
 
@@ -93,13 +94,14 @@ class DistributedOptimizer(Generic[OptimizerT]):
         optimizer.step()
     ```
 
-    Gradients are averaged in buckets: gradients that follow each other in one buffer
-    (see [`flat_parameters`][netcl.flat_parameters]) of at least `bucket_bytes` go as
-    one message each, and the others are packed into messages of at most `bucket_bytes`.
-    Each message is reduced in blocks (MPI's reduce-scatter, each block summed and
-    divided by the number of ranks on one rank) and the blocks gathered by every rank,
-    so every rank has the same bits whatever order MPI sums in. OpenCL gradients are
-    mapped to host memory for MPI (no copy on a CPU device).
+    Gradients are averaged in buckets: each run of gradients that follow each other in
+    one buffer (see [`flat_parameters`][netcl.flat_parameters]) goes as one message
+    from where it is, and runs of less than 256 KiB are packed together into messages
+    of at most `bucket_bytes`. Every rank gets the same bits: with two ranks MPI's
+    all-reduce sums one pair of values (the same in either order); with more, each
+    block of a message is summed and divided on one rank (reduce-scatter) and gathered
+    by every rank. OpenCL gradients are mapped to host memory for MPI (no copy on a
+    CPU device).
 
     Before anything is sent, the ranks agree: every rank checks its step as `step()`
     would (parameters, gradients, hyperparameters, and the closure, which runs first)
@@ -163,10 +165,10 @@ class DistributedOptimizer(Generic[OptimizerT]):
         """
         loss: LossT | None = None
         with contextlib.ExitStack() as stack:
-            views: list[npt.NDArray[Any]] = []
+            runs: list[npt.NDArray[Any]] = []
 
             def check() -> object:
-                nonlocal loss, views
+                nonlocal loss, runs
                 if closure is not None:
                     if not callable(closure):
                         raise TypeError(f"closure must be callable, got {describe(closure)}")
@@ -174,11 +176,11 @@ class DistributedOptimizer(Generic[OptimizerT]):
                 self.optimizer._check_step()
                 described = describe_groups(self.param_groups)
                 grads = [param.grad for group in self.param_groups for param in group["params"]]
-                views = stack.enter_context(host_views([g for g in grads if g is not None], write=True))
+                runs = stack.enter_context(host_views([g for g in grads if g is not None], write=True)).runs
                 return described
 
             agree(self.comm, "step()", check)
-            allreduce_mean(self.comm, views, self.bucket_bytes, self._buckets)
+            allreduce_mean(self.comm, runs, self.bucket_bytes, self._buckets)
         self.optimizer.step()
         return loss
 
@@ -211,10 +213,10 @@ def broadcast_parameters(params: Iterable[ParameterLike], root: int = 0, comm: M
     comm = communicator(comm)
     params = list(params)
     with contextlib.ExitStack() as stack:
-        views: list[npt.NDArray[Any]] = []
+        runs: list[npt.NDArray[Any]] = []
 
         def check() -> object:
-            nonlocal views
+            nonlocal runs
             source = _check_root(root, comm)
             datas = []
             for k, param in enumerate(params):
@@ -222,26 +224,28 @@ def broadcast_parameters(params: Iterable[ParameterLike], root: int = 0, comm: M
                     raise TypeError(f"params[{k}] is a {describe(param)}, not a parameter (no `data` attribute)")
                 checked_backend(param.data, f"params[{k}].data")
                 datas.append(param.data)
-            views = stack.enter_context(host_views(datas, write=comm.Get_rank() != source))
-            return [
-                (tuple(int(n) for n in data.shape), str(view.dtype)) for data, view in zip(datas, views, strict=True)
-            ], source
+            seen = stack.enter_context(host_views(datas, write=comm.Get_rank() != source))
+            runs = seen.runs
+            shapes = [tuple(int(n) for n in data.shape) for data in datas]
+            return [(shape, str(view.dtype)) for shape, view in zip(shapes, seen.arrays, strict=True)], source
 
         agree(comm, "broadcast_parameters()", check)
-        broadcast(comm, views, int(root), DEFAULT_BUCKET_BYTES)
+        broadcast(comm, runs, int(root), DEFAULT_BUCKET_BYTES)
 
 
-def broadcast(comm: MPI.Comm, views: Sequence[npt.NDArray[Any]], root: int, bucket_bytes: int) -> None:
-    """Overwrite every rank's `views` with root's: runs of at least `bucket_bytes` as
-    they are, the rest packed into messages of at most `bucket_bytes`."""
+def broadcast(comm: MPI.Comm, runs: Sequence[npt.NDArray[Any]], root: int, bucket_bytes: int) -> None:
+    """Overwrite every rank's `runs` (flat host arrays) with root's: those of
+    `PACK_BELOW` bytes or more from where they are, the rest packed into messages of at
+    most `bucket_bytes`."""
     if comm.Get_size() == 1:
         return
-    runs = [run.view(np.uint8) for run in contiguous_runs(views)]
-    small = [run for run in runs if run.nbytes < bucket_bytes]
+    runs = [run.view(np.uint8) for run in runs]
+    large = min(PACK_BELOW, bucket_bytes)
+    small = [run for run in runs if run.nbytes < large]
     bucket = np.empty(min(bucket_bytes, sum(run.size for run in small)), np.uint8)
     in_buckets(small, bucket, lambda part: comm.Bcast([part, MPI.BYTE], root), write_back=comm.Get_rank() != root)
     for run in runs:
-        if run.nbytes >= bucket_bytes:
+        if run.nbytes >= large:
             comm.Bcast([run, MPI.BYTE], root)
 
 

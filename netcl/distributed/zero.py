@@ -179,8 +179,8 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
         size, rank = self.comm.Get_size(), self.comm.Get_rank()
         if size == 1:
             return
-        with host_views(datas, write=True) as views:
-            raw = [view.view(np.uint8) for view in views]
+        with host_views(datas, write=True) as seen:
+            raw = [view.view(np.uint8) for view in seen.arrays]
             counts = [0] * size
             for owner, view in zip(self.owners, raw, strict=True):
                 counts[owner] += view.size
