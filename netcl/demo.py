@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -338,15 +339,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     start = time.perf_counter()
-    _, history = train(
-        queue,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.quiet,
-        comm=comm,
-    )
+    try:
+        _, history = train(
+            queue,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.quiet,
+            comm=comm,
+        )
+    except BaseException:
+        if comm is None:
+            raise
+        # one rank failing alone would leave the others waiting in their next
+        # collective: end the whole job instead
+        traceback.print_exc()
+        comm.Abort(1)
+        raise
     seconds = time.perf_counter() - start
     if comm is not None and comm.Get_rank() != 0:
         return 0

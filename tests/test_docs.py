@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import netcl
+import netcl.distributed
 import netcl.optim
 import netcl.optim.rmsprop
 
@@ -34,8 +35,8 @@ def test_page_examples_run(page: Path) -> None:
 
 
 def _documented() -> list[object]:
-    objects: list[object] = [netcl, netcl.optim, netcl.optim.rmsprop]
-    for module in (netcl, netcl.optim):
+    objects: list[object] = [netcl, netcl.optim, netcl.optim.rmsprop, netcl.distributed]
+    for module in (netcl, netcl.optim, netcl.distributed):
         objects += [getattr(module, name) for name in module.__all__ if not name.startswith("__")]
     return objects
 

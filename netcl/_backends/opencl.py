@@ -187,11 +187,13 @@ class OpenCLBackend(Backend):
 
     @contextlib.contextmanager
     def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[HostViews]:
-        # each run of arrays that follow each other in one buffer is mapped once: a
-        # CPU device hands out its own memory, a GPU's driver copies the run
+        # each run of arrays that follow each other in one buffer is mapped once (a
+        # CPU device hands out its own memory, a GPU's driver copies the run); the
+        # mappings are enqueued together and waited for once
         flags = cast(cl.map_flags, cl.map_flags.READ | cl.map_flags.WRITE if write else cl.map_flags.READ)
         views: list[npt.NDArray[Any]] = []
         mapped: list[tuple[Any, cl.CommandQueue, list[Any]]] = []
+        pending: list[cl.Event] = []
         try:
             for run in _buffer_runs(arrays):
                 first = run[0]
@@ -202,7 +204,7 @@ class OpenCLBackend(Backend):
                     continue
                 queue = first.queue or cl.CommandQueue(_context(first))
                 events = [event for x in run for event in _events(x)]
-                host, _ = cl.enqueue_map_buffer(
+                host, event = cl.enqueue_map_buffer(
                     queue,
                     first.base_data,
                     flags,
@@ -210,13 +212,16 @@ class OpenCLBackend(Backend):
                     (sum(sizes),),
                     dtype,
                     wait_for=events or None,
-                    is_blocking=True,
+                    is_blocking=False,
                 )
                 mapped.append((host, queue, run))
+                pending.append(event)
                 start = 0
                 for size in sizes:
                     views.append(host[start : start + size])
                     start += size
+            if pending:
+                cl.wait_for_events(pending)
             yield HostViews(views, [host for host, _, _ in mapped])
         finally:
             for host, queue, run in mapped:

@@ -81,17 +81,20 @@ class DistributedOptimizer(Generic[OptimizerT]):
     after a step on the mean gradient, the very same bits on every rank.
 
     ```python
+    import numpy as np
     from mpi4py import MPI
 
+    from netcl import flat_parameters
     from netcl.distributed import DistributedOptimizer, broadcast_parameters
     from netcl.optim import Adam
 
+    params = flat_parameters(None, [(64, 10), (10,)])
     broadcast_parameters(params, root=0)  # every rank starts from rank 0's parameters
     optimizer = DistributedOptimizer(Adam(params, lr=1e-3), MPI.COMM_WORLD)
-    for batch in my_share_of_the_data:
-        optimizer.zero_grad()
-        backward(batch)  # your kernels fill each param.grad
-        optimizer.step()
+    for step in range(3):
+        for param in params:  # your backward pass, on this rank's share of the batch
+            param.grad[...] = 0.1 * (MPI.COMM_WORLD.Get_rank() + 1)
+        optimizer.step()  # every rank steps with the mean gradient
     ```
 
     Gradients are averaged in buckets: each run of gradients that follow each other in
@@ -175,8 +178,9 @@ class DistributedOptimizer(Generic[OptimizerT]):
                     loss = closure()
                 self.optimizer._check_step()
                 described = describe_groups(self.param_groups)
-                grads = [param.grad for group in self.param_groups for param in group["params"]]
-                runs = stack.enter_context(host_views([g for g in grads if g is not None], write=True)).runs
+                if self.comm.Get_size() > 1:
+                    grads = [param.grad for group in self.param_groups for param in group["params"]]
+                    runs = stack.enter_context(host_views([g for g in grads if g is not None], write=True)).runs
                 return described
 
             agree(self.comm, "step()", check)

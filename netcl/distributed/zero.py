@@ -42,14 +42,21 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
     parallelism), wrap it: `DistributedOptimizer(ZeroRedundancyOptimizer(...))`.
 
     ```python
+    import numpy as np
+
+    from netcl import Parameter
     from netcl.distributed import DistributedOptimizer, ZeroRedundancyOptimizer
     from netcl.optim import Adam
 
-    optimizer = DistributedOptimizer(ZeroRedundancyOptimizer(params, Adam, lr=1e-3))
-    ...
-    optimizer.optimizer.consolidate_state_dict(to=0)  # on every rank
-    if rank == 0:
-        full = optimizer.optimizer.state_dict()  # loads into Adam(params) in one process
+    params = [Parameter(np.ones((100, 10), np.float32)), Parameter(np.zeros(10, np.float32))]
+    sharded = ZeroRedundancyOptimizer(params, Adam, lr=1e-3)
+    optimizer = DistributedOptimizer(sharded)  # averages the gradients, then steps the shards
+    for param in params:
+        param.grad = np.full(param.data.shape, 0.1, np.float32)
+    optimizer.step()
+    sharded.consolidate_state_dict(to=0)  # on every rank
+    if sharded.comm.Get_rank() == 0:
+        whole = sharded.state_dict()  # Adam(params).load_state_dict(whole) takes it
     ```
 
     Args:
