@@ -28,6 +28,7 @@ import gc
 import json
 import platform
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -201,6 +202,48 @@ _TORCH_FUSED = frozenset({"Adam", "AdamW", "SGD", "Adagrad"})
 """torch's optimizers with `fused=True` on the CPU."""
 
 
+def _torch_add_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None] | None:
+    """torch's in-place `p.add_(g)`: reads 2 values, writes 1, as fast as torch moves memory."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    p, g = torch.rand(size, dtype=tdtype), torch.rand(size, dtype=tdtype)
+
+    def step() -> None:
+        p.add_(g)
+
+    return step
+
+
+def _lstm_steps() -> tuple[dict[str, Callable[[], None]], int] | None:
+    """A real model's optimizer step: an embedding, an LSTM and a linear head (7 tensors,
+    117k values) whose gradients torch's autograd computed once; netcl's RMSProp on its
+    tensors, torch's RMSprop as a user gets it (defaults), and torch's fused Adam."""
+    try:
+        import torch
+    except ImportError:
+        return None
+
+    def model() -> list[Any]:
+        torch.manual_seed(0)
+        embed, lstm, head = torch.nn.Embedding(100, 64), torch.nn.LSTM(64, 128), torch.nn.Linear(128, 90)
+        tokens = torch.randint(0, 100, (20, 8))
+        out, _ = lstm(embed(tokens))
+        loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
+        torch.autograd.backward([loss])
+        return [*embed.parameters(), *lstm.parameters(), *head.parameters()]
+
+    params = model()
+    steps: dict[str, Callable[[], None]] = {
+        "netcl": RMSProp(params, lr=LR).step,
+        "torch": torch.optim.RMSprop(model(), lr=LR).step,
+        "torch fused Adam": torch.optim.Adam(model(), lr=LR, fused=True).step,
+    }
+    return steps, sum(p.numel() for p in params)
+
+
 def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
     """RMSProp (plain) in the fewest in-place numpy passes, no temporaries per step."""
     rng = np.random.default_rng(0)
@@ -264,10 +307,10 @@ def _netcl_step(
     return step, [arrays[0][1], arrays[0][0], *state]
 
 
-def _netcl_numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
+def _netcl_numpy_step(sizes: Sequence[int], dtype: np.dtype[Any], variant: Variant) -> Callable[[], None]:
     rng = np.random.default_rng(0)
-    param = Parameter(rng.random(size).astype(dtype), rng.random(size).astype(dtype))
-    return RMSProp([param], lr=LR, alpha=ALPHA, eps=EPS).step
+    params = [Parameter(rng.random(n).astype(dtype), rng.random(n).astype(dtype)) for n in sizes]
+    return variant.optimizer(params, lr=LR, **variant.flags).step
 
 
 def _time(
@@ -325,19 +368,41 @@ def run(
     plan: list[tuple[str, str, str, int]] = [
         ("single", dtype, variant, size) for dtype in dtypes for variant in variants for size in sizes
     ]
-    if "float32" in dtypes and many:  # many parameters: separate arrays, and flat storage
-        plan += [(case, "float32", variant, many) for variant in variants for case in ("many", "flat")]
+    if "float32" in dtypes and many:  # many parameters: separate arrays, flat storage, numpy
+        cases = ("many", "flat", "numpy-many")
+        plan += [(case, "float32", variant, many) for variant in variants for case in cases]
     if "float32" in dtypes and "plain" in variants:
         plan += [("numpy-params", "float32", "plain", size) for size in sizes]
+        plan.append(("lstm", "float32", "plain", 7))
+    # the machine's bandwidth, at the largest size: the best of a streaming kernel and torch
+    plan += [("bandwidth", dtype, "-", max(sizes)) for dtype in dtypes]
     floors: dict[tuple[str, int], Floor] = {}
     rows: list[Row] = []
     for case, dtype_name, variant, size in tqdm(plan, disable=not progress, unit="case", file=sys.stderr):
         dtype = np.dtype(dtype_name)
-        chosen = VARIANTS[variant]
+        chosen = VARIANTS.get(variant, VARIANTS["sgd"])
         buffers = chosen.buffers
         floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
         contenders: dict[str, Callable[[], None]] = {}
-        if case in ("many", "flat"):
+        torch_step: Callable[[], None] | None
+        if case == "bandwidth":  # p += g: 12 bytes per float32 value
+            arrays = [cl_array.zeros(queue, size, dtype) for _ in range(2)]
+            contenders["floor"] = floor.launcher(arrays, size)
+            torch_step = _torch_add_step(size, dtype)
+            row = Row(case, dtype_name, variant, size, 1, 3 * size * dtype.itemsize)
+        elif case == "lstm":
+            lstm = _lstm_steps()
+            if lstm is None:
+                continue
+            contenders.update(lstm[0])
+            torch_step = None
+            row = Row(case, dtype_name, variant, lstm[1], size, _bytes(variant, lstm[1], dtype.itemsize))
+        elif case == "numpy-many":
+            counts = many_sizes(size)
+            contenders["netcl"] = _netcl_numpy_step(counts, dtype, chosen)
+            torch_step = _torch_step(counts, dtype, chosen)
+            row = Row(case, dtype_name, variant, sum(counts), size, _bytes(variant, sum(counts), dtype.itemsize))
+        elif case in ("many", "flat"):
             counts = many_sizes(size)
             total = sum(counts)
             contenders["netcl"], _ = _netcl_step(queue, counts, dtype, chosen, flat=case == "flat")
@@ -346,7 +411,7 @@ def run(
             torch_step = _torch_step(counts, dtype, chosen)
             row = Row(case, dtype_name, variant, total, size, _bytes(variant, total, dtype.itemsize))
         elif case == "numpy-params":
-            contenders["netcl"] = _netcl_numpy_step(size, dtype)
+            contenders["netcl"] = _netcl_numpy_step([size], dtype, chosen)
             contenders["numpy"] = _numpy_step(size, dtype)
             torch_step = None
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
@@ -371,21 +436,39 @@ def run(
     return rows
 
 
+def machine_bandwidth(rows: Sequence[Row], dtype: str) -> float | None:
+    """The machine's bandwidth in GB/s from the `bandwidth` row of `dtype`: the faster of
+    the streaming kernel and torch's `add_`."""
+    for row in rows:
+        if row.case == "bandwidth" and row.dtype == dtype and row.median_ms:
+            return row.bytes_per_step / min(row.median_ms.values()) / 1e6
+    return None
+
+
+COLUMNS = ("floor", "torch", "numpy")
+"""Contenders with columns of their own; any other is listed in the last column."""
+
+
 def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
-    """The rows as a table of medians and ratios: aligned text, or Markdown."""
+    """The rows as a table of medians and ratios: aligned text, or Markdown. Every ratio
+    is another contender's time over netcl's: netcl's speed-up, > 1 where netcl is faster.
+    GB/s is what netcl's step moved per second (for the `bandwidth` row, the machine's);
+    `of machine` is that over the machine's bandwidth."""
     header = (
         "case",
         "dtype",
         "variant",
         "values",
         "netcl ms",
+        "GB/s",
+        "of machine",
         "floor ms",
-        "floor GB/s",
-        "netcl/floor",
+        "floor/netcl",
         "torch ms",
         "torch/netcl",
         "numpy ms",
         "numpy/netcl",
+        "others: ms (x/netcl)",
     )
     lines = [header]
 
@@ -395,13 +478,20 @@ def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
     def ratio(value: float | None) -> str:
         return f"{value:.2f}" if value is not None else "-"
 
-    def bandwidth(row: Row) -> str:
-        # the bytes a step moves over the floor's time: what the memory gave at these sizes
-        floor = row.median_ms.get("floor")
-        return f"{row.bytes_per_step / floor / 1e6:.3g}" if floor else "-"
-
     for row in rows:
         values = f"{row.size:,}" + (f" in {row.params}" if row.params > 1 else "")
+        machine = machine_bandwidth(rows, row.dtype)
+        netcl = row.median_ms.get("netcl")
+        if row.case == "bandwidth":
+            speed, share = machine, None
+        else:
+            speed = row.bytes_per_step / netcl / 1e6 if netcl else None
+            share = speed / machine if speed is not None and machine else None
+        others = [
+            f"{name}: {row.median_ms[name]:.4g} ({ratio(row.ratio(name, 'netcl'))})"
+            for name in row.median_ms
+            if name not in ("netcl", *COLUMNS)
+        ]
         lines.append(
             (
                 row.case,
@@ -409,17 +499,19 @@ def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
                 row.variant,
                 values,
                 ms(row, "netcl"),
+                f"{speed:.3g}" if speed is not None else "-",
+                ratio(share),
                 ms(row, "floor"),
-                bandwidth(row),
-                ratio(row.ratio("netcl", "floor")),
+                ratio(row.ratio("floor", "netcl")),
                 ms(row, "torch"),
                 ratio(row.ratio("torch", "netcl")),
                 ms(row, "numpy"),
                 ratio(row.ratio("numpy", "netcl")),
+                "; ".join(others) or "-",
             )
         )
     if markdown:
-        rule = tuple("---" if k < 4 else "---:" for k in range(len(header)))  # text, then figures
+        rule = tuple("---" if k < 4 or k == len(header) - 1 else "---:" for k in range(len(header)))
         return "\n".join(f"| {' | '.join(line)} |" for line in [header, rule, *lines[1:]])
     widths = [max(len(line[k]) for line in lines) for k in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
@@ -454,7 +546,8 @@ def plot(rows: Sequence[Row], path: str, device: str) -> None:
         )
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    fig.suptitle(f"netcl {netcl.__version__} on {device}")
+    # the device's name can be long: wrapped, the title stays inside the figure
+    fig.suptitle(textwrap.fill(f"netcl {netcl.__version__} on {device}", width=int(13 * fig.get_figwidth())))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -15,14 +15,19 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.Cap
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert bench.main(["--smoke", "--quiet", "--json", str(out_json), "--plot", str(out_png)]) == 0
     text = capsys.readouterr().out
-    assert "netcl/floor" in text and "torch/netcl" in text
+    assert "floor/netcl" in text and "torch/netcl" in text and "of machine" in text
     data = json.loads(out_json.read_text())
     cases = {(row["case"], row["dtype"], row["variant"]) for row in data["rows"]}
     assert ("single", "float64", "centered") in cases and ("many", "float32", "plain") in cases
-    assert ("flat", "float32", "centered") in cases
-    assert ("numpy-params", "float32", "plain") in cases
+    assert ("flat", "float32", "centered") in cases and ("numpy-many", "float32", "momentum") in cases
+    assert ("numpy-params", "float32", "plain") in cases and ("lstm", "float32", "plain") in cases
+    assert ("bandwidth", "float32", "-") in cases and ("bandwidth", "float64", "-") in cases
     for row in data["rows"]:
-        assert row["median_ms"]["netcl"] > 0 and row["repeats"] >= 2
+        if row["case"] == "bandwidth":  # the streaming kernel, torch's add_
+            assert set(row["median_ms"]) == {"floor", "torch"}
+        elif row["case"] == "lstm":  # netcl's RMSProp, torch's RMSprop, torch's fused Adam
+            assert set(row["median_ms"]) == {"netcl", "torch", "torch fused Adam"} and row["params"] == 7
+        assert all(ms > 0 for ms in row["median_ms"].values()) and row["repeats"] >= 2
         assert set(row["spread"]) == set(row["median_ms"]) and all(v >= 0 for v in row["spread"].values())
     assert data["meta"]["device"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -37,18 +42,31 @@ def test_only_the_chosen_variants_and_dtypes_are_run(tmp_path: Path) -> None:
         ("single", "float64", "adam"),
         ("many", "float32", "adam"),  # separate arrays
         ("flat", "float32", "adam"),  # flat_parameters
+        ("numpy-many", "float32", "adam"),  # separate numpy arrays
+        ("bandwidth", "float32", "-"),
+        ("bandwidth", "float64", "-"),
     }
 
 
-def test_table_gives_the_bandwidth_the_floor_reached_as_text_or_markdown() -> None:
-    # 20 MB moved per step, the floor in 1 ms: 20 GB/s
-    row = bench.Row("single", "float32", "plain", 10**6, 1, 20 * 10**6, {"netcl": 1.5, "floor": 1.0})
-    header, line = (re.split(r"\s{2,}", text.strip()) for text in bench.table([row]).splitlines())
+def test_table_gives_speed_ups_and_the_share_of_the_machine_as_text_or_markdown() -> None:
+    # 20 MB moved per step by netcl in 2 ms: 10 GB/s; the machine moves 12 MB in 0.6 ms: 20 GB/s
+    row = bench.Row("single", "float32", "plain", 10**6, 1, 20 * 10**6, {"netcl": 2.0, "floor": 1.0, "torch": 3.0})
+    machine = bench.Row("bandwidth", "float32", "-", 10**6, 1, 12 * 10**6, {"floor": 0.8, "torch": 0.6})
+    header, line, machine_line = (
+        re.split(r"\s{2,}", text.strip()) for text in bench.table([row, machine]).splitlines()
+    )
     cells = dict(zip(header, line, strict=True))
-    assert cells["floor GB/s"] == "20" and cells["netcl/floor"] == "1.50" and cells["torch ms"] == "-"
-    header_md, rule, line_md = bench.table([row], markdown=True).splitlines()
+    assert cells["GB/s"] == "10" and cells["of machine"] == "0.50"
+    assert cells["floor/netcl"] == "0.50" and cells["torch/netcl"] == "1.50" and cells["numpy ms"] == "-"
+    assert dict(zip(header, machine_line, strict=True))["GB/s"] == "20"
+    header_md, rule, line_md, _ = bench.table([row, machine], markdown=True).splitlines()
     assert header_md == f"| {' | '.join(header)} |" and line_md == f"| {' | '.join(line)} |"
-    assert rule == "| --- | --- | --- | --- |" + " ---: |" * (len(header) - 4)
+    assert rule == "| --- | --- | --- | --- |" + " ---: |" * (len(header) - 5) + " --- |"
+
+
+def test_contenders_without_a_column_are_listed_with_their_speed_up() -> None:
+    row = bench.Row("lstm", "float32", "plain", 117_000, 7, 10**6, {"netcl": 2.0, "torch fused Adam": 5.0})
+    assert "torch fused Adam: 5 (2.50)" in bench.table([row])
 
 
 @pytest.mark.parametrize(
