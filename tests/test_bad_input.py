@@ -73,8 +73,15 @@ def test_boundary_values_are_accepted() -> None:
     RMSProp([ok()], lr=np.float32(0.1), alpha=np.float64(0.5), centered=np.bool_(True))  # type: ignore[arg-type]
 
 
+def _used_generator() -> object:
+    params = (Parameter(np.ones(3, np.float32)) for _ in range(2))
+    RMSProp(params)  # takes both
+    return params
+
+
 PARAMS_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("empty", lambda: [], ValueError, "empty parameter list"),
+    ("used generator", _used_generator, ValueError, "yielded nothing: was it used before"),
     ("bare numpy array", lambda: np.ones(3, F32), TypeError, "single numpy.ndarray"),
     ("single parameter", lambda: ok(), TypeError, "single netcl._parameter.Parameter"),
     ("set", lambda: {ok()}, TypeError, "got a set"),

@@ -82,9 +82,12 @@ PAGES = [
     "guides/checkpoints/",
     "guides/devices/",
     "guides/typing/",
+    "guides/distributed/",
     "api/netcl/",
     "api/optim/",
     "api/rmsprop/",
+    "api/adamw/",
+    "api/distributed/",
     "reliability/",
     "benchmarks/",
 ]
@@ -115,6 +118,21 @@ def test_every_page_loads_cleanly_offline(site: str, browser: Any, path: str) ->
     page, problems = _open(browser, site + path)
     assert page.title()
     assert problems == []
+    page.close()
+
+
+@pytest.mark.parametrize("path", ["benchmarks/", "reliability/", "guides/distributed/", "concepts/rmsprop/"])
+def test_tables_fit_a_1280_pixel_window(site: str, browser: Any, path: str) -> None:
+    """No table needs a horizontal scroll bar, nor widens the page, in a 1280x800 window."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(site + path, wait_until="networkidle")
+    tables = page.evaluate(
+        """() => [...document.querySelectorAll('.md-typeset__scrollwrap')].map(
+            w => [w.querySelector('table').rows[0].cells.length, w.scrollWidth, w.clientWidth])"""
+    )
+    assert tables, f"{path} has no table"
+    assert [t for t in tables if t[1] > t[2]] == [], f"{path}: tables [columns, width, room] wider than the page"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
     page.close()
 
 

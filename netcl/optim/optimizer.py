@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
@@ -701,9 +701,16 @@ def _as_groups(params: object) -> list[Mapping[str, Any]]:
         raise TypeError(
             "params must be an iterable of parameters or of param-group dicts, got one dict; wrap it in a list"
         )
+    consumed = isinstance(params, Iterator)  # an iterator (a generator) yields its items only once
     items = _as_param_list(params, "params")
     if not items:
-        raise ValueError("optimizer got an empty parameter list")
+        hint = (
+            f" (params is a {describe(params)} that yielded nothing: was it used before, by another "
+            "optimizer? Pass a list, e.g. list(model.parameters()), to use it more than once)"
+            if consumed
+            else ""
+        )
+        raise ValueError(f"optimizer got an empty parameter list{hint}")
     dicts = [isinstance(item, Mapping) for item in items]
     if all(dicts):
         return cast(list[Mapping[str, Any]], items)
