@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from netcl._backends import backend_for
 from netcl._types import Array
 
 __all__ = ["Parameter"]
 
-A = TypeVar("A", bound=Array)
+A = TypeVar("A", bound=Array, default=Any)
+"""The kind of array a `Parameter` holds. A bare `Parameter` (no type argument, as in
+`def f(p: Parameter) -> None`) is `Parameter[Any]`, which every parameter is: a
+`Parameter[pyopencl.array.Array]` is not a `Parameter[Array]`, since `data` and `grad`
+can be assigned."""
 
 
 class Parameter(Generic[A]):

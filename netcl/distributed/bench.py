@@ -33,7 +33,7 @@ from netcl.distributed import DistributedOptimizer
 from netcl.distributed._comm import MPI, allreduce_mean
 from netcl.optim import Adam
 
-__all__ = ["main"]
+__all__ = ["allreduce_rows", "main", "step_rows"]
 
 
 def _median_ms(comm: MPI.Comm, call: Callable[[], None], rounds: int) -> float:
@@ -50,6 +50,7 @@ def _median_ms(comm: MPI.Comm, call: Callable[[], None], rounds: int) -> float:
 
 
 def allreduce_rows(comm: MPI.Comm, sizes: Sequence[int], rounds: int) -> list[dict[str, Any]]:
+    """The mean over the ranks, and MPI's own all-reduce, of one buffer of each size."""
     rows: list[dict[str, Any]] = []
     buckets: dict[np.dtype[Any], Any] = {}
     for size in sizes:
@@ -67,6 +68,7 @@ def allreduce_rows(comm: MPI.Comm, sizes: Sequence[int], rounds: int) -> list[di
 
 
 def step_rows(comm: MPI.Comm, rounds: int, device: str | None) -> list[dict[str, Any]]:
+    """Adam's step alone and under DistributedOptimizer, on 160 parameters, flat and not."""
     queue = create_queue(device)
     sizes = many_sizes(160)
     shapes = [(n,) for n in sizes]
@@ -106,6 +108,7 @@ def step_rows(comm: MPI.Comm, rounds: int, device: str | None) -> list[dict[str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: measure, and print the tables on rank 0."""
     parser = argparse.ArgumentParser(prog="python -m netcl.distributed.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per case (21)")
     parser.add_argument("--device", help="OpenCL device as P or P:D (default: PYOPENCL_CTX or the first)")

@@ -17,7 +17,7 @@ from netcl.optim.adam import (
     AdamStateDict,
 )
 from netcl.optim.adamw import AdamW
-from netcl.optim.optimizer import NonFinite, Optimizer
+from netcl.optim.optimizer import NonFinite, Optimizer, ParameterState
 from netcl.optim.rmsprop import (
     RMSProp,
     RMSPropHyperparameters,
@@ -51,6 +51,7 @@ __all__ = [
     "AdamW",
     "NonFinite",
     "Optimizer",
+    "ParameterState",
     "checkpoint",
     "RMSProp",
     "RMSPropHyperparameters",

@@ -221,6 +221,13 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
         weight_decay: Coupled (L2) weight decay; `>= 0`, finite.
         amsgrad: Use the running maximum of v (AMSGrad).
         maximize: Maximize the objective instead of minimizing it.
+        foreach: Accepted for torch's sake (a bool or None) and ignored: netcl always
+            runs one fused kernel per run of parameters.
+        fused: The same: netcl is always fused.
+        capturable: torch's CUDA-graph mode; only False (netcl's step counts are host
+            integers and its kernel is enqueued, not captured).
+        differentiable: torch's mode that records the update in autograd; only False
+            (netcl's update runs outside any autograd graph).
         nonfinite: What a step does with an element whose gradient is NaN or
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
@@ -257,7 +264,11 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: NonFinite = "skip",
     ) -> None:
         defaults = {
@@ -268,4 +279,5 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
             "amsgrad": amsgrad,
             "maximize": maximize,
         }
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        torch_only = {"foreach": foreach, "capturable": capturable, "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults, nonfinite=nonfinite, torch_only=torch_only)

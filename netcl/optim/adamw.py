@@ -29,6 +29,7 @@ class AdamW(Adam):
         weight_decay: Decoupled weight decay; `>= 0`, finite (default 1e-2).
         amsgrad: Use the running maximum of v (AMSGrad).
         maximize: Maximize the objective instead of minimizing it.
+        foreach, capturable, differentiable, fused: As for `Adam`.
         nonfinite: What a step does with an element whose gradient is NaN or
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
@@ -65,6 +66,23 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: NonFinite = "skip",
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, nonfinite=nonfinite)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            nonfinite=nonfinite,
+        )

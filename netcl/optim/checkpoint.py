@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DEFAULT_MAX_BYTES", "FORMAT", "load", "save"]
+__all__ = ["DEFAULT_MAX_BYTES", "FORMAT", "load", "save", "to_torch", "torch_safe_globals"]
 
 FORMAT = "netcl-optimizer-state/1"
 """The format name and version written into every checkpoint."""
@@ -220,6 +220,93 @@ def _read_arrays(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, npt.NDAr
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def to_torch(state_dict: Mapping[str, object]) -> dict[str, Any]:
+    """A netcl state dict as torch's optimizer of the same kind saves one, for
+    `torch.optim.RMSprop` (`SGD`, `Adam`, `AdamW`)`.load_state_dict` and for
+    `torch.save`/`torch.load(weights_only=True)`: each state buffer a torch tensor (a
+    copy), each `step` a float32 tensor (as torch keeps it), the param groups as they are.
+    Needs torch.
+
+    ```python
+    import numpy as np
+    import torch
+
+    from netcl import Parameter
+    from netcl.optim import RMSProp, checkpoint
+
+    weight = np.ones(3, np.float32)
+    optimizer = RMSProp([Parameter(weight, np.full(3, 0.5, np.float32))], lr=1e-2)
+    optimizer.step()
+    twin = torch.optim.RMSprop([torch.tensor(weight)], lr=1e-2)
+    twin.load_state_dict(checkpoint.to_torch(optimizer.state_dict()))
+    ```
+
+    Raises:
+        TypeError: `state_dict` is not a dict with `state` and `param_groups`, or a state
+            entry holds something that is not an array or a step count.
+        ImportError: torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("checkpoint.to_torch needs torch (pip install torch)") from None
+
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise TypeError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
+    state = state_dict["state"]
+    groups = state_dict["param_groups"]
+    if not isinstance(state, Mapping) or not isinstance(groups, list | tuple):
+        raise TypeError("state_dict['state'] must be a dict and state_dict['param_groups'] a list")
+    converted: dict[Any, dict[str, Any]] = {}
+    for index, entry in state.items():
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"state_dict['state'][{index!r}] must be a dict, got {type(entry).__name__}")
+        out: dict[str, Any] = {}
+        for name, value in entry.items():
+            where = f"state_dict['state'][{index!r}][{name!r}]"
+            if name == "step":
+                out[name] = torch.tensor(float(value), dtype=torch.float32)
+            else:
+                out[name] = torch.from_numpy(np.array(_host(value, where), copy=True))
+        converted[index] = out
+    return {"state": converted, "param_groups": [dict(group) for group in groups]}
+
+
+def torch_safe_globals() -> list[Any]:
+    """The numpy functions and types that a pickled netcl state dict refers to, for
+    `torch.serialization.safe_globals`: with them allowed, `torch.load(path,
+    weights_only=True)` reads what `torch.save(optimizer.state_dict(), path)` wrote.
+
+    ```python
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from netcl import Parameter
+    from netcl.optim import Adam, checkpoint
+
+    optimizer = Adam([Parameter(np.ones(3, np.float32), np.full(3, 0.5, np.float32))])
+    optimizer.step()
+    path = tempfile.mkdtemp() + "/adam.pt"
+    torch.save(optimizer.state_dict(), path)
+    with torch.serialization.safe_globals(checkpoint.torch_safe_globals()):
+        optimizer.load_state_dict(torch.load(path, weights_only=True))
+    ```
+
+    (Or save `to_torch(optimizer.state_dict())`, which torch reads without them.)
+    """
+    import importlib
+
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    _reconstruct = multiarray._reconstruct
+    dtypes = [type(np.dtype(kind)) for kind in (np.float32, np.float64)]
+    return [_reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
 def _bounded_int(text: str) -> int:

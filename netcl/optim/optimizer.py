@@ -25,7 +25,7 @@ from netcl._types import ParameterLike
 from netcl._update import Step, UpdateRule
 from netcl.optim._hyper import HyperCheck
 
-__all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer"]
+__all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer", "ParameterState"]
 
 
 HyperValue: TypeAlias = float | bool | tuple[float, float]
@@ -39,6 +39,7 @@ GroupInputT = TypeVar("GroupInputT", bound=Mapping[str, object])
 StateT = TypeVar("StateT", bound=Mapping[str, Any])
 StateDictT = TypeVar("StateDictT", bound=Mapping[str, Any])
 LossT = TypeVar("LossT")
+T = TypeVar("T")
 
 # Keys that torch.optim writes into a param group and that change how torch runs, not
 # what it computes: a torch checkpoint that carries them loads.
@@ -146,6 +147,47 @@ def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
     return hasattr(x, "data") and hasattr(x, "grad")
 
 
+class ParameterState(dict[int, StateT]):
+    """`Optimizer.state`: each parameter's state, keyed on `id(parameter)`, as the
+    concept page says; the parameter object itself is accepted as a key too (torch's
+    habit, `optimizer.state[param]`), and stands for its `id()`."""
+
+    @staticmethod
+    def _key(key: object) -> int:
+        return key if type(key) is int else id(key)  # noqa: E721 (a bool or a numpy int is an object)
+
+    def __getitem__(self, key: object) -> StateT:
+        """The state of a parameter, given as `id(parameter)` or as the parameter."""
+        return super().__getitem__(self._key(key))
+
+    def __setitem__(self, key: object, value: StateT) -> None:
+        """Set the state of a parameter, given as `id(parameter)` or as the parameter."""
+        super().__setitem__(self._key(key), value)
+
+    def __delitem__(self, key: object) -> None:
+        """Forget the state of a parameter, given as `id(parameter)` or as the parameter."""
+        super().__delitem__(self._key(key))
+
+    def __contains__(self, key: object) -> bool:
+        """Whether a parameter (or `id(parameter)`) has state."""
+        return super().__contains__(self._key(key))
+
+    @overload
+    def get(self, key: object, default: None = None, /) -> StateT | None: ...
+    @overload
+    def get(self, key: object, default: StateT, /) -> StateT: ...
+    @overload
+    def get(self, key: object, default: T, /) -> StateT | T: ...
+
+    def get(self, key: object, default: object = None, /) -> object:
+        """The state of a parameter (or `id(parameter)`), or `default`."""
+        return super().get(self._key(key), default)
+
+    def pop(self, key: object, *default: Any) -> Any:
+        """Remove and return the state of a parameter (or `id(parameter)`)."""
+        return super().pop(self._key(key), *default)
+
+
 class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     """The base of netcl's optimizers; use a concrete one such as `RMSProp`.
 
@@ -153,8 +195,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         param_groups: The param groups: each holds `params` (a list of parameters) and
             every hyperparameter, by name. Change a hyperparameter here (a learning-rate
             schedule) and the next `step()` uses it; nothing is rebuilt.
-        state: Per-parameter state, keyed on `id(parameter)`: empty until the first
-            step, filled lazily, with no entry for a parameter that never had a gradient.
+        state: Per-parameter state, keyed on `id(parameter)` (the parameter itself is
+            accepted as a key too, as in torch): empty until the first step, filled
+            lazily, with no entry for a parameter that never had a gradient.
         defaults: The hyperparameters given to the constructor.
     """
 
@@ -167,7 +210,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     (`decoupled_weight_decay` for Adam and AdamW): a checkpoint must agree."""
 
     param_groups: list[GroupT]
-    state: dict[int, StateT]
+    state: ParameterState[StateT]
     defaults: dict[str, HyperValue]
 
     def __init__(
@@ -176,7 +219,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         defaults: Mapping[str, object],
         *,
         nonfinite: NonFinite = "skip",
+        torch_only: Mapping[str, object] | None = None,
     ) -> None:
+        _check_torch_only(torch_only or {})
         if nonfinite not in ("skip", "count", "propagate"):
             raise ValueError(f"nonfinite must be 'skip', 'count' or 'propagate', got {nonfinite!r}")
         self.nonfinite: NonFinite = nonfinite
@@ -193,7 +238,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._group_count = 0
         self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
         self._check_combination(self.defaults, "")
-        self.state = {}
+        self.state = ParameterState()
         self.param_groups = []
         for group in _as_groups(params):
             self._add_group(group)
@@ -693,6 +738,31 @@ def _saved_step(value: object, where: str) -> int:
     if not np.isfinite(value) or value < 0 or value != int(value):
         raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
     return int(value)
+
+
+def _check_torch_only(given: Mapping[str, object]) -> None:
+    """Accept torch's keywords that choose how torch runs, refuse the modes netcl has not."""
+    for name in ("foreach", "fused"):
+        value = given.get(name)
+        if value is not None and not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be a bool or None, got {describe(value)} {value!r}")
+    for name, why in (
+        (
+            "capturable",
+            "it keeps step counts on a CUDA device for CUDA-graph capture; netcl's step counts are host "
+            "integers and its kernel is enqueued, not captured",
+        ),
+        (
+            "differentiable",
+            "it records the update in torch's autograd graph; netcl's update runs in an OpenCL kernel "
+            "(or under no_grad), outside any graph, so nothing could differentiate through it",
+        ),
+    ):
+        value = given.get(name, False)
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be a bool, got {describe(value)} {value!r}")
+        if value:
+            raise ValueError(f"{name}=True is not supported: in torch {why}. Leave {name}=False")
 
 
 def _as_groups(params: object) -> list[Mapping[str, Any]]:

@@ -233,6 +233,13 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
         momentum: Polyak momentum factor; `0 <= momentum < 1` (0 keeps no buffer).
         centered: Normalize by an estimate of the gradient's variance instead of its
             second moment.
+        capturable: torch's CUDA-graph mode; only False (netcl's step counts are host
+            integers and its kernel is enqueued, not captured).
+        differentiable: torch's mode that records the update in autograd; only False
+            (netcl's update runs outside any autograd graph).
+        foreach: Accepted for torch's sake (a bool or None) and ignored: netcl always
+            runs one fused kernel per run of parameters.
+        fused: The same: netcl is always fused.
         maximize: Maximize the objective instead of minimizing it.
         nonfinite: What a step does with an element whose gradient is NaN or
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
@@ -244,7 +251,7 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             holds an array netcl cannot optimize, or a hyperparameter is not a number
             (not a bool for `centered` and `maximize`).
         ValueError: `params` is empty or repeats a parameter, a group has an unknown key,
-            or a hyperparameter is out of range.
+            a hyperparameter is out of range, or `capturable` or `differentiable` is True.
 
     Example:
         ```python
@@ -273,9 +280,13 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         momentum: float = 0.0,
-        *,
         centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        fused: bool | None = None,
         nonfinite: NonFinite = "skip",
     ) -> None:
         defaults = {
@@ -287,4 +298,5 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             "centered": centered,
             "maximize": maximize,
         }
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        torch_only = {"capturable": capturable, "foreach": foreach, "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults, nonfinite=nonfinite, torch_only=torch_only)

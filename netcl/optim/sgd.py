@@ -185,6 +185,11 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
         weight_decay: Coupled (L2) weight decay; `>= 0`, finite.
         nesterov: Nesterov momentum (needs `momentum > 0` and `dampening == 0`).
         maximize: Maximize the objective instead of minimizing it.
+        foreach: Accepted for torch's sake (a bool or None) and ignored: netcl always
+            runs one fused kernel per run of parameters.
+        fused: The same: netcl is always fused.
+        differentiable: torch's mode that records the update in autograd; only False
+            (netcl's update runs outside any autograd graph).
         nonfinite: What a step does with an element whose gradient is NaN or
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
@@ -192,7 +197,8 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
 
     Raises:
         TypeError: As for `RMSProp`.
-        ValueError: As for `RMSProp`, and `nesterov` without momentum or with dampening.
+        ValueError: As for `RMSProp`, and `nesterov` without momentum or with dampening,
+            or `differentiable` is True.
 
     Example:
         ```python
@@ -221,6 +227,9 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         nonfinite: NonFinite = "skip",
     ) -> None:
         defaults = {
@@ -231,7 +240,8 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
             "nesterov": nesterov,
             "maximize": maximize,
         }
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        torch_only = {"foreach": foreach, "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults, nonfinite=nonfinite, torch_only=torch_only)
 
     def _check_combination(self, hyper: Mapping[str, object], where: str) -> None:
         if hyper["nesterov"] and (hyper["momentum"] == 0 or hyper["dampening"] != 0):

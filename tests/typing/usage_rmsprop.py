@@ -6,7 +6,7 @@ mistake that the checkers stop catching fails CI."""
 from __future__ import annotations
 
 import pickle
-from typing import assert_type
+from typing import Any, assert_type
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +15,7 @@ import pyopencl.array as cl_array
 
 from netcl import Array, Parameter, ParameterLike
 from netcl.optim import (
+    ParameterState,
     RMSProp,
     RMSPropParamGroup,
     RMSPropParamGroupInput,
@@ -50,8 +51,10 @@ assert_type(optimizer.param_groups, list[RMSPropParamGroup])
 assert_type(optimizer.param_groups[0]["lr"], float)
 assert_type(optimizer.param_groups[0]["centered"], bool)
 assert_type(optimizer.param_groups[0]["params"], list[ParameterLike])
-assert_type(optimizer.state, dict[int, RMSPropState])
+assert_type(optimizer.state, ParameterState[RMSPropState])
 assert_type(optimizer.state[id(weight)]["step"], int)
+assert_type(optimizer.state[weight]["step"], int)  # the parameter itself, as in torch
+assert_type(optimizer.state.get(weight), RMSPropState | None)
 assert_type(optimizer.state[id(weight)]["square_avg"], Array)
 assert_type(optimizer.defaults, dict[str, float | bool | tuple[float, float]])
 optimizer.param_groups[0]["lr"] = 5e-4  # a schedule
@@ -85,7 +88,9 @@ def needs_an_argument(x: float) -> float:
 
 RMSProp([weight], lr="0.1")  # type: ignore[arg-type]
 RMSProp([weight], learning_rate=0.1)  # type: ignore[call-arg]
-RMSProp([weight], 1e-3, 0.99, 1e-8, 0.0, 0.0, True)  # type: ignore[call-arg]
+RMSProp([weight], 1e-3, 0.99, 1e-8, 0.0, 0.0, True)  # centered, 7th as in torch
+RMSProp([weight], foreach=True, fused=True)  # accepted, netcl always fuses
+RMSProp([weight], fused="yes")  # type: ignore[arg-type]
 optimizer.step(3)  # type: ignore[call-overload]
 optimizer.step(needs_an_argument)  # type: ignore[arg-type]
 Parameter([1.0, 2.0])  # type: ignore[type-var]
@@ -96,3 +101,11 @@ optimizer.param_groups[0]["lr"] = "fast"  # type: ignore[typeddict-item]
 optimizer.param_groups[0]["learning_rate"]  # type: ignore[typeddict-item]
 grouped.add_param_group({"params": [mine], "betas": (0.9, 0.99)})  # type: ignore[typeddict-unknown-key]
 grouped.add_param_group({"lr": 0.1})  # type: ignore[typeddict-item]
+
+
+def takes_any_parameter(param: Parameter) -> None:  # no type argument: any parameter, in mypy --strict
+    assert_type(param, Parameter[Any])
+
+
+takes_any_parameter(weight)
+takes_any_parameter(host)

@@ -1,0 +1,137 @@
+"""torch's habits: the parameter as a state key, torch's positional order and keywords,
+and state dicts that torch's optimizers and `torch.load(weights_only=True)` take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+import pytest
+import torch
+
+from netcl import Parameter
+from netcl.optim import SGD, Adam, AdamW, Optimizer, RMSProp, checkpoint
+
+OPTIMIZERS: list[tuple[type[Optimizer[Any, Any, Any, Any]], Any, dict[str, Any]]] = [
+    (RMSProp, torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.9, "centered": True}),
+    (SGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    (Adam, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}),
+    (AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+]
+IDS = [cls.__name__ for cls, _, _ in OPTIMIZERS]
+
+
+def test_state_is_keyed_by_the_parameter_too(queue: cl.CommandQueue) -> None:
+    tensor = Parameter(torch.ones(4), torch.full((4,), 0.5))
+    array = Parameter(cl_array.to_device(queue, np.ones(4, np.float32)), cl_array.zeros(queue, 4, np.float32))
+    optimizer = RMSProp([tensor, array])
+    # mypy's strict equality sees int keys: `in` with a parameter works, but needs the ignore
+    assert tensor not in optimizer.state and optimizer.state.get(tensor) is None  # type: ignore[comparison-overlap]
+    optimizer.step()
+    for param in (tensor, array):
+        assert param in optimizer.state and id(param) in optimizer.state  # type: ignore[comparison-overlap]
+        assert optimizer.state[param] is optimizer.state[id(param)] is optimizer.state.get(param)
+    assert list(optimizer.state) == [id(tensor), id(array)]  # the keys stay ids
+    entry = optimizer.state.pop(tensor)
+    optimizer.state[tensor] = entry
+    assert optimizer.state[id(tensor)] is entry
+
+
+def test_rmsprop_takes_torchs_positional_order() -> None:
+    param = Parameter(np.ones(3, np.float32))
+    optimizer = RMSProp([param], 0.01, 0.9, 1e-6, 0.1, 0.5, True, False, None, True, False)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"]) == (
+        0.01,
+        0.9,
+        1e-6,
+        0.1,
+        0.5,
+    )
+    assert group["centered"] is True and group["maximize"] is True
+
+
+@pytest.mark.parametrize("cls", [RMSProp, SGD, Adam, AdamW])
+def test_torchs_implementation_keywords_are_accepted_and_its_modes_refused(cls: type[Any]) -> None:
+    param = Parameter(np.ones(3, np.float32), np.ones(3, np.float32))
+    reference = Parameter(np.ones(3, np.float32), np.ones(3, np.float32))
+    cls([param], foreach=True, fused=True).step()  # netcl always fuses: the same step
+    cls([reference], foreach=False, fused=None).step()
+    assert np.array_equal(param.data, reference.data)
+    with pytest.raises(TypeError, match="fused must be a bool or None, got builtins.str 'yes'"):
+        cls([param], fused="yes")
+    with pytest.raises(ValueError, match="differentiable=True is not supported: .*autograd"):
+        cls([param], differentiable=True)
+    if cls is not SGD:  # torch's SGD has no capturable
+        with pytest.raises(ValueError, match="capturable=True is not supported: .*CUDA-graph"):
+            cls([param], capturable=True)
+
+
+def _twins(cls: type[Any], torch_cls: Any, hyper: dict[str, Any]) -> tuple[Any, list[Any], Any, list[Any]]:
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(shape).astype(np.float32) for shape in ((5, 3), (7,))]
+    params = [Parameter(v.copy()) for v in values]
+    tensors = [torch.tensor(v) for v in values]
+    return cls(params, **hyper), params, torch_cls(tensors, **hyper), tensors
+
+
+def _grads(step: int) -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(step + 1)
+    return [rng.standard_normal(shape).astype(np.float32) for shape in ((5, 3), (7,))]
+
+
+@pytest.mark.parametrize(("cls", "torch_cls", "hyper"), OPTIMIZERS, ids=IDS)
+def test_a_netcl_state_dict_loads_into_torch_and_back(cls: type[Any], torch_cls: Any, hyper: dict[str, Any]) -> None:
+    """netcl steps 3 times, torch takes its state and both step 3 more alike; then torch's
+    state dict loads into a fresh netcl optimizer, which steps like torch again. (netcl
+    and torch agree on these updates to a few ulp: the tolerance of test_conformance.)"""
+    optimizer, params, twin, tensors = _twins(cls, torch_cls, hyper)
+    for step in range(3):
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g
+        optimizer.step()
+    for t, p in zip(tensors, params, strict=True):
+        t.data = torch.tensor(p.data)
+    twin.load_state_dict(checkpoint.to_torch(optimizer.state_dict()))
+    for step in range(3, 6):
+        for p, t, g in zip(params, tensors, _grads(step), strict=True):
+            p.grad, t.grad = g, torch.tensor(g)
+        optimizer.step()
+        twin.step()
+    for p, t in zip(params, tensors, strict=True):
+        np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=2e-6, atol=1e-7)
+    fresh = cls([Parameter(t.detach().numpy().copy()) for t in tensors], **hyper)
+    fresh.load_state_dict(twin.state_dict())
+    mine = fresh.state_dict()
+    theirs = twin.state_dict()
+    for index, entry in theirs["state"].items():
+        for name, value in entry.items():
+            expected = int(value) if name == "step" else value.numpy()
+            np.testing.assert_array_equal(mine["state"][index][name], expected)
+
+
+@pytest.mark.parametrize(("cls", "torch_cls", "hyper"), OPTIMIZERS, ids=IDS)
+def test_torch_load_weights_only_reads_a_saved_state_dict(
+    cls: type[Any], torch_cls: Any, hyper: dict[str, Any], tmp_path: Path
+) -> None:
+    optimizer, params, twin, _ = _twins(cls, torch_cls, hyper)
+    for p, g in zip(params, _grads(0), strict=True):
+        p.grad = g
+    optimizer.step()
+    saved = optimizer.state_dict()
+    raw, converted = tmp_path / "raw.pt", tmp_path / "converted.pt"
+    torch.save(saved, raw)
+    torch.save(checkpoint.to_torch(saved), converted)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(raw, weights_only=True)  # numpy arrays: torch asks for them to be allowed
+    with torch.serialization.safe_globals(checkpoint.torch_safe_globals()):
+        back = torch.load(raw, weights_only=True)
+    optimizer.load_state_dict(back)
+    for index, entry in saved["state"].items():
+        for name, value in entry.items():
+            np.testing.assert_array_equal(back["state"][index][name], value)
+    twin.load_state_dict(torch.load(converted, weights_only=True))  # torch's tensors: nothing to allow
+    assert set(twin.state_dict()["state"]) == set(saved["state"])
