@@ -7,7 +7,18 @@ kernel, and accepts arrays of any array-API library too.
 from netcl._flat import flat_parameters
 from netcl._parameter import Parameter
 from netcl._types import Array, ArrayAPIArray, ClArrayLike, ParameterLike
+from netcl.clip import clip_grad_norm_, clip_grad_value_
 
-__all__ = ["Array", "ArrayAPIArray", "ClArrayLike", "Parameter", "ParameterLike", "__version__", "flat_parameters"]
+__all__ = [
+    "Array",
+    "ArrayAPIArray",
+    "ClArrayLike",
+    "Parameter",
+    "ParameterLike",
+    "__version__",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "flat_parameters",
+]
 
 __version__ = "0.1.0"

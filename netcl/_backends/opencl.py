@@ -23,7 +23,7 @@ from netcl._backends.base import SUPPORTED_DTYPES, Backend, HostViews, Tally, Wo
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
-__all__ = ["OPENCL", "OpenCLBackend", "is_opencl"]
+__all__ = ["OPENCL", "OpenCLBackend", "buffer_runs", "is_opencl"]
 
 _BUFFER_ATTRIBUTES = ("base_data", "offset", "shape", "dtype", "queue")
 
@@ -195,7 +195,7 @@ class OpenCLBackend(Backend):
         mapped: list[tuple[Any, cl.CommandQueue, list[Any]]] = []
         pending: list[cl.Event] = []
         try:
-            for run in _buffer_runs(arrays):
+            for run in buffer_runs(arrays):
                 first = run[0]
                 dtype = np.dtype(first.dtype)
                 sizes = [prod(int(n) for n in x.shape) for x in run]
@@ -297,7 +297,7 @@ class OpenCLBackend(Backend):
         prepared.run(step.scalars, tally)
 
 
-def _buffer_runs(arrays: Sequence[Any]) -> list[list[Any]]:
+def buffer_runs(arrays: Sequence[Any]) -> list[list[Any]]:
     """`arrays` split into runs that follow each other in one buffer, in order."""
     runs: list[list[Any]] = []
     end = -1
