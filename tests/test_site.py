@@ -87,6 +87,7 @@ PAGES = [
     "api/optim/",
     "api/rmsprop/",
     "api/adamw/",
+    "api/lr_scheduler/",
     "api/distributed/",
     "reliability/",
     "benchmarks/",

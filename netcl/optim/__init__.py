@@ -5,7 +5,7 @@ from netcl.optim import RMSProp
 ```
 """
 
-from netcl.optim import checkpoint
+from netcl.optim import checkpoint, lr_scheduler
 from netcl.optim.adam import (
     Adam,
     AdamHyperparameters,
@@ -53,6 +53,7 @@ __all__ = [
     "Optimizer",
     "ParameterState",
     "checkpoint",
+    "lr_scheduler",
     "RMSProp",
     "RMSPropHyperparameters",
     "RMSPropParamGroup",

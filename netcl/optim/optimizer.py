@@ -42,8 +42,21 @@ LossT = TypeVar("LossT")
 T = TypeVar("T")
 
 # Keys that torch.optim writes into a param group and that change how torch runs, not
-# what it computes: a torch checkpoint that carries them loads.
-_TORCH_ONLY_KEYS = frozenset({"foreach", "capturable", "differentiable", "fused"})
+# what it computes, and the bookkeeping its learning-rate schedulers keep there (netcl's
+# schedulers keep it there too): a torch checkpoint that carries them loads.
+_TORCH_ONLY_KEYS = frozenset(
+    {
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "initial_lr",
+        "max_lr",
+        "min_lr",
+        "max_momentum",
+        "base_momentum",
+    }
+)
 
 
 def _weak(x: object) -> Callable[[], object]:
