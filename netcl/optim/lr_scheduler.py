@@ -679,7 +679,27 @@ class OneCycleLR(LRScheduler):
         return lrs
 
 
-class SequentialLR(LRScheduler):
+class _Composite(LRScheduler):
+    """A scheduler made of schedulers (`_schedulers`), whose state holds theirs."""
+
+    _schedulers: list[LRScheduler]
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's: each scheduler's state in `_schedulers`."""
+        state = super().state_dict()
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state, each scheduler's too."""
+        state = dict(state_dict)
+        saved = state.pop("_schedulers")
+        super().load_state_dict(state)
+        for scheduler, inner in zip(self._schedulers, saved, strict=True):
+            scheduler.load_state_dict(inner)
+
+
+class SequentialLR(_Composite):
     """One scheduler after another: `schedulers[k]` from `milestones[k-1]` on."""
 
     def __init__(
@@ -719,22 +739,8 @@ class SequentialLR(LRScheduler):
             scheduler.step()
         self._last_lr = scheduler.get_last_lr()
 
-    def state_dict(self) -> dict[str, Any]:
-        """As torch's: each scheduler's state in `_schedulers`."""
-        state = super().state_dict()
-        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state, each scheduler's too."""
-        state = dict(state_dict)
-        saved = state.pop("_schedulers")
-        super().load_state_dict(state)
-        for scheduler, inner in zip(self._schedulers, saved, strict=True):
-            scheduler.load_state_dict(inner)
-
-
-class ChainedScheduler(LRScheduler):
+class ChainedScheduler(_Composite):
     """Several schedulers stepped together, each on the rates the one before wrote."""
 
     def __init__(self, schedulers: Sequence[LRScheduler], optimizer: HasParamGroups | None = None) -> None:
@@ -751,20 +757,6 @@ class ChainedScheduler(LRScheduler):
         for scheduler in self._schedulers:
             scheduler.step()
         self._last_lr = self._lrs()
-
-    def state_dict(self) -> dict[str, Any]:
-        """As torch's: each scheduler's state in `_schedulers`."""
-        state = super().state_dict()
-        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state, each scheduler's too."""
-        state = dict(state_dict)
-        saved = state.pop("_schedulers")
-        super().load_state_dict(state)
-        for scheduler, inner in zip(self._schedulers, saved, strict=True):
-            scheduler.load_state_dict(inner)
 
 
 def _check_chain(optimizer: HasParamGroups, schedulers: Sequence[LRScheduler]) -> None:
