@@ -426,15 +426,32 @@ class _Prepared:
         for launch in self.launches:
             grads = [work[k].grad for k in launch.places]
             every = [work[k].grad for k in launch.members] if len(launch.members) > len(launch.places) else grads
-            # each event once: the arrays of a launch often wait for the same one
-            waits = dict.fromkeys(event for x in launch.arrays for event in x.events)
-            waits.update(dict.fromkeys(event for x in (*launch.others, *every) for event in _events(x)))
+            arrays = [*launch.arrays, *(g for g in every if type(g) is cl_array.Array)]
+            others = [*launch.others, *(g for g in every if type(g) is not cl_array.Array)]
+            # each event once: the arrays of a launch mostly wait for the same one, the
+            # last launch's, which they share as one list (see below)
+            waits: dict[cl.Event, None] = {}
+            seen: list[cl.Event] | None = None
+            for x in arrays:
+                events = x.events
+                if events is not seen:
+                    seen = events
+                    for pending in events:
+                        waits[pending] = None
+            for x in others:
+                for pending in _events(x):
+                    waits[pending] = None
             own = [work[k].member for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
             event = launch.launcher.run(launch.queue, scalars, own, grads, list(waits))
             tally.launched(launch.queue, event)
-            for x in launch.arrays:
-                x.events = [event]
-            for x in (*launch.others, *every):
+            # one list for every array: it holds the only event they wait for now (the
+            # launch waited for all the others). pyopencl may add to it or clear it
+            # through any of them; the others then wait for more, or for events that
+            # are done, never for less than they need.
+            recorded = [event]
+            for x in arrays:
+                x.events = recorded
+            for x in others:
                 _record(x, event)
 
 

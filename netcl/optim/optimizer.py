@@ -110,7 +110,7 @@ class _Plan:
     Gradients are held weakly, and each `Work` holds its gradient only during a step.
     """
 
-    __slots__ = ("batches", "buffers", "dtypes", "entries", "kept", "params", "stable")
+    __slots__ = ("batches", "buffers", "checks", "dtypes", "entries", "items", "params", "stable")
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
@@ -118,42 +118,56 @@ class _Plan:
         self.batches: dict[Backend, list[Work]] = {}
         self.buffers: tuple[str, ...] = ()
         self.dtypes: set[np.dtype[Any]] = set()
-        self.kept: list[tuple[tuple[str, object], ...]] = []
+        self.checks: list[
+            tuple[
+                Any, object, Callable[[], object] | None, Mapping[str, Any] | None, int, tuple[tuple[str, object], ...]
+            ]
+        ]
+        self.checks = []
+        """Per parameter, what `holds` compares: the parameter, its array, its gradient
+        (weakly), its state dict, the state's size and its buffers."""
+        self.items: list[Work] = []
+        """Every `Work` of the plan, in order (what `work()` yields)."""
         self.stable = True
         """Whether every array of the plan cannot change what was checked of it."""
 
     def settled(self, buffers: tuple[str, ...]) -> _Plan:
         self.buffers = buffers
-        self.kept = [
-            tuple((name, value) for name, value in state.items() if name != "step") if state is not None else ()
-            for _, _, _, state in self.entries
-        ]
+        self.items = [item for work in self.batches.values() for item in work]
+        self.checks = []
+        for param, data, grad, state in self.entries:
+            kept = tuple((n, v) for n, v in state.items() if n != "step") if state is not None else ()
+            self.checks.append((param, data, grad, state, len(kept) + 1, kept))
         return self
 
-    def holds(self, params: list[Any], states: Mapping[int, object], buffers: tuple[str, ...]) -> bool:
-        if params is not self.params or len(params) != len(self.entries) or buffers != self.buffers:
+    def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
+        """Whether a step may take this plan again: the very same objects (one tight
+        loop: it runs at every step, for every parameter)."""
+        if params is not self.params or len(params) != len(self.checks) or buffers != self.buffers:
             return False
-        for param, (known, data, grad, state), kept in zip(params, self.entries, self.kept, strict=True):
+        lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
+        for param, (known, data, grad, state, size, kept) in zip(params, self.checks, strict=True):
             if param is not known or param.data is not data:
                 return False
+            now = param.grad
             if grad is None:
-                if param.grad is not None:
+                if now is not None:
                     return False
                 continue
-            now = param.grad
             if now is None or now is not grad():  # (a dead reference gives None)
                 return False
             if state is not None:
-                if states.get(id(param)) is not state or len(state) != len(kept) + 1:
+                same = lookup(states, id(param)) is state
+                if not same or len(state) != size:
                     return False
                 for name, value in kept:
                     if state.get(name) is not value:
                         return False
         return True
 
-    def work(self) -> Iterable[Work]:
-        for work in self.batches.values():
-            yield from work
+    def work(self) -> list[Work]:
+        """Every `Work` of the plan, in order."""
+        return self.items or [item for work in self.batches.values() for item in work]
 
 
 def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
@@ -379,18 +393,24 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                         item.buffers[name] = buffer
         made: dict[tuple[int, frozenset[str]], tuple[float, ...]] = {}  # parameters mostly share a count
         fresh: frozenset[str] = frozenset()
+        last, own = -1, cast("tuple[float, ...]", ())
         for item in plan.work():
             count = item.state["step"]
             if type(count) is not int or count < 0:  # noqa: E721 (bool and numpy ints are not counts here)
                 count = _saved_step(count, f"state['step'] of {item.at}")
-            item.count = count + 1
+            count += 1
+            item.count = count
             if member_scalars is not None:
                 if not known:
                     fresh = frozenset(name for name in step.buffers if name not in item.state)
-                own = made.get((item.count, fresh))
-                if own is None:
-                    own = made[item.count, fresh] = member_scalars(step.hyper, item.count, fresh)
-                item.member = own
+                elif count == last:  # a known plan has no fresh buffers: the count decides
+                    item.member = own
+                    continue
+                found = made.get((count, fresh))
+                if found is None:
+                    found = made[count, fresh] = member_scalars(step.hyper, count, fresh)
+                own = item.member = found
+                last = count
 
     def _commit(self, plans: list[tuple[Step, _Plan, bool]]) -> None:
         """Record a step whose updates were all written: counts, new state, plans."""
@@ -481,7 +501,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         known = self._plans.get(index)
         if known is not None and known.holds(group["params"], self.state, step.buffers):
             self._check_dtypes(index, step, known.dtypes)
-            for item in known.work():
+            for item in known.items:
                 item.grad = item.param.grad
             return step, known, True
         plan = _Plan(group["params"])
