@@ -8,7 +8,12 @@
  * NaN, tested on its exponent bits, cheaper than PoCL's `isfinite`), `SAT(x)` (x, or
  * +-REAL_MAX where it overflowed) and `SQRT(x)` (the correctly rounded square root).
  *
- * Variant flags, fixed at build time: MAXIMIZE, WEIGHT_DECAY, CENTERED, MOMENTUM.
+ * Variant flags, fixed at build time: MAXIMIZE, WEIGHT_DECAY, CENTERED, MOMENTUM, and
+ * the other frameworks' options: EPS_IN_SQRT (g / sqrt(v + eps)), INITIAL_SCALE (v starts
+ * at `initial`, a parameter's own scalar: the scale on its first step, else 0),
+ * BIAS_CORRECTION (v and m divided by `correction` = 1 - alpha^t in the denominator),
+ * NESTEROV (the step is u + momentum * b) and DECOUPLED_WEIGHT_DECAY (param *= `decay` =
+ * 1 - lr * weight_decay first; the gradient is left as it is).
  * State buffers that the variant does not use are passed as dummies and never read.
  *
  * The order of operations is torch.optim.RMSprop's (but for squaring g before scaling
@@ -34,7 +39,8 @@ inline void update(
     real *param, real grad,
     real *square_avg, real *momentum_buffer, real *grad_avg,
     real lr, real alpha, real one_minus_alpha, real eps,
-    real weight_decay, real momentum, real clip)
+    real weight_decay, real momentum, real clip, real decay,
+    real initial, real correction)
 {
     real g = grad;
 #if MAXIMIZE
@@ -43,40 +49,71 @@ inline void update(
 #if WEIGHT_DECAY
     g = SAT(g + weight_decay * *param);
 #endif
+#if DECOUPLED_WEIGHT_DECAY
+    const real kept = *param * decay;
+#else
+    const real kept = *param;
+#endif
 
     /* v = alpha * v + (1 - alpha) * g^2; squaring first rounds a little less often in
        the worst case than torch's ((1 - alpha) * g) * g (at most 2 ulp against 2.1).
        (Overflow tests compare with REAL_MAX: PoCL vectorizes those, not FINITE here.) */
     const real square = g * g;
     const real scaled = (square <= REAL_MAX) ? one_minus_alpha * square : (one_minus_alpha * g) * g;
+#if INITIAL_SCALE
+    real v = (*square_avg + initial) * alpha + scaled;
+#else
     real v = *square_avg * alpha + scaled;
+#endif
     v = (v > REAL_MAX) ? (real)(REAL_MAX) : v;
+#if BIAS_CORRECTION
+    const real vh = v / correction;  /* >= v: the clip below still bounds u */
+#else
+    const real vh = v;
+#endif
 
 #if CENTERED
     /* m = alpha * m + (1 - alpha) * g;  u = g / (sqrt(v - m^2) + eps) */
     const real m = SAT(*grad_avg * alpha + one_minus_alpha * g);
-    const real mm = m * m;
-    real variance = v - mm;
+#if BIAS_CORRECTION
+    const real mh = m / correction;
+#else
+    const real mh = m;
+#endif
+    const real mm = mh * mh;
+    real variance = vh - mm;
     variance = (variance < (real)0) ? (real)(0) : variance;
     const bool estimable = mm <= REAL_MAX;
-    variance = estimable ? variance : v;
+    variance = estimable ? variance : vh;
+#if EPS_IN_SQRT
+    real u = SAT(g / SQRT(variance + eps));
+#else
     real u = SAT(g / (SQRT(variance) + eps));
+#endif
     const real bounded = (u > clip) ? (real)(clip) : ((u < -clip) ? (real)(-clip) : u);
     u = estimable ? u : bounded;
 #else
     /* u = g / (sqrt(v) + eps) */
-    real u = g / (SQRT(v) + eps);
+#if EPS_IN_SQRT
+    real u = g / SQRT(vh + eps);
+#else
+    real u = g / (SQRT(vh) + eps);
+#endif
     u = (u > clip) ? (real)(clip) : u;
     u = (u < -clip) ? (real)(-clip) : u;
 #endif
 
 #if MOMENTUM
-    /* b = momentum * b + u;  param -= lr * b */
+    /* b = momentum * b + u;  param -= lr * b (Nesterov: lr * (u + momentum * b)) */
     const real b = SAT(*momentum_buffer * momentum + u);
-    const real p = SAT(*param + (-lr) * b);
+#if NESTEROV
+    const real p = SAT(kept + (-lr) * SAT(u + momentum * b));
+#else
+    const real p = SAT(kept + (-lr) * b);
+#endif
 #else
     /* param -= lr * u */
-    const real p = SAT(*param + (-lr) * u);
+    const real p = SAT(kept + (-lr) * u);
 #endif
 
     *param = p;

@@ -37,6 +37,12 @@ def test_defaults_are_the_concept_pages(queue: cl.CommandQueue) -> None:
         "momentum": 0.0,
         "centered": False,
         "maximize": False,
+        # the other frameworks' options, each off: torch's RMSprop
+        "eps_in_sqrt": False,
+        "initial_scale": 0.0,
+        "bias_correction": False,
+        "nesterov": False,
+        "decoupled_weight_decay": False,
     }
     group = opt.param_groups[0]
     assert group["lr"] == 1e-3 and group["alpha"] == 0.99 and group["eps"] == 1e-8

@@ -85,6 +85,11 @@ def test_state_dict_is_a_torch_shaped_snapshot(kind: Kind, queue: cl.CommandQueu
             "momentum": 0.9,
             "centered": True,
             "maximize": False,
+            "eps_in_sqrt": False,
+            "initial_scale": 0.0,
+            "bias_correction": False,
+            "nesterov": False,
+            "decoupled_weight_decay": False,
             "params": [0, 1, 2],
         }
     ]

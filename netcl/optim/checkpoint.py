@@ -246,6 +246,9 @@ def to_torch(state_dict: Mapping[str, object]) -> dict[str, Any]:
     Raises:
         TypeError: `state_dict` is not a dict with `state` and `param_groups`, or a state
             entry holds something that is not an array or a step count.
+        ValueError: An RMSProp group uses an option torch's RMSprop lacks
+            (`eps_in_sqrt`, `initial_scale`, `bias_correction`, `nesterov`,
+            `decoupled_weight_decay`).
         ImportError: torch is not installed.
     """
     try:
@@ -271,7 +274,33 @@ def to_torch(state_dict: Mapping[str, object]) -> dict[str, Any]:
             else:
                 out[name] = torch.from_numpy(np.array(_host(value, where), copy=True))
         converted[index] = out
-    return {"state": converted, "param_groups": [dict(group) for group in groups]}
+    return {"state": converted, "param_groups": [_torch_group(k, group) for k, group in enumerate(groups)]}
+
+
+_RMSPROP_ONLY = {
+    "eps_in_sqrt": False,
+    "initial_scale": 0.0,
+    "bias_correction": False,
+    "nesterov": False,
+    "decoupled_weight_decay": False,
+}
+"""netcl RMSProp's options that torch's RMSprop lacks, each with the value that is torch's."""
+
+
+def _torch_group(index: int, group: object) -> dict[str, Any]:
+    if not isinstance(group, Mapping):
+        raise TypeError(f"state_dict['param_groups'][{index}] must be a dict, got {type(group).__name__}")
+    out = dict(group)
+    if "alpha" in out:  # RMSProp's: torch's RMSprop would silently run without these options
+        for key, torchs in _RMSPROP_ONLY.items():
+            if key in out:
+                if out[key] != torchs:
+                    raise ValueError(
+                        f"state_dict['param_groups'][{index}] has {key}={out[key]!r}, which torch's RMSprop "
+                        f"does not have: torch would step another way"
+                    )
+                del out[key]
+    return out
 
 
 def torch_safe_globals() -> list[Any]:

@@ -232,6 +232,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     """The update, as the backends run it."""
     hyperparameters: ClassVar[Mapping[str, HyperCheck]]
     """Every hyperparameter and how its values are checked."""
+    optional: ClassVar[Mapping[str, object]] = {}
+    """Hyperparameters a loaded state dict may lack (torch's has none of netcl's own
+    options), and the value each then takes: the one that changes nothing."""
     torch_fixed: ClassVar[Mapping[str, object]] = {}
     """Keys of torch's param groups that name a variant this class always is
     (`decoupled_weight_decay` for Adam and AdamW): a checkpoint must agree."""
@@ -679,12 +682,15 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             for key, value in self.torch_fixed.items():
                 if key in saved and saved[key] != value:
                     raise ValueError(f"{where} has {key}={saved[key]!r}; {type(self).__name__} means {key}={value!r}")
-            missing = sorted(known - set(saved))
+            missing = sorted(known - set(saved) - set(self.optional))
             if unknown or missing:
                 raise ValueError(
                     f"{where} does not fit {type(self).__name__}: unknown key(s) {unknown}, missing key(s) {missing}"
                 )
-            hyper = {name: check(name, saved[name], f"{where}: ") for name, check in self.hyperparameters.items()}
+            hyper = {
+                name: check(name, saved[name] if name in saved else self.optional[name], f"{where}: ")
+                for name, check in self.hyperparameters.items()
+            }
             self._check_combination(hyper, f"{where}: ")
             hypers.append(hyper)
             indices = saved["params"]

@@ -40,6 +40,11 @@ class RMSPropHyperparameters(TypedDict):
     momentum: float
     centered: bool
     maximize: bool
+    eps_in_sqrt: bool
+    initial_scale: float
+    bias_correction: bool
+    nesterov: bool
+    decoupled_weight_decay: bool
 
 
 class RMSPropParamGroup(RMSPropHyperparameters):
@@ -60,6 +65,11 @@ class RMSPropParamGroupInput(TypedDict, total=False):
     momentum: float
     centered: bool
     maximize: bool
+    eps_in_sqrt: bool
+    initial_scale: float
+    bias_correction: bool
+    nesterov: bool
+    decoupled_weight_decay: bool
 
 
 class RMSPropState(TypedDict):
@@ -99,11 +109,17 @@ class RMSPropStateDict(TypedDict):
 
 def _variant(hyper: Hyper) -> tuple[frozenset[str], tuple[str, ...]]:
     momentum, centered = real(hyper, "momentum") > 0, bool(hyper["centered"])
+    decay, decoupled = real(hyper, "weight_decay") != 0, bool(hyper["decoupled_weight_decay"])
     flags = {
         "MAXIMIZE": bool(hyper["maximize"]),
-        "WEIGHT_DECAY": real(hyper, "weight_decay") != 0,
+        "WEIGHT_DECAY": decay and not decoupled,
+        "DECOUPLED_WEIGHT_DECAY": decay and decoupled,
         "CENTERED": centered,
         "MOMENTUM": momentum,
+        "NESTEROV": momentum and bool(hyper["nesterov"]),
+        "EPS_IN_SQRT": bool(hyper["eps_in_sqrt"]),
+        "INITIAL_SCALE": real(hyper, "initial_scale") != 0,
+        "BIAS_CORRECTION": bool(hyper["bias_correction"]),
     }
     buffers = ("square_avg",) + ("momentum_buffer",) * momentum + ("grad_avg",) * centered
     return frozenset(name for name, on in flags.items() if on), buffers
@@ -115,16 +131,26 @@ def _clip(alpha: float) -> float:
 
 
 def _kernel_scalars(hyper: Hyper) -> tuple[float, ...]:
-    alpha = real(hyper, "alpha")
+    alpha, lr, weight_decay = real(hyper, "alpha"), real(hyper, "lr"), real(hyper, "weight_decay")
     return (
-        real(hyper, "lr"),
+        lr,
         alpha,
         1.0 - alpha,
         real(hyper, "eps"),
-        real(hyper, "weight_decay"),
+        weight_decay,
         real(hyper, "momentum"),
         _clip(alpha),
+        1.0 - lr * weight_decay,
     )
+
+
+def _member_scalars(hyper: Hyper, step: int, fresh: frozenset[str]) -> tuple[float, ...]:
+    """A parameter's own scalars: v's starting value on the step that makes its buffer
+    (else 0), and 1 - alpha^t for the bias correction (1 where not asked for, so that
+    parameters of different counts stay in one launch)."""
+    initial = real(hyper, "initial_scale") if "square_avg" in fresh else 0.0
+    correction = 1.0 - real(hyper, "alpha") ** step if hyper["bias_correction"] else 1.0
+    return (initial, correction)
 
 
 def _reference(
@@ -139,43 +165,69 @@ def _reference(
     with the same handling of extreme values."""
     lr, alpha, eps = real(hyper, "lr"), real(hyper, "alpha"), real(hyper, "eps")
     weight_decay, momentum = real(hyper, "weight_decay"), real(hyper, "momentum")
+    decoupled, inside = bool(hyper["decoupled_weight_decay"]), bool(hyper["eps_in_sqrt"])
+    initial, correction = member
     largest = xp.finfo(param.dtype).max
     one_minus_alpha, clip = 1.0 - alpha, _clip(alpha)
     g = -grad if hyper["maximize"] else grad
+    kept = param
     if weight_decay != 0:
-        g = saturate(xp, g + weight_decay * param)
+        if decoupled:
+            kept = param * (1.0 - lr * weight_decay)
+        else:
+            g = saturate(xp, g + weight_decay * param)
     square = g * g
     scaled = xp.where(xp.isfinite(square), one_minus_alpha * square, (one_minus_alpha * g) * g)
-    v = xp.minimum(state["square_avg"] * alpha + scaled, largest)
+    start = state["square_avg"] + initial if real(hyper, "initial_scale") != 0 else state["square_avg"]
+    v = xp.minimum(start * alpha + scaled, largest)
+    vh = v / correction if hyper["bias_correction"] else v
     new: dict[str, A] = {"square_avg": v}
+
+    def divide(g: A, x: A) -> A:
+        return g / sqrt(xp, x + eps) if inside else g / (sqrt(xp, x) + eps)
+
     if hyper["centered"]:
         m = saturate(xp, state["grad_avg"] * alpha + one_minus_alpha * g)
         new["grad_avg"] = m
-        mm = m * m
+        mh = m / correction if hyper["bias_correction"] else m
+        mm = mh * mh
         estimable = xp.isfinite(mm)
-        variance = xp.where(estimable, xp.maximum(v - mm, 0.0), v)
-        u = saturate(xp, g / (sqrt(xp, variance) + eps))
+        variance = xp.where(estimable, xp.maximum(vh - mm, 0.0), vh)
+        u = saturate(xp, divide(g, variance))
         u = xp.where(estimable, u, xp.clip(u, -clip, clip))
     else:
-        u = xp.clip(g / (sqrt(xp, v) + eps), -clip, clip)
+        u = xp.clip(divide(g, vh), -clip, clip)
     if momentum > 0:
         b = saturate(xp, state["momentum_buffer"] * momentum + u)
         new["momentum_buffer"] = b
-        p = saturate(xp, param + (-lr) * b)
+        step = saturate(xp, u + momentum * b) if hyper["nesterov"] else b
+        p = saturate(xp, kept + (-lr) * step)
     else:
-        p = saturate(xp, param + (-lr) * u)
+        p = saturate(xp, kept + (-lr) * u)
     return p, new
 
 
 _RULE = UpdateRule(
     kernel="rmsprop",
     buffers=("square_avg", "momentum_buffer", "grad_avg"),
-    flags=("MAXIMIZE", "WEIGHT_DECAY", "CENTERED", "MOMENTUM"),
+    flags=(
+        "MAXIMIZE",
+        "WEIGHT_DECAY",
+        "DECOUPLED_WEIGHT_DECAY",
+        "CENTERED",
+        "MOMENTUM",
+        "NESTEROV",
+        "EPS_IN_SQRT",
+        "INITIAL_SCALE",
+        "BIAS_CORRECTION",
+    ),
     variant=_variant,
     kernel_scalars=_kernel_scalars,
     reference=_reference,
     required=("square_avg",),
     nonnegative=("square_avg",),
+    member_scalars=_member_scalars,
+    member_scalar_count=2,
 )
 
 _PROBABILITY = Real(0.0, 1.0)  # 0 <= x < 1
@@ -188,6 +240,11 @@ _HYPERPARAMETERS: dict[str, HyperCheck] = {
     "momentum": _PROBABILITY,
     "centered": Flag(),
     "maximize": Flag(),
+    "eps_in_sqrt": Flag(),
+    "initial_scale": Real(0.0),
+    "bias_correction": Flag(),
+    "nesterov": Flag(),
+    "decoupled_weight_decay": Flag(),
 }
 
 
@@ -241,6 +298,15 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             runs one fused kernel per run of parameters.
         fused: The same: netcl is always fused.
         maximize: Maximize the objective instead of minimizing it.
+        eps_in_sqrt: Divide by `sqrt(v + eps)` instead of `sqrt(v) + eps` (optax's
+            default, TF, Keras, Lasagne); with `centered`, `sqrt(v - m^2 + eps)`.
+        initial_scale: The value `v` starts at (TF1: 1.0); `>= 0`, finite.
+        bias_correction: Divide `v` (and `m` when centered) by `1 - alpha^t` in the
+            denominator, `t` the parameter's step count (optax's `bias_correction`).
+        nesterov: With momentum, step by `u + momentum * b` instead of `b` (optax's
+            `nesterov`, as torch's SGD); needs `momentum > 0`.
+        decoupled_weight_decay: `param *= 1 - lr * weight_decay` before the update,
+            instead of adding `weight_decay * param` to the gradient (AdamW's way).
         nonfinite: What a step does with an element whose gradient is NaN or
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
@@ -271,6 +337,13 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
 
     rule: ClassVar[UpdateRule] = _RULE
     hyperparameters: ClassVar[Mapping[str, HyperCheck]] = _HYPERPARAMETERS
+    optional: ClassVar[Mapping[str, object]] = {
+        "eps_in_sqrt": False,
+        "initial_scale": 0.0,
+        "bias_correction": False,
+        "nesterov": False,
+        "decoupled_weight_decay": False,
+    }
 
     def __init__(
         self,
@@ -286,6 +359,11 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
         maximize: bool = False,
         differentiable: bool = False,
         *,
+        eps_in_sqrt: bool = False,
+        initial_scale: float = 0.0,
+        bias_correction: bool = False,
+        nesterov: bool = False,
+        decoupled_weight_decay: bool = False,
         fused: bool | None = None,
         nonfinite: NonFinite = "skip",
     ) -> None:
@@ -297,6 +375,16 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             "momentum": momentum,
             "centered": centered,
             "maximize": maximize,
+            "eps_in_sqrt": eps_in_sqrt,
+            "initial_scale": initial_scale,
+            "bias_correction": bias_correction,
+            "nesterov": nesterov,
+            "decoupled_weight_decay": decoupled_weight_decay,
         }
         torch_only = {"capturable": capturable, "foreach": foreach, "differentiable": differentiable, "fused": fused}
         super().__init__(params, defaults, nonfinite=nonfinite, torch_only=torch_only)
+
+    def _check_combination(self, hyper: Mapping[str, object], where: str) -> None:
+        momentum = hyper["momentum"]
+        if hyper["nesterov"] and not (isinstance(momentum, float) and momentum > 0):
+            raise ValueError(f"{where}nesterov=True needs momentum > 0 (the step adds momentum * b to u)")
