@@ -20,6 +20,9 @@ from tests.test_optimizers import FLAT, FLAT_IDS, Case
 SHAPES = [(4, 3), (5,), (), (2, 2, 2), (1,), (7,)]
 F32 = np.float32
 
+LARGE = 1 << 19
+"""Values enough that a host array takes the fused kernel (the measured choice there)."""
+
 
 def _launches(opt: Optimizer[Any, Any, Any, Any]) -> int:
     return sum(len(cache["prepared"].launches) for cache in opt._launch_cache.values() if "prepared" in cache)
@@ -182,7 +185,7 @@ def test_state_dicts_keep_the_per_parameter_layout(queue: cl.CommandQueue) -> No
 def test_a_flat_numpy_model_takes_the_host_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
     if host.host_queue() is None:
         pytest.fail("no CPU OpenCL device: install netcl[pocl]")
-    sizes = [host.HOST_MIN_SIZE // 4] * 4 + [10]
+    sizes = [LARGE // 4] * 4 + [10]
     params = flat_parameters(None, [(n,) for n in sizes])
     opt = Adam(params)
     opt.step()

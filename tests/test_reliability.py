@@ -27,6 +27,9 @@ from tests.kinds import BufferArray
 F32 = np.float32
 Factory = Callable[..., Optimizer[Any, Any, Any, Any]]
 
+LARGE = 1 << 19
+"""Values enough that a host array takes the fused kernel (the measured choice there)."""
+
 
 def _snapshot(opt: Optimizer[Any, Any, Any, Any], params: list[Parameter[Any]]) -> list[bytes]:
     out = [np.asarray(p.data if not isinstance(p.data, cl_array.Array) else p.data.get()).tobytes() for p in params]
@@ -257,13 +260,13 @@ def test_a_write_that_fails_commits_no_count_and_no_state(monkeypatch: pytest.Mo
 
 
 def _child(results: Any) -> None:
-    param = Parameter(np.ones(host.HOST_MIN_SIZE, F32), np.ones(host.HOST_MIN_SIZE, F32))
+    param = Parameter(np.ones(LARGE, F32), np.ones(LARGE, F32))
     RMSProp([param], lr=0.01).step()
     results.put(float(param.data[0]))
 
 
 def test_a_forked_child_steps_after_the_parent_used_the_host_device() -> None:
-    param = Parameter(np.ones(host.HOST_MIN_SIZE, F32), np.ones(host.HOST_MIN_SIZE, F32))
+    param = Parameter(np.ones(LARGE, F32), np.ones(LARGE, F32))
     opt = RMSProp([param], lr=0.01)
     opt.step()
     assert host.host_queue() is not None
@@ -346,7 +349,7 @@ def _maker(kind: str, queue: cl.CommandQueue) -> tuple[Callable[[Any], Any], int
         "numpy-host": np.array,
         "torch": torch.tensor,
     }
-    return makers[kind], host.HOST_MIN_SIZE if kind == "numpy-host" else 64
+    return makers[kind], LARGE if kind == "numpy-host" else 64
 
 
 @pytest.mark.parametrize("kind", HOLDERS)
@@ -409,7 +412,7 @@ SQRT_CASES: list[tuple[Factory, dict[str, Any]]] = [
 )
 def test_torch_tensors_below_the_host_size_give_numpys_bits(factory: Factory, flags: dict[str, Any]) -> None:
     rng = np.random.default_rng(8)
-    n = host.HOST_MIN_SIZE - 1
+    n = LARGE - 1
     p0 = rng.standard_normal(n).astype(F32)
     grads = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)).astype(F32) for _ in range(3)]
     ours, theirs = Parameter(p0.copy()), Parameter(torch.tensor(p0))

@@ -174,30 +174,36 @@ class ArrayAPIBackend(Backend):
         grad[...] = 0
 
     def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
-        """Large contiguous host arrays go to the fused kernel on a CPU OpenCL device
-        (bit-identical results); the rest are updated with the reference maths."""
-        for item in update_on_host(step, work, cache, tally):
-            data = item.data
-            xp = _namespace(data, item.grad)
-            # Overflow and non-finite values are handled by the update's policy (saturation,
-            # skipping); numpy's warnings about them would only be noise.
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"), no_autograd(data):
-                new_param, new_buffers = step.rule.reference(xp, data, item.grad, item.buffers, step.hyper, item.member)
-                finite = xp.isfinite(item.grad)
-                if step.nonfinite != "propagate":
-                    new_param = xp.where(finite, new_param, data)
-                    new_buffers = {name: xp.where(finite, new, item.buffers[name]) for name, new in new_buffers.items()}
-                    if step.nonfinite == "count":
-                        tally.add(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
-                else:
-                    new_param = xp.where(finite, new_param, xp.full_like(new_param, math.nan))
-                if _rebinds(data):
-                    setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
-                    item.buffers.update(new_buffers)
-                else:
-                    data[...] = new_param
-                    for name in step.buffers:
-                        item.buffers[name][...] = new_buffers[name]
+        """Contiguous host arrays go to the fused kernel on a CPU OpenCL device where
+        that is faster (bit-identical results); the rest are updated with the reference
+        maths."""
+        for item in update_on_host(step, work, cache, tally, lambda x: _rebinds(x)):
+            update_by_reference(step, item, tally)
+
+
+def update_by_reference(step: Step, item: Work, tally: Tally) -> None:
+    """Update one parameter with the reference maths, in its own library."""
+    data = item.data
+    xp = _namespace(data, item.grad)
+    # Overflow and non-finite values are handled by the update's policy (saturation,
+    # skipping); numpy's warnings about them would only be noise.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), no_autograd(data):
+        new_param, new_buffers = step.rule.reference(xp, data, item.grad, item.buffers, step.hyper, item.member)
+        finite = xp.isfinite(item.grad)
+        if step.nonfinite != "propagate":
+            new_param = xp.where(finite, new_param, data)
+            new_buffers = {name: xp.where(finite, new, item.buffers[name]) for name, new in new_buffers.items()}
+            if step.nonfinite == "count":
+                tally.add(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
+        else:
+            new_param = xp.where(finite, new_param, xp.full_like(new_param, math.nan))
+        if _rebinds(data):
+            setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
+            item.buffers.update(new_buffers)
+        else:
+            data[...] = new_param
+            for name in step.buffers:
+                item.buffers[name][...] = new_buffers[name]
 
 
 def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:

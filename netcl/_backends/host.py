@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Hashable, MutableMapping, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Hashable, MutableMapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Literal
 
 import array_api_compat
 import numpy as np
@@ -28,11 +31,32 @@ from netcl._backends.base import SUPPORTED_DTYPES, Tally, Work
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
-__all__ = ["HOST_MIN_SIZE", "host_queue", "update_on_host"]
+__all__ = ["PATH", "Costs", "host_queue", "update_on_host"]
 
-HOST_MIN_SIZE = 1 << 19
-"""Smaller arrays are updated by the array-API path: below this size a launch and its
-wait cost more than the passes they save."""
+PATH: Literal["measured", "kernel", "array-api"] = "measured"
+"""Which path host arrays take: by measurement (the default), or always one (tests)."""
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured seconds of the two paths for one update variant, dtype and array type:
+    a launch of the fused kernel costs `launch + per_value * n`, the array-API maths on
+    one array `each + per_value_api * n`."""
+
+    launch: float
+    per_value: float
+    each: float
+    per_value_api: float
+
+    def kernel_wins(self, chunks: Sequence[int], items: Sequence[int]) -> bool:
+        """Whether launches of `chunks` values each beat the maths on arrays of `items`."""
+        kernel = sum(self.launch + self.per_value * n for n in chunks)
+        maths = sum(self.each + self.per_value_api * n for n in items)
+        return kernel < maths
+
+
+_COSTS: dict[Hashable, Costs] = {}
+"""Per process: measured once per update variant, dtype and array type."""
 
 
 _forked = False
@@ -95,21 +119,54 @@ class _Wrapped:
         self.offset = 0
 
 
-def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> list[Work]:
+@functools.cache
+def _zero_copy(queue: cl.CommandQueue) -> bool:
+    """Whether the device works in the host memory of a `USE_HOST_PTR` buffer itself
+    (PoCL's CPU device does): mapping such a buffer then gives the host pointer back,
+    and the kernel's writes are in the host arrays once it has finished, with no map
+    to copy them out. Asked once per queue, of a small buffer and of one that starts
+    off the alignment a driver may want."""
+    for host in (np.zeros(64, np.float32), np.zeros(65, np.float32)[1:]):
+        buffer = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
+        try:
+            mapped, _ = cl.enqueue_map_buffer(
+                queue, buffer, cl.map_flags.READ, 0, (host.nbytes,), np.dtype(np.uint8), is_blocking=True
+            )
+            same = _address(mapped) == _address(host)
+            mapped.base.release(queue)
+            queue.finish()
+        finally:
+            buffer.release()
+        if not same:
+            return False
+    return True
+
+
+def update_on_host(
+    step: Step,
+    work: Sequence[Work],
+    cache: MutableMapping[Hashable, Any],
+    tally: Tally,
+    immutable: Callable[[Any], bool],
+) -> list[Work]:
     """Update the items of `work` that the fused kernel can take on the host device;
     return the others, for the array-API path. `cache` keeps the launches' kernel
-    objects from one step to the next (the caller's, as `Backend.apply` has it)."""
+    objects from one step to the next (the caller's, as `Backend.apply` has it); arrays
+    for which `immutable` is true (jax's) are never written in place, so never taken."""
     queue = None if _forked else host_queue()
     if queue is None:
         return list(work)
     rest: list[Work] = []
     runs: list[tuple[list[Work], list[npt.NDArray[Any]]]] = []
     for item in work:
+        if immutable(item.data):
+            rest.append(item)
+            continue
         arrays = (item.data, item.grad, *(item.buffers[name] for name in step.buffers))
         present = [v for v in (host_view(x) for x in arrays) if v is not None]
         layouts = {"C" if v.flags.c_contiguous else "F" for v in present if v.ndim > 1 and v.size > 1}
-        if len(present) != len(arrays) or len(layouts) > 1:
-            rest.append(item)
+        if len(present) != len(arrays) or len(layouts) > 1 or present[0].size == 0:
+            rest.append(item)  # (an empty array needs no launch)
             continue
         if runs and runs[-1][0][-1].member == item.member:
             joined = _joined(runs[-1][1], present)
@@ -118,15 +175,85 @@ def update_on_host(step: Step, work: Sequence[Work], cache: MutableMapping[Hasha
                 runs[-1] = (runs[-1][0], joined)
                 continue
         runs.append(([item], present))
-    taken: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]] = []
-    for items, views in runs:
-        if views[0].size >= HOST_MIN_SIZE:
-            taken.append((tuple(views), items[0].member))
-        else:
-            rest.extend(items)
-    if taken:
-        _launch(queue, step, taken, cache, tally)
+    if not runs:
+        return rest
+    if PATH == "array-api" or (PATH == "measured" and not _kernel_wins(queue, step, runs)):
+        return [*rest, *(item for items, _ in runs for item in items)]
+    _launch(queue, step, [(tuple(views), items[0].member) for items, views in runs], cache, tally)
     return rest
+
+
+def _kernel_wins(queue: cl.CommandQueue, step: Step, runs: list[tuple[list[Work], list[npt.NDArray[Any]]]]) -> bool:
+    """Whether the fused kernel updates `runs` faster than the array-API maths would, by
+    the costs measured for this variant, dtype and array type (the results are the same
+    bits either way: only the time differs)."""
+    first = runs[0][0][0]
+    dtype = runs[0][1][0].dtype
+    key = (queue, step.kernel, dtype, type(first.data))
+    costs = _COSTS.get(key)
+    if costs is None:
+        costs = _COSTS[key] = _measure(queue, step, dtype, first)
+    limit = max_slots(queue.device, step.kernel)
+    sizes = [views[0].size for _, views in runs]
+    chunks = [sum(sizes[k : k + limit]) for k in range(0, len(sizes), limit)]
+    per_item = [int(np.prod(item.data.shape)) for items_, _ in runs for item in items_]
+    return costs.kernel_wins(chunks, per_item)
+
+
+def _median_seconds(call: Callable[[], None], rounds: int = 5) -> float:
+    call()  # built, warm
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Work) -> Costs:
+    """Time both paths on scratch arrays of 1 and 2**16 values (of the work's array type),
+    with this step's variant: a few milliseconds, once per process and variant."""
+    from netcl._backends.array_api import update_by_reference
+
+    small, large = 1, 1 << 16
+    member = step.rule.member_scalars(step.hyper, 1, frozenset()) if step.rule.member_scalars else ()
+    scratch_tally = Tally()
+    cache: dict[Hashable, Any] = {}
+
+    def arrays(n: int) -> list[npt.NDArray[Any]]:
+        return [np.full(n, 0.5, dtype) for _ in range(2 + len(step.buffers))]
+
+    def kernel(n: int) -> Callable[[], None]:
+        views = tuple(arrays(n))
+        return lambda: _launch(queue, step, [(views, member)], cache, scratch_tally)
+
+    def maths(n: int) -> Callable[[], None]:
+        hosts = arrays(n)
+        made = [_like(like.data, h) for h in hosts]
+        scratch = SimpleNamespace(data=made[0], grad=made[1])  # not the user's parameter
+        buffers = dict(zip(step.buffers, made[2:], strict=True))
+        work = Work(scratch, made[0], made[1], {}, buffers, like.backend, "", member=member)
+
+        def run() -> None:
+            update_by_reference(step, work, scratch_tally)
+
+        return run
+
+    k_small, k_large = _median_seconds(kernel(small)), _median_seconds(kernel(large))
+    a_small, a_large = _median_seconds(maths(small)), _median_seconds(maths(large))
+    return Costs(
+        launch=k_small,
+        per_value=max(k_large - k_small, 0.0) / (large - small),
+        each=a_small,
+        per_value_api=max(a_large - a_small, 0.0) / (large - small),
+    )
+
+
+def _like(data: Any, host: npt.NDArray[Any]) -> Any:
+    """`host` as an array of `data`'s library (numpy itself, or a CPU torch tensor)."""
+    if isinstance(data, np.ndarray):
+        return host
+    return array_api_compat.array_namespace(data).asarray(host)
 
 
 def _joined(run: list[npt.NDArray[Any]], views: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]] | None:
@@ -201,7 +328,7 @@ def _launch(
                 grads = [member.arrays[1] for member in members]
                 kernel_event = launcher.run(queue, step.scalars, [own for _, own in chunk], grads, [])
                 tally.launched(queue, kernel_event)
-                for member in members:
+                for member in members if not _zero_copy(queue) else ():
                     written = (member.arrays[0], *member.arrays[2:])
                     for w in written:
                         mapped, event = cl.enqueue_map_buffer(
