@@ -229,3 +229,39 @@ def test_strict_and_numpy_grads_do_not_mix() -> None:
 def test_closure_must_be_callable() -> None:
     with pytest.raises(TypeError, match="closure must be callable"):
         RMSProp([ok()]).step(3)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("change", ["read-only data", "reshaped gradient", "torch gradient as a view"])
+def test_a_host_array_changed_in_place_is_checked_again(change: str) -> None:
+    """A step skips the checks of the very same arrays only while their fingerprint
+    (shape, strides, dtype, writeability ...) is the same: an array changed in place
+    between steps is checked again, and the step refused."""
+    if change == "torch gradient as a view":
+        param: Parameter[Any] = Parameter(torch.ones(6), torch.ones(6))
+    else:
+        param = Parameter(np.ones(6, F32), np.ones(6, F32))
+    optimizer = RMSProp([param])
+    optimizer.step()
+    optimizer.step()  # its state made at the first: these very arrays now pass unchecked
+
+    def values() -> Any:
+        data = param.data
+        return data.numpy().copy() if isinstance(data, torch.Tensor) else np.array(data, copy=True)
+
+    before = values()
+    state = {k: np.array(np.asarray(v), copy=True) for k, v in optimizer.state[param].items() if k != "step"}
+    assert param.grad is not None
+    if change == "read-only data":
+        param.data.flags.writeable = False
+        words = r"\['params'\]\[0\]\.data is read-only; netcl updates parameters in place"
+    elif change == "reshaped gradient":
+        param.grad.shape = (2, 3)
+        words = r"grad has shape \(2, 3\), but its parameter has shape \(6,\)"
+    else:
+        param.grad.set_(param.grad.untyped_storage(), 0, (3, 2), (2, 1))  # the same object, reshaped
+        words = r"grad has shape \(3, 2\), but its parameter has shape \(6,\)"
+    with pytest.raises(ValueError, match=words):
+        optimizer.step()
+    assert np.array_equal(values(), before)
+    for name, value in state.items():
+        assert np.array_equal(np.asarray(optimizer.state[param][name]), value)

@@ -77,19 +77,27 @@ _NOTHING = object()
 
 
 class _Checked:
-    """The objects a parameter's last full check passed with.
+    """The objects a parameter's last full check passed with, and their fingerprints.
 
-    For arrays that cannot change the properties that were checked (pyopencl arrays:
-    shape, dtype, layout, buffer, queue), the same objects pass again, so a step with the
-    same parameter array, gradient and state buffers skips the checks. The gradient is
-    held weakly.
+    A step with the same parameter array, gradient and state buffers, each with the same
+    fingerprint (`Backend.fingerprint`: what the checks looked at, such as a numpy
+    array's shape, strides, dtype and writeability; nothing for a pyopencl array, which
+    cannot change those), skips the checks. The gradient is held weakly.
     """
 
-    __slots__ = ("backend", "data", "grad", "state")
+    __slots__ = ("backend", "data", "grad", "prints", "state")
 
-    def __init__(self, data: object, grad: object, state: Mapping[str, object], backend: Backend) -> None:
-        self.data, self.grad, self.backend = data, _weak(grad), backend
+    def __init__(
+        self, data: object, grad: object, state: Mapping[str, object], backend: Backend, prints: tuple[Hashable, ...]
+    ) -> None:
+        self.data, self.grad, self.backend, self.prints = data, _weak(grad), backend, prints
         self.state = [(name, value) for name, value in state.items() if name != "step"]
+
+    @staticmethod
+    def made(data: object, grad: object, state: Mapping[str, object], backend: Backend) -> _Checked | None:
+        """A record of a check that just passed, or None where an array has no fingerprint."""
+        prints = _fingerprints(backend, data, grad, state)
+        return None if prints is None else _Checked(data, grad, state, backend, prints)
 
     def holds(self, data: object, grad: object, state: Mapping[str, object]) -> bool:
         if data is not self.data or grad is not self.grad() or len(state) != len(self.state) + 1:
@@ -97,7 +105,15 @@ class _Checked:
         for name, value in self.state:
             if state.get(name) is not value:
                 return False
-        return True
+        return _fingerprints(self.backend, data, grad, state) == self.prints
+
+
+def _fingerprints(
+    backend: Backend, data: object, grad: object, state: Mapping[str, object]
+) -> tuple[Hashable, ...] | None:
+    prints = [backend.fingerprint(data), backend.fingerprint(grad)]
+    prints += [backend.fingerprint(value) for name, value in state.items() if name != "step"]
+    return None if any(p is None for p in prints) else tuple(prints)
 
 
 class _Plan:
@@ -514,19 +530,19 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             if grad is None:
                 plan.entries.append((param, data, None, None))
                 continue
-            state = cast("MutableMapping[str, Any] | None", self.state.get(id(param)))
+            state = cast("MutableMapping[str, Any] | None", dict.get(self.state, id(param)))
             if state is None:
                 state = {"step": 0}
             at = f"param_groups[{index}]['params'][{k}]"
             checked = self._checked.get(id(param))
             if checked is not None and checked.holds(data, grad, state):
                 backend = checked.backend
-                stable = True  # only stable arrays are remembered as checked
             else:
                 backend = self._check(at, data, grad, state)
-                stable = backend.stable(data) and backend.stable(grad)
-                if stable:
-                    self._checked[id(param)] = _Checked(data, grad, state, backend)
+                checked = _Checked.made(data, grad, state, backend)
+                if checked is not None:
+                    self._checked[id(param)] = checked
+            stable = backend.stable(data) and backend.stable(grad)
             plan.stable = plan.stable and stable
             plan.dtypes.add(backend.dtype(data))
             plan.entries.append((param, data, _weak(grad), state))
