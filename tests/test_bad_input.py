@@ -263,5 +263,6 @@ def test_a_host_array_changed_in_place_is_checked_again(change: str) -> None:
     with pytest.raises(ValueError, match=words):
         optimizer.step()
     assert np.array_equal(values(), before)
+    after: dict[str, Any] = dict(optimizer.state[param])
     for name, value in state.items():
-        assert np.array_equal(np.asarray(optimizer.state[param][name]), value)
+        assert np.array_equal(np.asarray(after[name]), value)
