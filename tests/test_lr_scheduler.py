@@ -163,3 +163,24 @@ def test_bad_arguments_are_refused(make: Callable[[Any], object], error: type, w
     optimizer = SGD([Parameter(np.ones(3, np.float32))], lr=0.1, momentum=0.9)
     with pytest.raises(error, match=words):
         make(optimizer)
+
+
+def test_schedulers_steer_the_distributed_wrappers() -> None:
+    """A world of one rank: DistributedOptimizer and ZeroRedundancyOptimizer expose the
+    param groups a scheduler writes, and the wrapped optimizer steps with them."""
+    from netcl.distributed import DistributedOptimizer, ZeroRedundancyOptimizer
+
+    for make in (
+        lambda ps: DistributedOptimizer(Adam(ps, lr=0.1)),
+        lambda ps: ZeroRedundancyOptimizer(ps, Adam, lr=0.1),
+    ):
+        params = [Parameter(np.ones(3, np.float32), np.ones(3, np.float32))]
+        optimizer = make(params)
+        scheduler = ours.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+        assert scheduler.get_last_lr() == [0.0125]
+        inner = optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer.optim
+        optimizer.step()  # the inner optimizer takes the written rate
+        assert inner.param_groups[0]["lr"] == 0.0125
