@@ -39,8 +39,11 @@ inline void update(
     real *param, real grad,
     real *square_avg, real *momentum_buffer, real *grad_avg,
     real lr, real alpha, real one_minus_alpha, real eps,
-    real weight_decay, real momentum, real clip, real decay,
-    real initial, real correction)
+    real weight_decay, real momentum, real clip, real decay
+#if INITIAL_SCALE || BIAS_CORRECTION
+    , real initial, real correction  /* the parameter's own: only where a switch uses them */
+#endif
+    )
 {
     real g = grad;
 #if MAXIMIZE

@@ -110,6 +110,10 @@ class UpdateRule:
     """Each parameter's own scalar arguments of `UPDATE`, after the group's."""
     member_scalar_count: int = 0
     """How many scalars `member_scalars` gives."""
+    member_flags: frozenset[str] | None = None
+    """The switches that use the member scalars, where only some do: a variant with none
+    of them on takes none (each costs every slot of a launch an argument, and the
+    argument bytes bound how many parameters one launch takes). None: every variant."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +133,18 @@ class Step:
     kernel: KernelSpec = field(init=False)
     """The fused kernel that runs this step."""
 
+    @property
+    def member_scalars(self) -> MemberScalars | None:
+        """The rule's `member_scalars` where this variant takes them, else None."""
+        return self.rule.member_scalars if self.kernel.member_scalar_count else None
+
     def __post_init__(self) -> None:
         flags, buffers = self.rule.variant(self.hyper)
         object.__setattr__(self, "buffers", buffers)
         scalars = self.rule.kernel_scalars(self.hyper)
         object.__setattr__(self, "scalars", scalars)
+        wanted = self.rule.member_flags
+        members = self.rule.member_scalar_count if wanted is None or flags & wanted else 0
         spec = KernelSpec(
             source=self.rule.kernel,
             flags=flags,
@@ -141,7 +152,7 @@ class Step:
             buffers=buffers,
             all_buffers=self.rule.buffers,
             scalar_count=len(scalars),
-            member_scalar_count=self.rule.member_scalar_count,
+            member_scalar_count=members,
             nonfinite=self.nonfinite,
         )
         object.__setattr__(self, "kernel", spec)

@@ -216,7 +216,7 @@ def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Wor
     from netcl._backends.array_api import update_by_reference
 
     small, large = 1, 1 << 16
-    member = step.rule.member_scalars(step.hyper, 1, frozenset()) if step.rule.member_scalars else ()
+    member = step.member_scalars(step.hyper, 1, frozenset()) if step.member_scalars else ()
     scratch_tally = Tally()
     cache: dict[Hashable, Any] = {}
 

@@ -403,7 +403,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def _stage(self, step: Step, plan: _Plan, known: bool) -> None:
         """Prepare each parameter's step count, state buffers and own scalars; raise
         before anything the user can see has changed. (A known plan has its buffers.)"""
-        member_scalars = self.rule.member_scalars
+        member_scalars = step.member_scalars
         if not known:  # new state buffers: one buffer per name and backend (`zeros_for`)
             for backend, work in plan.batches.items():
                 for name in step.buffers:

@@ -166,7 +166,7 @@ def _reference(
     lr, alpha, eps = real(hyper, "lr"), real(hyper, "alpha"), real(hyper, "eps")
     weight_decay, momentum = real(hyper, "weight_decay"), real(hyper, "momentum")
     decoupled, inside = bool(hyper["decoupled_weight_decay"]), bool(hyper["eps_in_sqrt"])
-    initial, correction = member
+    initial, correction = member if member else (0.0, 1.0)  # (a variant without them takes none)
     largest = xp.finfo(param.dtype).max
     one_minus_alpha, clip = 1.0 - alpha, _clip(alpha)
     g = -grad if hyper["maximize"] else grad
@@ -228,6 +228,7 @@ _RULE = UpdateRule(
     nonnegative=("square_avg",),
     member_scalars=_member_scalars,
     member_scalar_count=2,
+    member_flags=frozenset({"INITIAL_SCALE", "BIAS_CORRECTION"}),
 )
 
 _PROBABILITY = Real(0.0, 1.0)  # 0 <= x < 1
