@@ -39,7 +39,7 @@ PATH: Literal["measured", "kernel", "array-api"] = "measured"
 
 @dataclass(frozen=True)
 class Costs:
-    """Measured seconds of the two paths for one update variant, dtype and array type:
+    """Measured seconds of the two paths for one dtype and array type:
     a launch of the fused kernel costs `launch + per_value * n`, the array-API maths on
     one array `each + per_value_api * n`."""
 
@@ -56,7 +56,9 @@ class Costs:
 
 
 _COSTS: dict[Hashable, Costs] = {}
-"""Per process: measured once per update variant, dtype and array type."""
+"""Per process: measured once per dtype and array type (with the first update variant
+stepped: a launch's fixed cost and the maths' on one array are what decide, and the
+variants share them)."""
 
 
 _forked = False
@@ -185,11 +187,13 @@ def update_on_host(
 
 def _kernel_wins(queue: cl.CommandQueue, step: Step, runs: list[tuple[list[Work], list[npt.NDArray[Any]]]]) -> bool:
     """Whether the fused kernel updates `runs` faster than the array-API maths would, by
-    the costs measured for this variant, dtype and array type (the results are the same
-    bits either way: only the time differs)."""
+    the costs measured for this dtype and array type (the results are the same bits
+    either way: only the time differs)."""
     first = runs[0][0][0]
     dtype = runs[0][1][0].dtype
-    key = (queue, step.kernel, dtype, type(first.data))
+    # one variant stands for the others: what decides is the fixed cost of a launch
+    # against that of the maths on one array, which the variants share
+    key = (queue, dtype, type(first.data))
     costs = _COSTS.get(key)
     if costs is None:
         costs = _COSTS[key] = _measure(queue, step, dtype, first)
@@ -200,7 +204,7 @@ def _kernel_wins(queue: cl.CommandQueue, step: Step, runs: list[tuple[list[Work]
     return costs.kernel_wins(chunks, per_item)
 
 
-def _median_seconds(call: Callable[[], None], rounds: int = 5) -> float:
+def _median_seconds(call: Callable[[], None], rounds: int = 3) -> float:
     call()  # built, warm
     times = []
     for _ in range(rounds):
@@ -211,11 +215,11 @@ def _median_seconds(call: Callable[[], None], rounds: int = 5) -> float:
 
 
 def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Work) -> Costs:
-    """Time both paths on scratch arrays of 1 and 2**16 values (of the work's array type),
-    with this step's variant: a few milliseconds, once per process and variant."""
+    """Time both paths on scratch arrays of 1 and 2**14 values (of the work's array type),
+    with this step's variant: some milliseconds, once per process, dtype and array type."""
     from netcl._backends.array_api import update_by_reference
 
-    small, large = 1, 1 << 16
+    small, large = 1, 1 << 14
     member = step.member_scalars(step.hyper, 1, frozenset()) if step.member_scalars else ()
     scratch_tally = Tally()
     cache: dict[Hashable, Any] = {}
