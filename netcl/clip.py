@@ -25,7 +25,7 @@ from pyopencl.reduction import ReductionKernel
 
 from netcl._backends import backend_for, describe
 from netcl._backends.array_api import no_autograd
-from netcl._backends.opencl import OPENCL, buffer_runs
+from netcl._backends.opencl import OPENCL, buffer_runs, pending_events, record_event
 from netcl._parameter import Parameter
 from netcl._types import Array, ParameterLike
 
@@ -312,13 +312,10 @@ def _as_array(run: list[Any], size: int) -> cl_array.Array:
 
 def _launch(kernel: ElementwiseKernel, run: list[Any], size: int, extra: list[Any]) -> None:
     flat = _as_array(run, size)
-    flat.events = [event for g in run for event in (getattr(g, "events", None) or ())]
+    flat.events = [event for g in run for event in pending_events(g)]
     event = kernel(flat, *extra, wait_for=flat.events or None)
     for grad in run:
-        if isinstance(grad, cl_array.Array):
-            grad.events = [event]
-        elif hasattr(grad, "add_event"):
-            grad.add_event(event)
+        record_event(grad, event)
 
 
 def _clip_opencl(grads: list[Any], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> cl_array.Array:
@@ -333,7 +330,7 @@ def _clip_opencl(grads: list[Any], max_norm: float, norm_type: float, error_if_n
     norm = _norm_kernel(context, dtype, norm_type)
     for k, (run, size) in enumerate(runs):
         flat = _as_array(run, size)
-        waits = [event for g in run for event in (getattr(g, "events", None) or ())]
+        waits = [event for g in run for event in pending_events(g)]
         norm(flat, out=parts[k], wait_for=waits or None, return_event=False)
     total = cl_array.empty(queue, (), dtype)
     coef = cl_array.empty(queue, (), dtype)

@@ -213,7 +213,7 @@ def _kernel_wins(queue: cl.CommandQueue, step: Step, runs: Runs) -> bool:
     limit = max_slots(queue.device, step.kernel)
     sizes = [views[0].size for _, views in runs]
     chunks = [sum(sizes[k : k + limit]) for k in range(0, len(sizes), limit)]
-    per_item = [int(np.prod(item.data.shape)) for items_, _ in runs for item in items_]
+    per_item = [math.prod(item.data.shape) for items_, _ in runs for item in items_]
     return costs.kernel_wins(chunks, per_item)
 
 

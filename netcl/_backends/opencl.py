@@ -23,7 +23,7 @@ from netcl._backends.base import SUPPORTED_DTYPES, Backend, HostViews, Tally, Wo
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._update import Step
 
-__all__ = ["OPENCL", "OpenCLBackend", "buffer_runs", "is_opencl"]
+__all__ = ["OPENCL", "OpenCLBackend", "buffer_runs", "is_opencl", "pending_events", "record_event"]
 
 _BUFFER_ATTRIBUTES = ("base_data", "offset", "shape", "dtype", "queue")
 
@@ -72,11 +72,11 @@ def _context(x: Any) -> cl.Context:
     return context
 
 
-def _events(x: object) -> list[cl.Event]:
+def pending_events(x: object) -> list[cl.Event]:
     return list(getattr(x, "events", None) or ())
 
 
-def _record(x: object, event: cl.Event) -> None:
+def record_event(x: object, event: cl.Event) -> None:
     """Record `event`, which waited for every event pending on `x`, on `x`.
 
     A pyopencl array's events are those its contents wait for; since `event` waited for
@@ -203,7 +203,7 @@ class OpenCLBackend(Backend):
                     views.extend(np.empty(0, dtype) for _ in run)
                     continue
                 queue = first.queue or cl.CommandQueue(_context(first))
-                events = [event for x in run for event in _events(x)]
+                events = [event for x in run for event in pending_events(x)]
                 host, event = cl.enqueue_map_buffer(
                     queue,
                     first.base_data,
@@ -227,7 +227,7 @@ class OpenCLBackend(Backend):
             for host, queue, run in mapped:
                 event = host.base.release(queue)
                 for x in run:
-                    _record(x, event)
+                    record_event(x, event)
 
     def zero_(self, grad: Any) -> None:
         if isinstance(grad, cl_array.Array):
@@ -243,9 +243,9 @@ class OpenCLBackend(Backend):
                 np.zeros(1, dtype),
                 int(grad.offset),
                 size * dtype.itemsize,
-                wait_for=_events(grad) or None,
+                wait_for=pending_events(grad) or None,
             )
-            _record(grad, event)
+            record_event(grad, event)
 
     def zeros_for(self, datas: Sequence[Any]) -> list[cl_array.Array]:
         """State buffers for `datas` as views of one buffer per queue, dtype and layout,
@@ -439,7 +439,7 @@ class _Prepared:
                     for pending in events:
                         waits[pending] = None
             for x in others:
-                for pending in _events(x):
+                for pending in pending_events(x):
                     waits[pending] = None
             own = [work[k].member for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
             event = launch.launcher.run(launch.queue, scalars, own, grads, list(waits))
@@ -452,7 +452,7 @@ class _Prepared:
             for x in arrays:
                 x.events = recorded
             for x in others:
-                _record(x, event)
+                record_event(x, event)
 
 
 @dataclass(frozen=True)

@@ -277,22 +277,14 @@ def to_torch(state_dict: Mapping[str, object]) -> dict[str, Any]:
     return {"state": converted, "param_groups": [_torch_group(k, group) for k, group in enumerate(groups)]}
 
 
-_RMSPROP_ONLY = {
-    "eps_in_sqrt": False,
-    "initial_scale": 0.0,
-    "bias_correction": False,
-    "nesterov": False,
-    "decoupled_weight_decay": False,
-}
-"""netcl RMSProp's options that torch's RMSprop lacks, each with the value that is torch's."""
-
-
 def _torch_group(index: int, group: object) -> dict[str, Any]:
     if not isinstance(group, Mapping):
         raise TypeError(f"state_dict['param_groups'][{index}] must be a dict, got {type(group).__name__}")
     out = dict(group)
     if "alpha" in out:  # RMSProp's: torch's RMSprop would silently run without these options
-        for key, torchs in _RMSPROP_ONLY.items():
+        from netcl.optim.rmsprop import RMSProp  # (checkpoint is imported before the optimizers)
+
+        for key, torchs in RMSProp.optional.items():  # the options torch's RMSprop lacks, at torch's values
             if key in out:
                 if out[key] != torchs:
                     raise ValueError(
