@@ -370,8 +370,9 @@ def _build(
         # SAT(x): x, or the largest finite value of its sign where x overflowed; NaN stays
         # NaN (selects, not fmin/fmax, whose NaN rules cost a third of a step on PoCL).
         "inline real SAT(real x) {",
-        "    x = (x < (real)(REAL_MAX)) ? x : (real)(REAL_MAX);",
-        "    x = (x > (real)(-REAL_MAX)) ? x : (real)(-REAL_MAX);",
+        # (each test is false for NaN, which is then kept)
+        "    x = (x > (real)(REAL_MAX)) ? (real)(REAL_MAX) : x;",
+        "    x = (x < (real)(-REAL_MAX)) ? (real)(-REAL_MAX) : x;",
         "    return x;",
         "}",
         # SQRT(x): the correctly rounded square root (the build options ask for it).

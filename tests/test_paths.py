@@ -188,3 +188,29 @@ def test_a_group_size_the_kernel_cannot_run_falls_back(queue: cl.CommandQueue, m
     got, groups = run(fresh)
     assert got == expected
     assert groups and all(n <= fresh.device.max_work_group_size for n in groups)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_a_nan_or_infinite_parameter_is_treated_alike_on_every_path(dtype: Any, queue: cl.CommandQueue) -> None:
+    # a NaN parameter stays NaN (as in torch), an infinite one saturates, on the device
+    # and on the array-API path alike (the kernel's saturation once made NaN the largest
+    # finite value)
+    from netcl.optim import SGD, Adam, AdamW
+
+    start = np.array([np.nan, np.inf, -np.inf, 1.0, -2.0], dtype)
+    grad = np.array([1.0, 1.0, -1.0, 0.5, 0.25], dtype)
+    for cls, flags in ((SGD, {"momentum": 0.9}), (Adam, {}), (AdamW, {}), (RMSProp, {"centered": True})):
+        results = []
+        for make, get in (MAKERS["pyopencl"], MAKERS["numpy"]):
+            param = Parameter(make(queue, start), make(queue, grad))
+            opt = cls([param], lr=0.1, **flags)
+            opt.step()
+            opt.step()
+            results.append((get(param.data), {k: get(v) for k, v in opt.state[param].items() if k != "step"}))
+        (device, device_state), (host, host_state) = results
+        assert np.isnan(device[0]) and np.isnan(host[0]), cls.__name__
+        # (saturated, then AdamW's decay may shrink it)
+        assert np.isfinite(device[1:3]).all() and (np.abs(device[1:3]) > np.finfo(dtype).max / 2).all()
+        np.testing.assert_array_equal(device, host)
+        for name in device_state:
+            np.testing.assert_array_equal(device_state[name], host_state[name])
