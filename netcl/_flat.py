@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pyopencl as cl
 import pyopencl.array as cl_array
 
+from netcl._backends.base import DTYPE_NAMES, SUPPORTED_DTYPES
 from netcl._parameter import Parameter
 
 __all__ = ["flat_parameters"]
@@ -49,10 +50,10 @@ def flat_parameters(
     Args:
         queue: The queue of the pyopencl arrays, or None for numpy arrays.
         shapes: Each parameter's shape.
-        dtype: float32 or float64.
+        dtype: float32, float64, float16 or bfloat16 (`ml_dtypes.bfloat16`).
 
     Raises:
-        TypeError: `dtype` is not float32 or float64, or a shape is not a tuple of ints.
+        TypeError: `dtype` is not one of those, or a shape is not a tuple of ints.
         ValueError: A dimension is negative.
 
     Example:
@@ -67,8 +68,8 @@ def flat_parameters(
         ```
     """
     kind = np.dtype(dtype)
-    if kind not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {kind}")
+    if kind not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be {DTYPE_NAMES}, got {kind}")
     checked: list[tuple[int, ...]] = []
     for k, shape in enumerate(shapes):
         if not isinstance(shape, tuple) or not all(isinstance(n, int | np.integer) for n in shape):

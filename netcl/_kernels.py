@@ -31,6 +31,8 @@ from pyopencl._cl import _Program  # what Kernel.program is: a built program
 from pyopencl.elementwise import ElementwiseKernel
 from pyopencl.tools import context_dependent_memoize, dtype_to_ctype
 
+from netcl._precision import BFLOAT16, FLOAT16, compute_dtype, is_half
+
 __all__ = [
     "FusedKernel",
     "Geometry",
@@ -83,6 +85,12 @@ class KernelSpec:
     """How many scalar arguments of each parameter's own `update` takes after those."""
     nonfinite: NonFinite = "skip"
     """What the kernel does with an element whose gradient is NaN or infinite."""
+    master: bool = False
+    """Whether the update reads and writes the parameter's float32 master copy (the
+    state buffer `master_param`, last of `buffers`) and stores the parameter rounded."""
+    stochastic: bool = False
+    """Whether a half parameter is rounded stochastically; each member then takes its
+    key (`netcl._precision.stochastic_key`) as its last own scalar."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,9 @@ def group_count(size: int, geo: Geometry) -> int:
     """Work-groups for a parameter of `size` values."""
     return -(-size // geo.local_size)
 
+
+_STORAGE = {FLOAT16: 1, BFLOAT16: 2}
+"""`STORAGE` of kernels/precision.cl for a half parameter dtype."""
 
 _BUILD_OPTIONS = (
     # Correctly rounded division and square root, as IEEE 754 and numpy have them: the
@@ -173,6 +184,7 @@ class FusedKernel:
     scalar_count: int
     member_scalar_count: int
     dtype: np.dtype[Any]
+    """The compute dtype: the state's and the scalar arguments' (`compute_dtype`)."""
 
     @property
     def per_slot(self) -> int:
@@ -327,7 +339,7 @@ def fused_kernel(
 def _fused_kernel(
     context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
 ) -> FusedKernel:
-    fused = _build(context, device, dtype, spec, slots, geometry(device))
+    fused = _build(context, device, np.dtype(dtype), spec, slots, geometry(device))
     kernel = cl.Kernel(fused.program, fused.name)
     most = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device))
     if most < fused.geometry.local_size:
@@ -340,15 +352,19 @@ def _fused_kernel(
 def _build(
     context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int, geo: Geometry
 ) -> FusedKernel:
-    real = dtype_to_ctype(dtype)
+    compute = compute_dtype(dtype)
+    real = dtype_to_ctype(compute)
+    # half parameters and gradients are ushort to pyopencl (see kernels/precision.cl)
+    stored = "ushort" if is_half(dtype) else real
     scalars = [f"s{k}" for k in range(spec.scalar_count)]
     arrays = ("param", "grad", *spec.buffers)
+    ctypes = {name: stored if name in ("param", "grad") else real for name in arrays}
     own = [f"t{j}" for j in range(spec.member_scalar_count)]
     arguments = ", ".join(
         [
             decl
             for k in range(slots)
-            for decl in [f"{real} *{name}{k}" for name in arrays]
+            for decl in [f"{ctypes[name]} *{name}{k}" for name in arrays]
             + [f"long size{k}"]
             + [f"{real} {name}_{k}" for name in own]
         ]
@@ -356,7 +372,7 @@ def _build(
         + ["long *skipped"]
     )
     text = kernel_source(spec.source)
-    float32 = dtype == np.float32
+    float32 = compute == np.float32
     bits, exponent = ("int", "0x7f800000") if float32 else ("long", "0x7ff0000000000000L")
     builtin_sqrt = "__builtin_sqrtf" if float32 else "__builtin_sqrt"
     int64_atomics = "cl_khr_int64_base_atomics" in device.extensions
@@ -388,6 +404,10 @@ def _build(
         "#define SQRT(x) sqrt(x)",
         "#endif",
         *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
+        f"#define STORAGE {_STORAGE.get(dtype, 0)}",
+        f"#define STOCHASTIC {int(spec.stochastic)}",
+        f"#define EXACT_SPECIALS {int(spec.nonfinite == 'propagate')}",
+        kernel_source("precision"),
         text,
     ]
 
@@ -405,7 +425,7 @@ def _build(
 
     pick = [
         "const long group = get_group_id(0);",
-        *(f"__global {real} *{name} = {name}0;" for name in arrays),
+        *(f"__global {ctypes[name]} *{name} = {name}0;" for name in arrays),
         *(f"{real} {name} = {name}_0;" for name in own),
         f"long size = size0, begin = 0, end = {groups('size0')};",
     ]
@@ -437,20 +457,41 @@ def _build(
     # vector and mask cost a fifth of a plain float32 step from cache.
     pick.append(f"const bool full = (group - begin + 1) * {local} <= size;")
     state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
-    update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
-    stores = [f"{name}[c] = {name}_v;" for name in ("param", *spec.buffers)]
+    # the update's own scalars; with stochastic rounding the member's key comes last
+    rule_own = own[: len(own) - spec.stochastic]
+    update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *rule_own]
+    # The parameter is loaded from its storage (`param_raw`; a half parameter converted
+    # to float32) or from its master copy, and stored rounded (`TO_STORAGE`); the state
+    # buffers are the compute type. An element is updated where its gradient is finite
+    # and, for a half parameter without a master copy, its parameter too (an infinite
+    # or NaN half parameter is left as it is: see kernels/precision.cl).
+    half_param = is_half(dtype) and not spec.master
+    kept = [name for name in spec.buffers if name != "master_param"]
+    # (`&`, not `&&`: a branch would stop PoCL from vectorizing)
+    finite = "LOADED_FINITE(grad_v)" + (" & LOADED_FINITE(param_old)" if half_param else "")
+    state_stores = [f"{name}[c] = {name}_v;" for name in kept]
     if spec.nonfinite == "propagate":
         # every value is written; where the gradient is NaN or infinite the parameter
         # becomes NaN, as it does in torch
-        write = [f"param_v = FINITE(grad_v) ? param_v : ({real})(NAN);", *stores]
+        param_ok = "LOADED_FINITE(param_old)" if half_param else "true"
+        write = [
+            f"param_v = LOADED_FINITE(grad_v) ? param_v : ({real})(NAN);",
+            f"param[c] = {param_ok} ? TO_STORAGE(param_v, random) : param_raw;",
+            *(["master_param[c] = param_v;"] if spec.master else []),
+            *state_stores,
+        ]
     else:
-        # where the gradient is not finite, the old values are written back: a blend and
+        # where the element is not updated, the old values are written back: a blend and
         # a plain store, which PoCL vectorizes on every x86 CPU (a store under a mask is
         # a tenth faster with AVX-512 but a third slower with AVX2's masked moves, and
         # code in an else branch, such as the counting below, costs as much again)
-        write = ["const bool keep = FINITE(grad_v);"]
-        write += [f"{name}_v = keep ? {name}_v : {name}_old;" for name in ("param", *spec.buffers)]
-        write += stores
+        write = [
+            f"const bool keep = {finite};",
+            *(f"{name}_v = keep ? {name}_v : {name}_old;" for name in kept),
+            "param[c] = keep ? TO_STORAGE(param_v, random) : param_raw;",
+            *(["master_param[c] = keep ? param_v : param_old;"] if spec.master else []),
+            *state_stores,
+        ]
     counting: list[str] = []
     if spec.nonfinite == "count":
         # Each work-item marks its value in local memory; after a barrier, the group's
@@ -484,14 +525,13 @@ def _build(
         f"const long c = (long)get_global_id(0) - begin * {local};",
         *(["uchar mine = 0;"] if counting else []),
         "if (full || c < size) {",
-        f"{real} param_v = param[c];",
-        f"const {real} grad_v = grad[c];",
+        f"const {stored} param_raw = param[c];",
+        f"{real} param_v = {'master_param[c]' if spec.master else 'FROM_STORAGE(param_raw)'};",
+        f"const {real} grad_v = FROM_STORAGE(grad[c]);",
         *state,
-        *(
-            [f"const {real} {name}_old = {name}_v;" for name in ("param", *spec.buffers)]
-            if spec.nonfinite != "propagate"
-            else []
-        ),
+        f"const {real} param_old = param_v;",
+        *([f"const {real} {name}_old = {name}_v;" for name in kept] if spec.nonfinite != "propagate" else []),
+        f"const uint random = {'mix(mix((uint)' + own[-1] + ') + (uint)c)' if spec.stochastic else '0'};",
         f"update({', '.join(update_args)});",
         *write,
         *(["mine = !keep;"] if counting else []),
@@ -517,5 +557,5 @@ def _build(
         arrays=len(arrays),
         scalar_count=spec.scalar_count,
         member_scalar_count=spec.member_scalar_count,
-        dtype=dtype,
+        dtype=compute,
     )

@@ -21,7 +21,21 @@ from netcl._xp import ArrayNamespace, XArray
 
 A = TypeVar("A", bound=XArray)
 
-__all__ = ["Hyper", "MemberScalars", "ReferenceUpdate", "Step", "UpdateRule", "pair", "real", "saturate", "sqrt"]
+MASTER = "master_param"
+"""The state buffer of a parameter's float32 master copy (`master_weights=True`)."""
+
+__all__ = [
+    "MASTER",
+    "Hyper",
+    "MemberScalars",
+    "ReferenceUpdate",
+    "Step",
+    "UpdateRule",
+    "pair",
+    "real",
+    "saturate",
+    "sqrt",
+]
 
 Hyper: TypeAlias = Mapping[str, float | bool | tuple[float, float]]
 """A param group's hyperparameters, by name."""
@@ -115,6 +129,12 @@ class UpdateRule:
     of them on takes none (each costs every slot of a launch an argument, and the
     argument bytes bound how many parameters one launch takes). None: every variant."""
 
+    @property
+    def saved_buffers(self) -> tuple[str, ...]:
+        """Every state buffer a parameter's state may hold: the update's and the master
+        copy of the parameter (`master_weights`)."""
+        return (*self.buffers, MASTER)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -136,15 +156,30 @@ class Step:
     @property
     def member_scalars(self) -> MemberScalars | None:
         """The rule's `member_scalars` where this variant takes them, else None."""
-        return self.rule.member_scalars if self.kernel.member_scalar_count else None
+        return self.rule.member_scalars if self.kernel.member_scalar_count > self.kernel.stochastic else None
+
+    @property
+    def master(self) -> bool:
+        """Whether the update changes a master copy of each parameter (`master_weights`)."""
+        return self.kernel.master
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether half parameters are rounded stochastically (`stochastic_rounding`)."""
+        return self.kernel.stochastic
 
     def __post_init__(self) -> None:
         flags, buffers = self.rule.variant(self.hyper)
+        master = bool(self.hyper.get("master_weights", False))
+        stochastic = bool(self.hyper.get("stochastic_rounding", False))
+        if master:
+            buffers = (*buffers, MASTER)
         object.__setattr__(self, "buffers", buffers)
         scalars = self.rule.kernel_scalars(self.hyper)
         object.__setattr__(self, "scalars", scalars)
         wanted = self.rule.member_flags
         members = self.rule.member_scalar_count if wanted is None or flags & wanted else 0
+        members += stochastic
         spec = KernelSpec(
             source=self.rule.kernel,
             flags=flags,
@@ -154,5 +189,7 @@ class Step:
             scalar_count=len(scalars),
             member_scalar_count=members,
             nonfinite=self.nonfinite,
+            master=master,
+            stochastic=stochastic,
         )
         object.__setattr__(self, "kernel", spec)

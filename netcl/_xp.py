@@ -71,6 +71,10 @@ class ArrayNamespace(Protocol):
         """Element-wise not of a bool array."""
         ...
 
+    def logical_and(self, x: XArray, y: XArray, /) -> XArray:
+        """Element-wise and of two bool arrays."""
+        ...
+
     def astype(self, x: XArray, dtype: object, /) -> XArray:
         """`x` converted to `dtype`."""
         ...
@@ -111,8 +115,8 @@ class ArrayNamespace(Protocol):
         """Limits of a floating dtype."""
         ...
 
-    def zeros_like(self, x: A, /) -> A:
-        """Zeros of `x`'s shape, dtype and device."""
+    def zeros_like(self, x: A, /, *, dtype: object | None = None) -> A:
+        """Zeros of `x`'s shape and device, in its dtype or `dtype`."""
         ...
 
     def asarray(

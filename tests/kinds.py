@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_strict
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
@@ -60,7 +61,15 @@ class Kind:
         return self.name
 
 
+def _torch_make(q: cl.CommandQueue, h: F) -> Any:
+    if h.dtype == ml_dtypes.bfloat16:  # (numpy knows bfloat16 only through ml_dtypes)
+        return torch.from_numpy(np.ascontiguousarray(h).view(np.int16).copy()).view(torch.bfloat16)
+    return torch.tensor(h)
+
+
 def _torch_get(t: Any) -> F:
+    if t.dtype == torch.bfloat16:
+        return np.array(t.detach().view(torch.int16).numpy(), copy=True).view(ml_dtypes.bfloat16)
     return np.array(t.detach().numpy(), copy=True)
 
 
@@ -69,7 +78,7 @@ KINDS = [
     Kind("pyopencl-offset", offset_view, lambda a: a.get(), True),
     Kind("buffer-object", BufferArray, lambda a: a.get(), True),
     Kind("numpy", lambda q, h: np.array(h, copy=True), lambda a: np.array(a, copy=True), False),
-    Kind("torch", lambda q, h: torch.tensor(h), _torch_get, False),
+    Kind("torch", _torch_make, _torch_get, False),
     Kind(
         "array_api_strict",
         lambda q, h: array_api_strict.asarray(np.array(h, copy=True)),
@@ -78,3 +87,7 @@ KINDS = [
     ),
 ]
 KIND_IDS = [k.name for k in KINDS]
+
+HALF_KINDS = [k for k in KINDS if k.name != "array_api_strict"]
+"""The kinds that hold float16 and bfloat16 (array_api_strict has neither dtype)."""
+HALF_KIND_IDS = [k.name for k in HALF_KINDS]

@@ -43,6 +43,9 @@ def test_defaults_are_the_concept_pages(queue: cl.CommandQueue) -> None:
         "bias_correction": False,
         "nesterov": False,
         "decoupled_weight_decay": False,
+        # half-precision parameters' options, off: the parameter itself is updated
+        "master_weights": False,
+        "stochastic_rounding": False,
     }
     group = opt.param_groups[0]
     assert group["lr"] == 1e-3 and group["alpha"] == 0.99 and group["eps"] == 1e-8

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_strict
+import ml_dtypes
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
@@ -101,7 +102,7 @@ PARAMS_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("int array", lambda: [Parameter(np.arange(3))], TypeError, "dtype int64"),
     ("bool array", lambda: [Parameter(np.ones(3, bool))], TypeError, "dtype bool"),
     ("complex array", lambda: [Parameter(np.ones(3, np.complex64))], TypeError, "dtype complex64"),
-    ("float16 array", lambda: [Parameter(np.ones(3, np.float16))], TypeError, "dtype float16"),
+    ("float8 array", lambda: [Parameter(np.ones(3, ml_dtypes.float8_e4m3fn))], TypeError, "dtype float8_e4m3fn"),
     ("int torch tensor", lambda: [Parameter(torch.arange(3))], TypeError, "dtype torch.int64"),
     ("read-only numpy", lambda: [Parameter(np.broadcast_to(np.ones(1, F32), (3,)))], ValueError, "read-only"),
     ("data not an array", lambda: [type("P", (), {"data": [1.0], "grad": None})()], TypeError, "not an array"),

@@ -90,6 +90,8 @@ def test_state_dict_is_a_torch_shaped_snapshot(kind: Kind, queue: cl.CommandQueu
             "bias_correction": False,
             "nesterov": False,
             "decoupled_weight_decay": False,
+            "master_weights": False,
+            "stochastic_rounding": False,
             "params": [0, 1, 2],
         }
     ]

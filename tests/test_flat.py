@@ -50,7 +50,7 @@ def test_flat_parameters_are_views_of_one_buffer_in_order(where: str, queue: cl.
 
 
 def test_flat_parameters_refuse_bad_arguments() -> None:
-    with pytest.raises(TypeError, match="dtype must be float32 or float64, got int32"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16, got int32"):
         flat_parameters(None, [(3,)], np.int32)
     with pytest.raises(TypeError, match=r"shapes\[1\] must be a tuple of ints, got \[3\]"):
         flat_parameters(None, [(3,), [3]])  # type: ignore[list-item]

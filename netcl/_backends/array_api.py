@@ -11,15 +11,25 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Hashable, Iterator, MutableMapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import array_api_compat
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends.base import Backend, HostViews, Tally, Work, check_same_shape, describe
+from netcl._backends.base import (
+    DTYPE_NAMES,
+    SUPPORTED_DTYPES,
+    Backend,
+    HostViews,
+    Tally,
+    Work,
+    check_same_shape,
+    describe,
+)
 from netcl._backends.host import host_view, joined_runs, update_on_host
-from netcl._update import Step
+from netcl._precision import BFLOAT16, FLOAT16, compute_dtype, is_half, round_half
+from netcl._update import MASTER, Step
 from netcl._xp import ArrayNamespace
 
 __all__ = ["ARRAY_API", "ArrayAPIBackend", "is_array_api"]
@@ -108,9 +118,8 @@ class ArrayAPIBackend(Backend):
         return None
 
     def check_param(self, data: Any, where: str) -> None:
-        xp = _namespace(data)
-        if data.dtype not in (xp.float32, xp.float64):
-            raise TypeError(f"{where} has dtype {data.dtype}; netcl optimizes float32 and float64 arrays")
+        if _numpy_dtype(data) is None:
+            raise TypeError(f"{where} has dtype {data.dtype}; netcl optimizes {DTYPE_NAMES} arrays")
         _check_dense(data, where)
         _check_written_in_place(data, where)
 
@@ -122,15 +131,17 @@ class ArrayAPIBackend(Backend):
     def check_state(self, data: Any, buffer: Any, where: str) -> None:
         _check_same_library(data, buffer, where, "its state was made for another kind of array")
         _check_dense(buffer, where)
-        _check_match(data, buffer, where)
+        _check_match(data, buffer, where, state=True)
         _check_written_in_place(buffer, where)
 
     def dtype(self, data: Any) -> np.dtype[Any]:
-        xp = _namespace(data)
-        return np.dtype(np.float32 if data.dtype == xp.float32 else np.float64)
+        dtype = _numpy_dtype(data)
+        assert dtype is not None  # (data passed check_param)
+        return dtype
 
     def zeros_like(self, data: Any) -> Any:
-        return _namespace(data).zeros_like(data)
+        xp = _namespace(data)
+        return xp.zeros_like(data, dtype=_compute(xp, data))
 
     def zeros_for(self, datas: Sequence[Any]) -> list[Any]:
         """C-contiguous numpy arrays get views of one numpy array per dtype (see
@@ -139,7 +150,7 @@ class ArrayAPIBackend(Backend):
         groups: dict[np.dtype[Any], list[int]] = {}
         for k, data in enumerate(datas):
             if isinstance(data, np.ndarray) and data.flags.c_contiguous:
-                groups.setdefault(data.dtype, []).append(k)
+                groups.setdefault(compute_dtype(data.dtype), []).append(k)
             else:
                 out[k] = self.zeros_like(data)
         for dtype, members in groups.items():
@@ -151,6 +162,11 @@ class ArrayAPIBackend(Backend):
         return out
 
     def to_host(self, array: Any) -> npt.NDArray[Any]:
+        if array_api_compat.is_torch_array(array) and str(array.dtype) == "torch.bfloat16":
+            import torch  # (DLPack has bfloat16, numpy has not: the bits, as ml_dtypes' bfloat16)
+
+            bits = array.detach().to("cpu").view(torch.int16)
+            return np.array(np.from_dlpack(bits), copy=True).view(BFLOAT16)
         try:
             return np.from_dlpack(array, device="cpu", copy=True)
         except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
@@ -158,7 +174,13 @@ class ArrayAPIBackend(Backend):
 
     def from_host(self, host: npt.NDArray[Any], like: Any) -> Any:
         xp = _namespace(like)
-        return xp.asarray(host, dtype=like.dtype, device=array_api_compat.device(like), copy=True)
+        device = array_api_compat.device(like)
+        if host.dtype == BFLOAT16 and array_api_compat.is_torch_array(like):
+            import torch  # (numpy knows bfloat16 only through ml_dtypes, torch not at all)
+
+            bits = torch.from_numpy(np.ascontiguousarray(host).view(np.int16).copy())
+            return bits.view(torch.bfloat16).to(cast(torch.device, device))
+        return xp.asarray(host, device=device, copy=True)
 
     @contextlib.contextmanager
     def host_views(self, arrays: Sequence[Any], write: bool) -> Iterator[HostViews]:
@@ -191,21 +213,40 @@ class ArrayAPIBackend(Backend):
 
 
 def update_by_reference(step: Step, item: Work, tally: Tally) -> None:
-    """Update one parameter with the reference maths, in its own library."""
+    """Update one parameter with the reference maths, in its own library.
+
+    A half parameter is updated in float32 (its master copy, or the parameter upcast,
+    with its gradient upcast) and the result rounded back (`netcl._precision`)."""
     data = item.data
     xp = _namespace(data, item.grad)
+    half = is_half(_numpy_dtype(data) or np.dtype(np.float32))
+    master = step.master
     # Overflow and non-finite values are handled by the update's policy (saturation,
     # skipping); numpy's warnings about them would only be noise.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), no_autograd(data):
-        new_param, new_buffers = step.rule.reference(xp, data, item.grad, item.buffers, step.hyper, item.member)
-        finite = xp.isfinite(item.grad)
+        compute = _compute(xp, data)
+        param = item.buffers[MASTER] if master else xp.astype(data, compute) if half else data
+        grad = xp.astype(item.grad, compute) if half else item.grad
+        own = item.member[: len(item.member) - step.stochastic]  # (the rule's; the key of the rounding last)
+        new_param, new_buffers = step.rule.reference(xp, param, grad, item.buffers, step.hyper, own)
+        # an element is updated where its gradient is finite and, for a half parameter
+        # without a master copy, its parameter too (as in the fused kernel)
+        grad_finite = xp.isfinite(grad)
+        param_finite = xp.isfinite(param) if half and not master else None
+        finite = grad_finite if param_finite is None else xp.logical_and(grad_finite, param_finite)
         if step.nonfinite != "propagate":
-            new_param = xp.where(finite, new_param, data)
+            new_param = xp.where(finite, new_param, param)
             new_buffers = {name: xp.where(finite, new, item.buffers[name]) for name, new in new_buffers.items()}
             if step.nonfinite == "count":
                 tally.add(xp.sum(xp.astype(xp.logical_not(finite), xp.int64)))
         else:
-            new_param = xp.where(finite, new_param, xp.full_like(new_param, math.nan))
+            new_param = xp.where(grad_finite, new_param, xp.full_like(new_param, math.nan))
+        if master:
+            new_buffers[MASTER] = new_param
+        if half or master:
+            new_param = _rounded(xp, new_param, data, item.member[-1] if step.stochastic else None)
+            if param_finite is not None:  # an infinite or NaN half parameter keeps its bits
+                new_param = xp.where(param_finite, new_param, data)
         if _rebinds(data):
             setattr(item.param, "data", new_param)  # noqa: B010 (ParameterLike is read-only to checkers)
             item.buffers.update(new_buffers)
@@ -213,6 +254,47 @@ def update_by_reference(step: Step, item: Work, tally: Tally) -> None:
             data[...] = new_param
             for name in step.buffers:
                 item.buffers[name][...] = new_buffers[name]
+
+
+def _rounded(xp: ArrayNamespace, x: Any, like: Any, key: float | None) -> Any:
+    """`x` (the update's result in the compute dtype) rounded to `like`'s dtype, on the
+    host with numpy's bits where it is half (`netcl._precision.round_half`): the same
+    bits as the fused kernel stores."""
+    dtype = _numpy_dtype(like)
+    assert dtype is not None
+    if not is_half(dtype):
+        return xp.astype(x, like.dtype)
+    backend = ARRAY_API
+    host = backend.to_host(x)
+    return backend.from_host(round_half(host, dtype, key), like)
+
+
+_TORCH_DTYPES: dict[str, np.dtype[Any]] = {
+    "torch.float32": np.dtype(np.float32),
+    "torch.float64": np.dtype(np.float64),
+    "torch.float16": FLOAT16,
+    "torch.bfloat16": BFLOAT16,
+}
+
+
+def _numpy_dtype(x: Any) -> np.dtype[Any] | None:
+    """The numpy dtype of an array-API array netcl can update (float32, float64,
+    float16, bfloat16: `ml_dtypes.bfloat16` for numpy), else None."""
+    if array_api_compat.is_torch_array(x):
+        return _TORCH_DTYPES.get(str(x.dtype))
+    if isinstance(x, np.ndarray):
+        return x.dtype if x.dtype in SUPPORTED_DTYPES else None
+    xp = _namespace(x)
+    for name in ("float32", "float64", "float16"):
+        if x.dtype == getattr(xp, name, None):
+            return np.dtype(name)
+    return None
+
+
+def _compute(xp: ArrayNamespace, x: Any) -> Any:
+    """The namespace's dtype that `x` is updated in (float32 for a half array)."""
+    dtype = _numpy_dtype(x)
+    return xp.float32 if dtype is not None and is_half(dtype) else x.dtype
 
 
 def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:
@@ -225,10 +307,14 @@ def _check_same_library(data: Any, other: Any, where: str, why: str) -> None:
         raise TypeError(f"{where} is a {describe(other)}, but the parameter is a {describe(data)}; {why}")
 
 
-def _check_match(data: Any, other: Any, where: str) -> None:
+def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None:
+    """Raise unless `other` (a gradient, or with `state` a state buffer) fits `data`:
+    its shape, device, and dtype (the state's is float32 for a half parameter)."""
     check_same_shape(data, other, where)
-    if other.dtype != data.dtype:
-        raise TypeError(f"{where} has dtype {other.dtype}, but its parameter has dtype {data.dtype}")
+    wanted = _compute(_namespace(data), data) if state else data.dtype
+    if other.dtype != wanted:
+        whose = f"the state of a {data.dtype} parameter is" if state else "its parameter has dtype"
+        raise TypeError(f"{where} has dtype {other.dtype}, but {whose} {wanted}")
     if array_api_compat.device(other) != array_api_compat.device(data):
         raise ValueError(
             f"{where} is on device {array_api_compat.device(other)}, but its parameter is "

@@ -12,12 +12,16 @@ import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
 
+from netcl._precision import HALF_DTYPES
 from netcl._types import ParameterLike
 from netcl._update import Step
 
 __all__ = ["Backend", "HostViews", "SUPPORTED_DTYPES", "Tally", "Work", "check_same_shape", "describe"]
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
+"""The parameter dtypes netcl updates (half ones in float32, see `netcl._precision`)."""
+
+DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 
 
 def check_same_shape(data: Any, other: Any, where: str) -> None:
@@ -117,7 +121,11 @@ class Work:
     count: int = 0
     """The parameter's step count once this step is done."""
     member: tuple[float, ...] = ()
-    """The parameter's own scalars at this step (`UpdateRule.member_scalars`)."""
+    """The parameter's own scalars at this step (`UpdateRule.member_scalars`, then the
+    key of its random bits where it is rounded stochastically)."""
+    place: int = 0
+    """Where the parameter is in the optimizer: (group index << 20) + its index there
+    (what its random bits for stochastic rounding are drawn from)."""
 
 
 class Backend(ABC):
@@ -157,7 +165,15 @@ class Backend(ABC):
 
     @abstractmethod
     def zeros_like(self, data: Any) -> Any:
-        """A new state buffer for `data`, filled with zeros, on its device."""
+        """A new state buffer for `data`, filled with zeros, on its device, in its
+        compute dtype (float32 for a half parameter)."""
+
+    def upcast_into(self, buffer: Any, data: Any) -> None:
+        """Write `data`'s values into `buffer` (made by `zeros_for` for it), in the
+        buffer's dtype (exact: the buffer's dtype holds every value of `data`'s)."""
+        host = self.to_host(data)
+        with self.host_views([buffer], write=True) as views:
+            views.arrays[0][...] = host.astype(views.arrays[0].dtype).ravel(order="K")
 
     def zeros_for(self, datas: Sequence[Any]) -> list[Any]:
         """New state buffers for each of `datas` (one state name of a param group's

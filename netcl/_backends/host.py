@@ -30,6 +30,7 @@ import pyopencl as cl
 
 from netcl._backends.base import SUPPORTED_DTYPES, Tally, Work
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
+from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
 
 __all__ = ["PATH", "Costs", "host_queue", "update_on_host"]
@@ -100,6 +101,14 @@ def host_view(x: Any) -> npt.NDArray[Any] | None:
     """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
     if isinstance(x, np.ndarray):
         view = x
+    elif array_api_compat.is_torch_array(x) and str(x.dtype) == "torch.bfloat16":
+        # (DLPack has bfloat16, numpy has not: the bits, seen as ml_dtypes' bfloat16)
+        import torch
+
+        try:
+            view = np.from_dlpack(x.detach().view(torch.int16)).view(BFLOAT16)
+        except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+            return None
     else:
         try:
             view = np.from_dlpack(x.detach() if array_api_compat.is_torch_array(x) else x)
@@ -239,11 +248,13 @@ def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Wor
 
     small, large = 1, 1 << 16
     member = step.member_scalars(step.hyper, 1, frozenset()) if step.member_scalars else ()
+    member += (0.0,) * step.stochastic  # (the key of stochastic rounding's random bits)
     scratch_tally = Tally()
     cache: dict[Hashable, Any] = {}
 
     def arrays(n: int) -> list[npt.NDArray[Any]]:
-        return [np.full(n, 0.5, dtype) for _ in range(2 + len(step.buffers))]
+        state = compute_dtype(dtype)
+        return [np.full(n, 0.5, dtype), np.full(n, 0.5, dtype)] + [np.full(n, 0.5, state) for _ in step.buffers]
 
     def scratch(n: int) -> Work:
         made = [_like(like.data, h) for h in arrays(n)]
@@ -276,9 +287,11 @@ def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Wor
 
 def _like(data: Any, host: npt.NDArray[Any]) -> Any:
     """`host` as an array of `data`'s library (numpy itself, or a CPU torch tensor)."""
+    from netcl._backends.array_api import ARRAY_API
+
     if isinstance(data, np.ndarray):
         return host
-    return array_api_compat.array_namespace(data).asarray(host)
+    return ARRAY_API.from_host(host, data)
 
 
 def _joined(run: list[npt.NDArray[Any]], views: list[npt.NDArray[Any]]) -> list[npt.NDArray[Any]] | None:

@@ -19,8 +19,18 @@ import numpy.typing as npt
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from netcl._backends.base import SUPPORTED_DTYPES, Backend, HostViews, Tally, Work, check_same_shape, describe
+from netcl._backends.base import (
+    DTYPE_NAMES,
+    SUPPORTED_DTYPES,
+    Backend,
+    HostViews,
+    Tally,
+    Work,
+    check_same_shape,
+    describe,
+)
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
+from netcl._precision import compute_dtype
 from netcl._update import Step
 
 __all__ = ["OPENCL", "OpenCLBackend", "buffer_runs", "is_opencl", "pending_events", "record_event"]
@@ -118,7 +128,7 @@ class OpenCLBackend(Backend):
     def _check_array(self, x: Any, where: str) -> None:
         dtype = np.dtype(x.dtype)
         if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{where} has dtype {dtype}; netcl optimizes float32 and float64 arrays")
+            raise TypeError(f"{where} has dtype {dtype}; netcl optimizes {DTYPE_NAMES} arrays")
         if _layout(x) is None:
             raise ValueError(
                 f"{where} is not contiguous (shape {tuple(x.shape)}, strides "
@@ -165,7 +175,7 @@ class OpenCLBackend(Backend):
                 f"{where} is a {describe(buffer)}, but the parameter is now an OpenCL array; "
                 "its state was made for another kind of array"
             )
-        _check_match(data, buffer, where)
+        _check_match(data, buffer, where, state=True)
         if buffer.context != _context(data) or _layout(buffer) != _layout(data):
             raise ValueError(
                 f"{where} was made for an array in another context or layout than the parameter's array now"
@@ -176,7 +186,9 @@ class OpenCLBackend(Backend):
         return dtype
 
     def zeros_like(self, data: Any) -> cl_array.Array:
-        return cl_array.zeros(data.queue, tuple(data.shape), data.dtype, order=_layout(data) or "C")
+        return cl_array.zeros(
+            data.queue, tuple(data.shape), compute_dtype(np.dtype(data.dtype)), order=_layout(data) or "C"
+        )
 
     def to_host(self, array: Any) -> npt.NDArray[Any]:
         host: npt.NDArray[Any] = array.get()
@@ -253,7 +265,7 @@ class OpenCLBackend(Backend):
         state that does too (see `_runs`)."""
         groups: dict[tuple[cl.CommandQueue, np.dtype[Any], Layout | None], list[int]] = {}
         for k, data in enumerate(datas):
-            groups.setdefault((data.queue, np.dtype(data.dtype), _layout(data)), []).append(k)
+            groups.setdefault((data.queue, compute_dtype(np.dtype(data.dtype)), _layout(data)), []).append(k)
         out: list[Any] = [None] * len(datas)
         for (queue, dtype, layout), members in groups.items():
             sizes = [prod(int(n) for n in datas[k].shape) for k in members]
@@ -327,16 +339,18 @@ def _identity(x: Any) -> Hashable:
     return (id(x.base_data), int(x.offset), tuple(x.shape), id(x.queue))
 
 
-def _follows(run: Member, member: Member, itemsize: int) -> bool:
+def _follows(run: Member, member: Member, itemsizes: tuple[int, ...]) -> bool:
     """Whether each of `member`'s arrays starts in the buffer of `run`'s where that one
-    ends."""
+    ends (`itemsizes`: each array's element size)."""
     return all(
         b.base_data == a.base_data and int(b.offset) == int(a.offset) + run.size * itemsize
-        for a, b in zip(run.arrays, member.arrays, strict=True)
+        for a, b, itemsize in zip(run.arrays, member.arrays, itemsizes, strict=True)
     )
 
 
-def _runs(members: list[tuple[Member, int]], breaks: tuple[int, ...], itemsize: int) -> list[tuple[Member, list[int]]]:
+def _runs(
+    members: list[tuple[Member, int]], breaks: tuple[int, ...], itemsizes: tuple[int, ...]
+) -> list[tuple[Member, list[int]]]:
     """`members` (each with its place in the work) joined into runs: a member joins the
     run before it when every one of its arrays (parameter, gradient, state buffers)
     continues that run's in the same buffer and no break (different own scalars) falls
@@ -346,7 +360,7 @@ def _runs(members: list[tuple[Member, int]], breaks: tuple[int, ...], itemsize: 
     for member, place in members:
         if runs:
             run, places = runs[-1]
-            if place == places[-1] + 1 and place not in breaks and _follows(run, member, itemsize):
+            if place == places[-1] + 1 and place not in breaks and _follows(run, member, itemsizes):
                 runs[-1] = (Member(run.arrays, run.size + member.size), [*places, place])
                 continue
         runs.append((member, [place]))
@@ -390,7 +404,8 @@ class _Prepared:
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
             limit = max_slots(facts.device, step.kernel)
-            runs = _runs(members, breaks, dtype.itemsize)
+            state_size = compute_dtype(dtype).itemsize
+            runs = _runs(members, breaks, (dtype.itemsize, dtype.itemsize) + (state_size,) * len(step.buffers))
             for n, start in enumerate(range(0, len(runs), limit)):
                 chunk = runs[start : start + limit]
                 slots = slots_for(len(chunk))
@@ -471,12 +486,16 @@ class _Launch:
     """Where every parameter of the launch is in the step's work."""
 
 
-def _check_match(data: Any, other: Any, where: str) -> None:
+def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None:
+    """Raise unless `other` (a gradient, or with `state` a state buffer) has the shape
+    and dtype it needs for `data`: the parameter's dtype, or the state's (float32 for a
+    half parameter)."""
     check_same_shape(data, other, where)
-    if np.dtype(other.dtype) != np.dtype(data.dtype):
-        raise TypeError(
-            f"{where} has dtype {np.dtype(other.dtype)}, but its parameter has dtype {np.dtype(data.dtype)}"
-        )
+    dtype = np.dtype(data.dtype)
+    wanted = compute_dtype(dtype) if state else dtype
+    if np.dtype(other.dtype) != wanted:
+        whose = f"the state of a {dtype} parameter is" if state else "its parameter has dtype"
+        raise TypeError(f"{where} has dtype {np.dtype(other.dtype)}, but {whose} {wanted}")
 
 
 OPENCL = OpenCLBackend()

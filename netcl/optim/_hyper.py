@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Flag", "HyperCheck", "Pair", "Real"]
+__all__ = ["PRECISION_HYPERPARAMETERS", "Flag", "HyperCheck", "Pair", "Real"]
 
 
 class HyperCheck(Protocol):
@@ -104,3 +104,10 @@ class Pair:
         assert isinstance(value, tuple)
         for k, each in enumerate(value):
             self.each.in_dtype(f"{name}[{k}]", each, dtype, where)
+
+
+PRECISION_HYPERPARAMETERS: dict[str, HyperCheck] = {
+    "master_weights": Flag(),
+    "stochastic_rounding": Flag(),
+}
+"""Every optimizer's options for half-precision parameters (see `netcl._precision`)."""

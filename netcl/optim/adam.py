@@ -12,7 +12,7 @@ from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 from netcl._types import Array, ParameterLike
 from netcl._update import Hyper, UpdateRule, pair, real, saturate, sqrt
 from netcl._xp import ArrayNamespace, XArray
-from netcl.optim._hyper import Flag, HyperCheck, Pair, Real
+from netcl.optim._hyper import PRECISION_HYPERPARAMETERS, Flag, HyperCheck, Pair, Real
 from netcl.optim.optimizer import FloatArray, NonFinite, Optimizer
 
 __all__ = [
@@ -39,6 +39,8 @@ class AdamHyperparameters(TypedDict):
     weight_decay: float
     amsgrad: bool
     maximize: bool
+    master_weights: bool
+    stochastic_rounding: bool
 
 
 class AdamParamGroup(AdamHyperparameters):
@@ -57,6 +59,8 @@ class AdamParamGroupInput(TypedDict, total=False):
     weight_decay: float
     amsgrad: bool
     maximize: bool
+    master_weights: bool
+    stochastic_rounding: bool
 
 
 class AdamState(TypedDict):
@@ -69,6 +73,8 @@ class AdamState(TypedDict):
     """v: the moving average of the squared gradient."""
     max_exp_avg_sq: NotRequired[Array]
     """The running maximum of v; present once a step ran with amsgrad=True."""
+    master_param: NotRequired[Array]
+    """The float32 copy of the parameter that the update changes (`master_weights`)."""
 
 
 class AdamSavedState(TypedDict):
@@ -78,6 +84,7 @@ class AdamSavedState(TypedDict):
     exp_avg: FloatArray
     exp_avg_sq: FloatArray
     max_exp_avg_sq: NotRequired[FloatArray]
+    master_param: NotRequired[FloatArray]
 
 
 class AdamSavedGroup(AdamHyperparameters):
@@ -189,6 +196,7 @@ ADAM_HYPERPARAMETERS: dict[str, HyperCheck] = {
     "weight_decay": Real(0.0),
     "amsgrad": Flag(),
     "maximize": Flag(),
+    **PRECISION_HYPERPARAMETERS,
 }
 
 
@@ -232,6 +240,14 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
             kernel time); `"propagate"` makes its parameter NaN, as torch does.
+        master_weights: Keep a float32 copy of each parameter in its state
+            (`master_param`) and update that; the parameter is its copy rounded. For
+            float16 and bfloat16 parameters, whose small updates rounding would lose
+            (for float32 and float64 ones the copy equals the parameter and only costs
+            memory). See the guide "Half precision".
+        stochastic_rounding: Round a float16 or bfloat16 parameter's new value
+            stochastically (unbiased, reproducible: the random bits come from the
+            parameter's place and step count) instead of to nearest even.
 
     Raises:
         TypeError: As for `RMSProp`; `betas` not a pair of numbers.
@@ -270,6 +286,8 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
         differentiable: bool = False,
         fused: bool | None = None,
         nonfinite: NonFinite = "skip",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -278,6 +296,8 @@ class Adam(Optimizer[AdamParamGroup, AdamParamGroupInput, AdamState, AdamStateDi
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
             "maximize": maximize,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
         }
         torch_only = {"foreach": foreach, "capturable": capturable, "differentiable": differentiable, "fused": fused}
         super().__init__(params, defaults, nonfinite=nonfinite, torch_only=torch_only)

@@ -34,6 +34,14 @@ class AdamW(Adam):
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
             kernel time); `"propagate"` makes its parameter NaN, as torch does.
+        master_weights: Keep a float32 copy of each parameter in its state
+            (`master_param`) and update that; the parameter is its copy rounded. For
+            float16 and bfloat16 parameters, whose small updates rounding would lose
+            (for float32 and float64 ones the copy equals the parameter and only costs
+            memory). See the guide "Half precision".
+        stochastic_rounding: Round a float16 or bfloat16 parameter's new value
+            stochastically (unbiased, reproducible: the random bits come from the
+            parameter's place and step count) instead of to nearest even.
 
     Raises:
         TypeError: As for `Adam`.
@@ -71,6 +79,8 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         nonfinite: NonFinite = "skip",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -81,6 +91,8 @@ class AdamW(Adam):
             amsgrad,
             foreach=foreach,
             maximize=maximize,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,

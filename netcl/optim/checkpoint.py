@@ -281,17 +281,21 @@ def _torch_group(index: int, group: object) -> dict[str, Any]:
     if not isinstance(group, Mapping):
         raise TypeError(f"state_dict['param_groups'][{index}] must be a dict, got {type(group).__name__}")
     out = dict(group)
-    if "alpha" in out:  # RMSProp's: torch's RMSprop would silently run without these options
-        from netcl.optim.rmsprop import RMSProp  # (checkpoint is imported before the optimizers)
+    from netcl.optim.optimizer import Optimizer  # (checkpoint is imported before the optimizers)
+    from netcl.optim.rmsprop import RMSProp
 
-        for key, torchs in RMSProp.optional.items():  # the options torch's RMSprop lacks, at torch's values
-            if key in out:
-                if out[key] != torchs:
-                    raise ValueError(
-                        f"state_dict['param_groups'][{index}] has {key}={out[key]!r}, which torch's RMSprop "
-                        f"does not have: torch would step another way"
-                    )
-                del out[key]
+    # the options torch's optimizers lack, at the values that change nothing: torch would
+    # silently run without them
+    rmsprop = "alpha" in out
+    lacking = RMSProp.optional if rmsprop else Optimizer.optional
+    for key, torchs in lacking.items():
+        if key in out:
+            if out[key] != torchs:
+                raise ValueError(
+                    f"state_dict['param_groups'][{index}] has {key}={out[key]!r}, which torch's "
+                    f"{'RMSprop' if rmsprop else 'optimizer'} does not have: torch would step another way"
+                )
+            del out[key]
     return out
 
 

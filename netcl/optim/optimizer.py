@@ -21,8 +21,9 @@ from netcl._backends import Backend, Work, backend_for, checked_backend, describ
 from netcl._backends.array_api import is_array_api
 from netcl._backends.base import Tally
 from netcl._kernels import NonFinite
+from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
-from netcl._update import Step, UpdateRule
+from netcl._update import MASTER, Step, UpdateRule
 from netcl.optim._hyper import HyperCheck
 
 __all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer", "ParameterState"]
@@ -32,6 +33,7 @@ HyperValue: TypeAlias = float | bool | tuple[float, float]
 """The value of a hyperparameter: a real, a flag, or a pair (Adam's betas)."""
 
 FloatArray: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+"""A state buffer in a state dict (float32 for float16 and bfloat16 parameters)."""
 """A host numpy array of a parameter's dtype, as state dicts hold state buffers."""
 
 GroupT = TypeVar("GroupT", bound=Mapping[str, Any])
@@ -248,7 +250,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     """The update, as the backends run it."""
     hyperparameters: ClassVar[Mapping[str, HyperCheck]]
     """Every hyperparameter and how its values are checked."""
-    optional: ClassVar[Mapping[str, object]] = {}
+    optional: ClassVar[Mapping[str, object]] = {"master_weights": False, "stochastic_rounding": False}
     """Hyperparameters a loaded state dict may lack (torch's has none of netcl's own
     options), and the value each then takes: the one that changes nothing."""
     torch_fixed: ClassVar[Mapping[str, object]] = {}
@@ -409,10 +411,13 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 for name in step.buffers:
                     needing = [item for item in work if name not in item.state]
                     for item, buffer in zip(needing, backend.zeros_for([i.data for i in needing]), strict=True):
+                        if name == MASTER:  # the master copy starts as the parameter
+                            backend.upcast_into(buffer, item.data)
                         item.buffers[name] = buffer
         made: dict[tuple[int, frozenset[str]], tuple[float, ...]] = {}  # parameters mostly share a count
         fresh: frozenset[str] = frozenset()
         last, own = -1, cast("tuple[float, ...]", ())
+        stochastic = step.stochastic
         for item in plan.work():
             count = item.state["step"]
             if type(count) is not int or count < 0:  # noqa: E721 (bool and numpy ints are not counts here)
@@ -422,14 +427,16 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             if member_scalars is not None:
                 if not known:
                     fresh = frozenset(name for name in step.buffers if name not in item.state)
-                elif count == last:  # a known plan has no fresh buffers: the count decides
-                    item.member = own
-                    continue
-                found = made.get((count, fresh))
-                if found is None:
-                    found = made[count, fresh] = member_scalars(step.hyper, count, fresh)
-                own = item.member = found
-                last = count
+                if not known or count != last:  # a known plan has no fresh buffers: the count decides
+                    found = made.get((count, fresh))
+                    if found is None:
+                        found = made[count, fresh] = member_scalars(step.hyper, count, fresh)
+                    own = found
+                    last = count
+            if stochastic:  # each parameter's own random bits, other at each step
+                item.member = (*own, stochastic_key(item.place, count))
+            elif member_scalars is not None:
+                item.member = own
 
     def _commit(self, plans: list[tuple[Step, _Plan, bool]]) -> None:
         """Record a step whose updates were all written: counts, new state, plans."""
@@ -491,7 +498,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def _check_dtypes(self, index: int, step: Step, dtypes: Iterable[np.dtype[Any]]) -> None:
         """Raise ValueError if a hyperparameter, or a scalar the kernel computes from
         them, leaves its range in a dtype of the group's parameters."""
-        for dtype in dtypes:
+        for dtype in {compute_dtype(d) for d in dtypes}:  # (half parameters: float32)
             if dtype in step.checked_dtypes:
                 continue
             where = f"param_groups[{index}]: "
@@ -548,7 +555,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             plan.entries.append((param, data, _weak(grad), state))
             buffers = {name: state[name] for name in step.buffers if name in state}
             plan.batches.setdefault(backend, []).append(
-                Work(param, data, grad, state, buffers=buffers, backend=backend, at=at)
+                Work(param, data, grad, state, buffers=buffers, backend=backend, at=at, place=(index << 20) + k)
             )
         self._check_dtypes(index, step, plan.dtypes)
         return step, plan, False
@@ -557,7 +564,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         """Check a parameter's array, gradient and state buffers; return their backend."""
         backend = checked_backend(data, f"{at}.data")
         backend.check_grad(data, grad, f"{at}.grad")
-        for name in self.rule.buffers:
+        for name in self.rule.saved_buffers:
             if name in state:
                 backend.check_state(data, state[name], f"state[{name!r}] of {at}")
         return backend
@@ -623,11 +630,14 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             index = 0
             for group in self.param_groups:
                 indices: list[int] = []
+                # (torch's SGD saves no step; with stochastic rounding it is saved, as the
+                # rounding's random bits depend on it)
+                saves_step = self.rule.saves_step or bool(group.get("stochastic_rounding"))
                 for param in group["params"]:
                     live = cast("Mapping[str, Any] | None", self.state.get(id(param)))
                     if live is not None:
-                        saved: dict[str, Any] = {"step": int(live["step"])} if self.rule.saves_step else {}
-                        for name in self.rule.buffers:
+                        saved: dict[str, Any] = {"step": int(live["step"])} if saves_step else {}
+                        for name in self.rule.saved_buffers:
                             if name in live:
                                 buffer = live[name]
                                 saved[name] = backend_for(buffer, name).to_host(buffer)
@@ -659,7 +669,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 param = id_map[index]
                 backend = backend_for(param.data, f"parameter {index}")
                 restored: dict[str, Any] = {"step": entry.get("step", 0)}
-                for name in self.rule.buffers:
+                for name in self.rule.saved_buffers:
                     if name in entry:
                         restored[name] = backend.from_host(entry[name], param.data)
                 new_state[id(param)] = cast(StateT, restored)
@@ -739,7 +749,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             raise TypeError(f"{where} must be a dict, got {describe(entry)}")
         steps = {"step"} if self.rule.saves_step else set()
         required = steps | set(self.rule.required)
-        allowed = steps | set(self.rule.buffers)
+        allowed = {"step"} | set(self.rule.saved_buffers)
         if not required <= set(entry) <= allowed:
             raise ValueError(
                 f"{where} has keys {sorted(map(str, entry))}; it needs {sorted(required)} "
@@ -751,8 +761,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         if "step" in entry:
             checked["step"] = _saved_step(entry["step"], f"{where}['step']")
         shape = tuple(int(n) for n in data.shape)
-        dtype = backend.dtype(data)
-        for name in self.rule.buffers:
+        dtype = compute_dtype(backend.dtype(data))
+        for name in self.rule.saved_buffers:
             if name not in entry:
                 continue
             at = f"{where}[{name!r}]"
@@ -760,7 +770,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             if host.shape != shape:
                 raise ValueError(f"{at} has shape {host.shape}, but its parameter has shape {shape}")
             if host.dtype != dtype:
-                raise TypeError(f"{at} has dtype {host.dtype}, but its parameter has dtype {dtype}")
+                raise TypeError(
+                    f"{at} has dtype {host.dtype}, but the state of a {backend.dtype(data)} parameter is {dtype}"
+                )
             if not np.isfinite(host).all():
                 raise ValueError(f"{at} holds NaN or infinite values")
             if name in self.rule.nonnegative and (host < 0).any():

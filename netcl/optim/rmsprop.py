@@ -12,7 +12,7 @@ from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 from netcl._types import Array, ParameterLike
 from netcl._update import Hyper, UpdateRule, real, saturate, sqrt
 from netcl._xp import ArrayNamespace, XArray
-from netcl.optim._hyper import Flag, HyperCheck, Real
+from netcl.optim._hyper import PRECISION_HYPERPARAMETERS, Flag, HyperCheck, Real
 from netcl.optim.optimizer import FloatArray, NonFinite, Optimizer
 
 A = TypeVar("A", bound=XArray)
@@ -40,6 +40,8 @@ class RMSPropHyperparameters(TypedDict):
     momentum: float
     centered: bool
     maximize: bool
+    master_weights: bool
+    stochastic_rounding: bool
     eps_in_sqrt: bool
     initial_scale: float
     bias_correction: bool
@@ -65,6 +67,8 @@ class RMSPropParamGroupInput(TypedDict, total=False):
     momentum: float
     centered: bool
     maximize: bool
+    master_weights: bool
+    stochastic_rounding: bool
     eps_in_sqrt: bool
     initial_scale: float
     bias_correction: bool
@@ -83,6 +87,8 @@ class RMSPropState(TypedDict):
     """b: present once a step ran with momentum > 0."""
     grad_avg: NotRequired[Array]
     """m: the moving average of the gradient; present once a step ran with centered=True."""
+    master_param: NotRequired[Array]
+    """The float32 copy of the parameter that the update changes (`master_weights`)."""
 
 
 class RMSPropSavedState(TypedDict):
@@ -92,6 +98,7 @@ class RMSPropSavedState(TypedDict):
     square_avg: FloatArray
     momentum_buffer: NotRequired[FloatArray]
     grad_avg: NotRequired[FloatArray]
+    master_param: NotRequired[FloatArray]
 
 
 class RMSPropSavedGroup(RMSPropHyperparameters):
@@ -241,6 +248,7 @@ _HYPERPARAMETERS: dict[str, HyperCheck] = {
     "momentum": _PROBABILITY,
     "centered": Flag(),
     "maximize": Flag(),
+    **PRECISION_HYPERPARAMETERS,
     "eps_in_sqrt": Flag(),
     "initial_scale": Real(0.0),
     "bias_correction": Flag(),
@@ -279,7 +287,8 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
     Parameters may hold `pyopencl.array.Array`s (updated in place by the fused kernel on
     their own queue), objects exposing an OpenCL buffer ([`ClArrayLike`][netcl.ClArrayLike]),
     or array-API arrays (numpy, torch, array_api_strict ...; updated with the same maths
-    in their own library), in float32 or float64.
+    in their own library), in float32 or float64, or in float16 or bfloat16 with float32
+    state (see `master_weights` and `stochastic_rounding`).
 
     Args:
         params: Parameters (objects with `data` and `grad`), or param-group dicts
@@ -312,6 +321,14 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
             kernel time); `"propagate"` makes its parameter NaN, as torch does.
+        master_weights: Keep a float32 copy of each parameter in its state
+            (`master_param`) and update that; the parameter is its copy rounded. For
+            float16 and bfloat16 parameters, whose small updates rounding would lose
+            (for float32 and float64 ones the copy equals the parameter and only costs
+            memory). See the guide "Half precision".
+        stochastic_rounding: Round a float16 or bfloat16 parameter's new value
+            stochastically (unbiased, reproducible: the random bits come from the
+            parameter's place and step count) instead of to nearest even.
 
     Raises:
         TypeError: `params` is not an iterable of parameters or group dicts, a parameter
@@ -339,6 +356,7 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
     rule: ClassVar[UpdateRule] = _RULE
     hyperparameters: ClassVar[Mapping[str, HyperCheck]] = _HYPERPARAMETERS
     optional: ClassVar[Mapping[str, object]] = {
+        **Optimizer.optional,
         "eps_in_sqrt": False,
         "initial_scale": 0.0,
         "bias_correction": False,
@@ -367,6 +385,8 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
         decoupled_weight_decay: bool = False,
         fused: bool | None = None,
         nonfinite: NonFinite = "skip",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -376,6 +396,8 @@ class RMSProp(Optimizer[RMSPropParamGroup, RMSPropParamGroupInput, RMSPropState,
             "momentum": momentum,
             "centered": centered,
             "maximize": maximize,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
             "eps_in_sqrt": eps_in_sqrt,
             "initial_scale": initial_scale,
             "bias_correction": bias_correction,

@@ -11,7 +11,7 @@ from typing import ClassVar, NotRequired, Required, TypedDict, TypeVar
 from netcl._types import Array, ParameterLike
 from netcl._update import Hyper, UpdateRule, real, saturate
 from netcl._xp import ArrayNamespace, XArray
-from netcl.optim._hyper import Flag, HyperCheck, Real
+from netcl.optim._hyper import PRECISION_HYPERPARAMETERS, Flag, HyperCheck, Real
 from netcl.optim.optimizer import FloatArray, NonFinite, Optimizer
 
 __all__ = [
@@ -37,6 +37,8 @@ class SGDHyperparameters(TypedDict):
     weight_decay: float
     nesterov: bool
     maximize: bool
+    master_weights: bool
+    stochastic_rounding: bool
 
 
 class SGDParamGroup(SGDHyperparameters):
@@ -55,6 +57,8 @@ class SGDParamGroupInput(TypedDict, total=False):
     weight_decay: float
     nesterov: bool
     maximize: bool
+    master_weights: bool
+    stochastic_rounding: bool
 
 
 class SGDState(TypedDict):
@@ -64,12 +68,15 @@ class SGDState(TypedDict):
     """Steps taken with a gradient (netcl's count; torch's SGD keeps none)."""
     momentum_buffer: NotRequired[Array]
     """b: present once a step ran with momentum > 0."""
+    master_param: NotRequired[Array]
+    """The float32 copy of the parameter that the update changes (`master_weights`)."""
 
 
 class SGDSavedState(TypedDict):
     """The state of one parameter in a state dict (torch's layout: no step)."""
 
     momentum_buffer: NotRequired[FloatArray]
+    master_param: NotRequired[FloatArray]
 
 
 class SGDSavedGroup(SGDHyperparameters):
@@ -154,6 +161,7 @@ _HYPERPARAMETERS: dict[str, HyperCheck] = {
     "weight_decay": Real(0.0),
     "nesterov": Flag(),
     "maximize": Flag(),
+    **PRECISION_HYPERPARAMETERS,
 }
 
 
@@ -194,6 +202,14 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
             infinite: `"skip"` leaves it and its state as they were; `"count"` does
             the same and counts it (see `skipped_nonfinite()`; it costs the fused
             kernel time); `"propagate"` makes its parameter NaN, as torch does.
+        master_weights: Keep a float32 copy of each parameter in its state
+            (`master_param`) and update that; the parameter is its copy rounded. For
+            float16 and bfloat16 parameters, whose small updates rounding would lose
+            (for float32 and float64 ones the copy equals the parameter and only costs
+            memory). See the guide "Half precision".
+        stochastic_rounding: Round a float16 or bfloat16 parameter's new value
+            stochastically (unbiased, reproducible: the random bits come from the
+            parameter's place and step count) instead of to nearest even.
 
     Raises:
         TypeError: As for `RMSProp`.
@@ -231,6 +247,8 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
         differentiable: bool = False,
         fused: bool | None = None,
         nonfinite: NonFinite = "skip",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -239,6 +257,8 @@ class SGD(Optimizer[SGDParamGroup, SGDParamGroupInput, SGDState, SGDStateDict]):
             "weight_decay": weight_decay,
             "nesterov": nesterov,
             "maximize": maximize,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
         }
         torch_only = {"foreach": foreach, "differentiable": differentiable, "fused": fused}
         super().__init__(params, defaults, nonfinite=nonfinite, torch_only=torch_only)
