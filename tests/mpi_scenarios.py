@@ -15,8 +15,9 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
@@ -407,8 +408,49 @@ def mean_on_any_ranks() -> None:
                 assert np.all(np.abs(got - exact) <= bound), f"{kind}: mean gradient {k} off by more than {bound.max()}"
 
 
+def half_precision() -> None:
+    """float16 and bfloat16 gradients are averaged in float32 (MPI cannot sum them) and
+    rounded: the bits of one process stepping on that mean, on every rank, with and
+    without master weights, for separate and flat parameters."""
+    for dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+        for kind in ("pyopencl", "numpy", "torch", "flat-pyopencl"):
+            for master_weights in (False, True):
+                begin = [value.astype(dtype) for value in starts()]
+                if kind == "flat-pyopencl":
+                    params = list(flat_parameters(QUEUE, SHAPES, dtype))
+                    for param, value in zip(params, begin, strict=True):
+                        param.data.set(value)
+                    made = None
+                else:
+                    made = {k.name: k for k in KINDS}[kind]
+                    params = [Parameter(made.make(QUEUE, value)) for value in begin]
+                broadcast_parameters(params, root=0)
+                first = [made.get(p.data) if made else p.data.get() for p in params]
+                reference = [Parameter(value.copy()) for value in first]
+                optimizer = DistributedOptimizer(Adam(params, lr=1e-2, master_weights=master_weights), bucket_bytes=64)
+                single = Adam(reference, lr=1e-2, master_weights=master_weights)
+                for step in range(6):
+                    mine = [g.astype(dtype) for g in gradients(step, RANK)]
+                    for param, grad in zip(params, mine, strict=True):
+                        if made is None:
+                            cast(cl_array.Array, param.grad).set(grad)
+                        else:
+                            param.grad = made.make(QUEUE, grad)
+                    optimizer.step()
+                    both = [[g.astype(dtype).astype(np.float32) for g in gradients(step, r)] for r in (0, 1)]
+                    for param, g0, g1 in zip(reference, *both, strict=True):
+                        param.grad = ((g0 + g1) / np.float32(2)).astype(dtype)
+                    single.step()
+                got = [made.get(p.data) if made else p.data.get() for p in params]
+                where = f"{dtype} {kind} master_weights={master_weights}"
+                equal(got, [p.data for p in reference], f"{where}: parameters")
+                same_on_every_rank(got, f"{where}: parameters")
+                state = state_arrays(optimizer.optimizer.state_dict())
+                equal(state, state_arrays(single.state_dict()), f"{where}: state")
+
+
 SCENARIOS: dict[str, Callable[[], None]] = {
-    f.__name__: f for f in (data_parallel, zero, bad_input, checkpoints, mean_on_any_ranks)
+    f.__name__: f for f in (data_parallel, zero, bad_input, checkpoints, mean_on_any_ranks, half_precision)
 }
 
 

@@ -149,6 +149,13 @@ def _mean_in_place(comm: MPI.Comm, buffer: npt.NDArray[Any]) -> None:
     (reduce-scatter) and divides it, and every rank gathers every block: each value is
     computed on one rank only.
     """
+    if buffer.dtype not in _MPI_TYPES:
+        # float16 and bfloat16, which MPI cannot sum: the mean in float32 (the dtype
+        # their update is computed in), rounded to nearest even, the same on every rank
+        wide = buffer.astype(np.float32)
+        _mean_in_place(comm, wide)
+        buffer[...] = wide.astype(buffer.dtype)
+        return
     size = comm.Get_size()
     kind = _MPI_TYPES[buffer.dtype]
     if size == 2:
