@@ -14,7 +14,9 @@ Every case times its contenders side by side, in turns, in one run, and reports 
 * numpy: the fewest in-place passes of numpy ufuncs that compute the step (plain variant).
 
 Cases: one parameter of each size, in float32 and float64, plain and with momentum or
-centered; for each variant, 160 parameters of 64 to 20,000 values each, each in its own
+centered (in float16 and bfloat16 with `--dtypes`: a half step against netcl's float32
+step of the same size, the half step with master weights or stochastic rounding, and
+torch's half step); for each variant, 160 parameters of 64 to 20,000 values each, each in its own
 buffer (`many`) or from `netcl.flat_parameters` (`flat`; the floor moves the same total
 bytes in one buffer); numpy float32 parameters stepped by netcl. The many-parameter
 cases run when float32 is chosen, the numpy case with the plain variant too.
@@ -40,6 +42,7 @@ import pyopencl.array as cl_array
 
 import netcl
 from netcl import Parameter, flat_parameters
+from netcl._precision import BFLOAT16, compute_dtype, is_half
 from netcl.device import create_queue, describe_device
 from netcl.optim import SGD, Adam, AdamW, RMSProp
 from netcl.optim.optimizer import Optimizer
@@ -95,9 +98,12 @@ class Row:
         return None
 
 
-def _bytes(variant: str, size: int, itemsize: int) -> int:
+def _bytes(variant: str, size: int, dtype: np.dtype[Any]) -> int:
+    """Bytes a step moves: reads the parameter, the gradient and the state, writes the
+    parameter and the state (float32 state for a half parameter)."""
     buffers = VARIANTS[variant].buffers
-    return size * itemsize * ((2 + buffers) + (1 + buffers))  # reads + writes
+    stored, state = dtype.itemsize, compute_dtype(dtype).itemsize
+    return size * (3 * stored + 2 * buffers * state)
 
 
 # --- the floor ---------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def _torch_step(size: int | Sequence[int], dtype: np.dtype[Any], variant: Varian
     except ImportError:
         return None
     sizes = [size] if isinstance(size, int) else list(size)
-    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    tdtype = getattr(torch, dtype.name)
     params = [torch.rand(n, dtype=tdtype, requires_grad=True) for n in sizes]
     for p in params:
         p.grad = torch.rand_like(p)
@@ -375,16 +381,36 @@ def run(
         plan += [("numpy-params", "float32", "plain", size) for size in sizes]
         plan.append(("lstm", "float32", "plain", 7))
     # the machine's bandwidth, at the largest size: the best of a streaming kernel and torch
-    plan += [("bandwidth", dtype, "-", max(sizes)) for dtype in dtypes]
+    plan += [("bandwidth", dtype, "-", max(sizes)) for dtype in dtypes if dtype in ("float32", "float64")]
     floors: dict[tuple[str, int], Floor] = {}
     rows: list[Row] = []
     for case, dtype_name, variant, size in tqdm(plan, disable=not progress, unit="case", file=sys.stderr):
-        dtype = np.dtype(dtype_name)
+        dtype = np.dtype(BFLOAT16 if dtype_name == "bfloat16" else dtype_name)
         chosen = VARIANTS.get(variant, VARIANTS["sgd"])
         buffers = chosen.buffers
-        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
         contenders: dict[str, Callable[[], None]] = {}
         torch_step: Callable[[], None] | None
+        if is_half(dtype):
+            # a half step against the float32 step (the same variant and size), the half
+            # step with a float32 master copy of the parameter, and with stochastic rounding
+            contenders["netcl"], _ = _netcl_step(queue, [size], dtype, chosen)
+            contenders["float32"], _ = _netcl_step(queue, [size], np.dtype(np.float32), chosen)
+            master = Variant(chosen.optimizer, chosen.torch_name, {**chosen.flags, "master_weights": True}, buffers + 1)
+            contenders["master_weights"], _ = _netcl_step(queue, [size], dtype, master)
+            stochastic = Variant(
+                chosen.optimizer, chosen.torch_name, {**chosen.flags, "stochastic_rounding": True}, buffers
+            )
+            contenders["stochastic_rounding"], _ = _netcl_step(queue, [size], dtype, stochastic)
+            torch_step = _torch_step(size, dtype, chosen)
+            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype))
+            if torch_step is not None:
+                contenders["torch"] = torch_step
+            row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread)
+            rows.append(row)
+            del contenders
+            gc.collect()
+            continue
+        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
         if case == "bandwidth":  # p += g: 12 bytes per float32 value
             arrays = [cl_array.zeros(queue, size, dtype) for _ in range(2)]
             contenders["floor"] = floor.launcher(arrays, size)
@@ -396,12 +422,12 @@ def run(
                 continue
             contenders.update(lstm[0])
             torch_step = None
-            row = Row(case, dtype_name, variant, lstm[1], size, _bytes(variant, lstm[1], dtype.itemsize))
+            row = Row(case, dtype_name, variant, lstm[1], size, _bytes(variant, lstm[1], dtype))
         elif case == "numpy-many":
             counts = many_sizes(size)
             contenders["netcl"] = _netcl_numpy_step(counts, dtype, chosen)
             torch_step = _torch_step(counts, dtype, chosen)
-            row = Row(case, dtype_name, variant, sum(counts), size, _bytes(variant, sum(counts), dtype.itemsize))
+            row = Row(case, dtype_name, variant, sum(counts), size, _bytes(variant, sum(counts), dtype))
         elif case in ("many", "flat"):
             counts = many_sizes(size)
             total = sum(counts)
@@ -409,12 +435,12 @@ def run(
             floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
             contenders["floor"] = floor.launcher(floor_arrays, total)
             torch_step = _torch_step(counts, dtype, chosen)
-            row = Row(case, dtype_name, variant, total, size, _bytes(variant, total, dtype.itemsize))
+            row = Row(case, dtype_name, variant, total, size, _bytes(variant, total, dtype))
         elif case == "numpy-params":
             contenders["netcl"] = _netcl_numpy_step([size], dtype, chosen)
             contenders["numpy"] = _numpy_step(size, dtype)
             torch_step = None
-            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
+            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype))
         else:
             # The floor moves netcl's own arrays: at sizes whose arrays fit in the
             # processor's cache, arrays of its own would be there more or less often
@@ -426,7 +452,7 @@ def run(
             torch_step = _torch_step(size, dtype, chosen)
             if variant == "plain":
                 contenders["numpy"] = _numpy_step(size, dtype)
-            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype.itemsize))
+            row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype))
         if torch_step is not None:
             contenders["torch"] = torch_step
         row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread)
@@ -439,8 +465,9 @@ def run(
 def machine_bandwidth(rows: Sequence[Row], dtype: str) -> float | None:
     """The machine's bandwidth in GB/s from the `bandwidth` row of `dtype`: the faster of
     the streaming kernel and torch's `add_`."""
+    wanted = "float32" if dtype in ("float16", "bfloat16") else dtype  # (a half step's bytes: as float32's)
     for row in rows:
-        if row.case == "bandwidth" and row.dtype == dtype and row.median_ms:
+        if row.case == "bandwidth" and row.dtype == wanted and row.median_ms:
             return row.bytes_per_step / min(row.median_ms.values()) / 1e6
     return None
 
@@ -572,7 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=_sizes("1e3,1e4,1e5,1e6,1e7,1e8"),
         help="values per parameter, comma-separated (1e3,...,1e8)",
     )
-    parser.add_argument("--dtypes", default="float32,float64", help="float32,float64")
+    parser.add_argument(
+        "--dtypes", default="float32,float64", help="some of float32,float64,float16,bfloat16 (float32,float64)"
+    )
     parser.add_argument(
         "--variants",
         default="plain,momentum,centered",
@@ -588,7 +617,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtypes = [d for d in args.dtypes.split(",") if d]
     variants = [v for v in args.variants.split(",") if v]
-    for name, allowed, given in (("dtypes", ("float32", "float64"), dtypes), ("variants", tuple(VARIANTS), variants)):
+    for name, allowed, given in (
+        ("dtypes", ("float32", "float64", "float16", "bfloat16"), dtypes),
+        ("variants", tuple(VARIANTS), variants),
+    ):
         if not given or not set(given) <= set(allowed):
             parser.error(f"--{name} must be some of {','.join(allowed)}, got {','.join(given)!r}")
     try:

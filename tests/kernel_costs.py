@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         contenders[f"netcl step(), nonfinite={mode!r}"] = step
     medians, _ = _time(contenders, 0.0, args.rounds, args.rounds)
     floor = next(iter(medians.values()))
-    moved = _bytes(costs.variant, 1, 4)  # per value
+    moved = _bytes(costs.variant, 1, np.dtype(np.float32))  # per value
     print(f"{size:,} float32 values on {queue.device.name}, medians of {args.rounds} turns")
     print("| kernel | ms | / floor | GB/s |\n| --- | ---: | ---: | ---: |")
     for name, ms in medians.items():
