@@ -45,6 +45,8 @@ __all__ = [
     "kernel_source",
     "max_slots",
     "slots_for",
+    "storage_ctype",
+    "storage_preamble",
 ]
 
 _CHECKOUT_KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -132,6 +134,32 @@ def group_count(size: int, geo: Geometry) -> int:
 
 _STORAGE = {FLOAT16: 1, BFLOAT16: 2}
 """`STORAGE` of kernels/precision.cl for a half parameter dtype."""
+
+
+def storage_ctype(dtype: np.dtype[Any]) -> str:
+    """The C type of an array of `dtype` in a kernel: ushort for float16 and bfloat16
+    (converted with kernels/precision.cl), else float or double."""
+    return "ushort" if is_half(dtype) else dtype_to_ctype(dtype)
+
+
+def storage_preamble(dtype: np.dtype[Any], *, stochastic: bool = False, exact: bool = True) -> str:
+    """kernels/precision.cl for arrays of `dtype` (`FROM_STORAGE`, `TO_STORAGE`,
+    `LOADED_FINITE`), after `FINITE` (defined here unless the caller has): `exact`
+    makes float16 infinities and NaNs load as such, `stochastic` rounds stochastically."""
+    compute = compute_dtype(dtype)
+    bits, exponent = ("int", "0x7f800000") if compute == np.float32 else ("long", "0x7ff0000000000000L")
+    return "\n".join(
+        [
+            "#ifndef FINITE",
+            f"#define FINITE(x) ((as_{bits}(x) & {exponent}) != {exponent})",
+            "#endif",
+            f"#define STORAGE {_STORAGE.get(dtype, 0)}",
+            f"#define STOCHASTIC {int(stochastic)}",
+            f"#define EXACT_SPECIALS {int(exact)}",
+            kernel_source("precision"),
+        ]
+    )
+
 
 _BUILD_OPTIONS = (
     # Correctly rounded division and square root, as IEEE 754 and numpy have them: the
@@ -355,7 +383,7 @@ def _build(
     compute = compute_dtype(dtype)
     real = dtype_to_ctype(compute)
     # half parameters and gradients are ushort to pyopencl (see kernels/precision.cl)
-    stored = "ushort" if is_half(dtype) else real
+    stored = storage_ctype(dtype)
     scalars = [f"s{k}" for k in range(spec.scalar_count)]
     arrays = ("param", "grad", *spec.buffers)
     ctypes = {name: stored if name in ("param", "grad") else real for name in arrays}
@@ -404,10 +432,7 @@ def _build(
         "#define SQRT(x) sqrt(x)",
         "#endif",
         *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
-        f"#define STORAGE {_STORAGE.get(dtype, 0)}",
-        f"#define STOCHASTIC {int(spec.stochastic)}",
-        f"#define EXACT_SPECIALS {int(spec.nonfinite == 'propagate')}",
-        kernel_source("precision"),
+        storage_preamble(dtype, stochastic=spec.stochastic, exact=spec.nonfinite == "propagate"),
         text,
     ]
 

@@ -24,9 +24,11 @@ from pyopencl.elementwise import ElementwiseKernel
 from pyopencl.reduction import ReductionKernel
 
 from netcl._backends import backend_for, describe
-from netcl._backends.array_api import no_autograd
+from netcl._backends.array_api import ARRAY_API, no_autograd
 from netcl._backends.opencl import OPENCL, buffer_runs, pending_events, record_event
+from netcl._kernels import storage_ctype, storage_preamble
 from netcl._parameter import Parameter
+from netcl._precision import compute_dtype, is_half
 from netcl._types import Array, ParameterLike
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
@@ -167,8 +169,9 @@ def clip_grad_value_(
     grads = _grads(parameters, "parameters")
     if grads and backend_for(grads[0], "grad").name == OPENCL.name:
         for run, size in _runs(grads):
-            kernel = _clamp_kernel(run[0].base_data.context, np.dtype(run[0].dtype))
-            _launch(kernel, run, size, [np.dtype(run[0].dtype).type(value)])
+            dtype = np.dtype(run[0].dtype)
+            bound = compute_dtype(dtype).type(np.asarray(value, np.float64).astype(dtype))  # (the dtype's value)
+            _launch(_clamp_kernel(run[0].base_data.context, dtype), run, size, [bound])
         return
     for grad in grads:
         xp: Any = array_api_compat.array_namespace(grad)
@@ -182,15 +185,17 @@ def clip_grad_value_(
 
 def _clip_array_api(grads: list[Any], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Array:
     xp: Any = array_api_compat.array_namespace(*grads)  # with the linalg extension
-    norms = [xp.linalg.vector_norm(xp.reshape(g, (-1,)), ord=norm_type) for g in grads]
+    # (half gradients: in float32, their compute dtype, and rounded back)
+    wide = [xp.astype(g, xp.float32) if is_half(ARRAY_API.dtype(g)) else g for g in grads]
+    norms = [xp.linalg.vector_norm(xp.reshape(g, (-1,)), ord=norm_type) for g in wide]
     total = xp.linalg.vector_norm(xp.stack(norms), ord=norm_type)
     if error_if_nonfinite and not bool(xp.isfinite(total)):
         raise RuntimeError(_NONFINITE.format(norm_type=norm_type))
     coef = max_norm / (total + _EPS)
     coef = xp.where(coef > 1.0, xp.asarray(1.0, dtype=coef.dtype), coef)  # a NaN stays NaN, as in torch
-    for grad in grads:
+    for grad, w in zip(grads, wide, strict=True):
         with no_autograd(grad):
-            grad[...] = grad * xp.astype(coef, grad.dtype)
+            grad[...] = xp.astype(w * xp.astype(coef, w.dtype), grad.dtype)
     result: Array = total
     return result
 
@@ -220,10 +225,15 @@ def _ctype(dtype: np.dtype[Any]) -> str:
 
 def _accumulator(context: cl.Context, dtype: np.dtype[Any]) -> np.dtype[Any]:
     """float64 where every device of the context has it (a sum of squares of float32
-    values then neither overflows nor loses digits), else the gradients' dtype."""
+    values then neither overflows nor loses digits), else the gradients' compute dtype."""
     if all(device.double_fp_config for device in context.devices):
         return np.dtype(np.float64)
-    return dtype
+    return compute_dtype(dtype)
+
+
+# Half gradients are ushort in the kernels and converted with kernels/precision.cl (the
+# norm sees their infinities and NaNs); the norm and the factor are in their compute
+# dtype, float32, and the scaled or clamped gradient is rounded to nearest even.
 
 
 @functools.cache
@@ -231,21 +241,28 @@ def _norm_kernel(context: cl.Context, dtype: np.dtype[Any], norm_type: float) ->
     """Over one run of gradients: the sum of |g|**p (p finite), or the largest or
     smallest |g| (p = inf, -inf), in the accumulator's type."""
     acc = _accumulator(context, dtype)
-    a, t = _ctype(acc), _ctype(dtype)
+    a, t = _ctype(acc), storage_ctype(dtype)
+    g = f"(({a})FROM_STORAGE(g[i]))"
     if norm_type == math.inf:
-        neutral, reduce, mapped = "0", "fmax(a, b)", f"fabs(({a})g[i])"
+        neutral, reduce, mapped = "0", "fmax(a, b)", f"fabs({g})"
     elif norm_type == -math.inf:
-        neutral, reduce, mapped = "INFINITY", "fmin(a, b)", f"fabs(({a})g[i])"
+        neutral, reduce, mapped = "INFINITY", "fmin(a, b)", f"fabs({g})"
     elif norm_type == 0:
-        neutral, reduce, mapped = "0", "a + b", f"(({a})(g[i] != 0))"
+        neutral, reduce, mapped = "0", "a + b", f"(({a})({g} != 0))"
     elif norm_type == 1:
-        neutral, reduce, mapped = "0", "a + b", f"fabs(({a})g[i])"
+        neutral, reduce, mapped = "0", "a + b", f"fabs({g})"
     elif norm_type == 2:
-        neutral, reduce, mapped = "0", "a + b", f"(({a})g[i] * ({a})g[i])"
+        neutral, reduce, mapped = "0", "a + b", f"({g} * {g})"
     else:
-        neutral, reduce, mapped = "0", "a + b", f"pow(fabs(({a})g[i]), ({a}){norm_type!r})"
+        neutral, reduce, mapped = "0", "a + b", f"pow(fabs({g}), ({a}){norm_type!r})"
     return ReductionKernel(
-        context, acc, neutral=neutral, reduce_expr=reduce, map_expr=mapped, arguments=f"__global const {t} *g"
+        context,
+        acc,
+        neutral=neutral,
+        reduce_expr=reduce,
+        map_expr=mapped,
+        arguments=f"__global const {t} *g",
+        preamble=storage_preamble(dtype),
     )
 
 
@@ -254,7 +271,7 @@ def _total_kernel(context: cl.Context, dtype: np.dtype[Any], norm_type: float, p
     """One work-item: the runs' partial results joined into the total norm (in the
     gradients' dtype), and the clipping factor from it."""
     acc = _accumulator(context, dtype)
-    a, t = _ctype(acc), _ctype(dtype)
+    a, t = _ctype(acc), _ctype(compute_dtype(dtype))
     first = "part[0]"
     if norm_type in (math.inf, -math.inf):
         join, finish = ("fmax" if norm_type > 0 else "fmin"), "s"
@@ -287,27 +304,35 @@ def _total_kernel(context: cl.Context, dtype: np.dtype[Any], norm_type: float, p
 
 @functools.cache
 def _scale_kernel(context: cl.Context, dtype: np.dtype[Any]) -> ElementwiseKernel:
-    t = _ctype(dtype)
+    t, c = storage_ctype(dtype), _ctype(compute_dtype(dtype))
     return ElementwiseKernel(
-        context, f"__global {t} *g, __global const {t} *coef", "g[i] = g[i] * coef[0]", "clip_scale"
+        context,
+        f"__global {t} *g, __global const {c} *coef",
+        "g[i] = TO_STORAGE(FROM_STORAGE(g[i]) * coef[0], 0)",
+        "clip_scale",
+        preamble=storage_preamble(dtype),
     )
 
 
 @functools.cache
 def _clamp_kernel(context: cl.Context, dtype: np.dtype[Any]) -> ElementwiseKernel:
-    t = _ctype(dtype)
+    t, c = storage_ctype(dtype), _ctype(compute_dtype(dtype))
     return ElementwiseKernel(
         context,
-        f"__global {t} *g, {t} v",
-        "g[i] = g[i] > v ? v : (g[i] < -v ? -v : g[i])",  # comparisons with NaN are false: NaN stays
+        f"__global {t} *g, {c} v",
+        # (comparisons with NaN are false: NaN stays; v is a value of the gradients' dtype)
+        f"{c} x = FROM_STORAGE(g[i]); g[i] = TO_STORAGE(x > v ? v : (x < -v ? -v : x), 0)",
         "clip_value",
+        preamble=storage_preamble(dtype),
     )
 
 
 def _as_array(run: list[Any], size: int) -> cl_array.Array:
-    """A run of gradients as one flat pyopencl array over their buffer (no copy)."""
+    """A run of gradients as one flat pyopencl array over their buffer (no copy; half
+    ones as the ushort the kernels take)."""
     first = run[0]
-    return cl_array.Array(first.queue, (size,), first.dtype, data=first.base_data, offset=int(first.offset))
+    dtype = np.dtype(np.uint16) if is_half(np.dtype(first.dtype)) else first.dtype
+    return cl_array.Array(first.queue, (size,), dtype, data=first.base_data, offset=int(first.offset))
 
 
 def _launch(kernel: ElementwiseKernel, run: list[Any], size: int, extra: list[Any]) -> None:
@@ -322,9 +347,10 @@ def _clip_opencl(grads: list[Any], max_norm: float, norm_type: float, error_if_n
     # the order-0 "norm" of torch counts gradients, not values: one reduction per gradient
     runs = _runs(grads) if norm_type != 0 else [(run, size) for grad in grads for run, size in _runs([grad])]
     dtype = np.dtype(grads[0].dtype)
+    compute = compute_dtype(dtype)
     queue = grads[0].queue
     if not runs:  # every gradient is empty
-        return cl_array.zeros(queue, (), dtype)
+        return cl_array.zeros(queue, (), compute)
     context = queue.context
     parts = cl_array.empty(queue, len(runs), _accumulator(context, dtype))
     norm = _norm_kernel(context, dtype, norm_type)
@@ -332,10 +358,10 @@ def _clip_opencl(grads: list[Any], max_norm: float, norm_type: float, error_if_n
         flat = _as_array(run, size)
         waits = [event for g in run for event in pending_events(g)]
         norm(flat, out=parts[k], wait_for=waits or None, return_event=False)
-    total = cl_array.empty(queue, (), dtype)
-    coef = cl_array.empty(queue, (), dtype)
+    total = cl_array.empty(queue, (), compute)
+    coef = cl_array.empty(queue, (), compute)
     _total_kernel(context, dtype, norm_type, len(runs))(
-        parts, total, coef, dtype.type(max_norm), range=slice(1), queue=queue
+        parts, total, coef, compute.type(max_norm), range=slice(1), queue=queue
     )
     if error_if_nonfinite and not np.isfinite(total.get()):
         raise RuntimeError(_NONFINITE.format(norm_type=norm_type))

@@ -437,3 +437,35 @@ def test_an_infinite_or_nan_half_parameter_is_left_as_it_is(
     assert got[5] != start[5]
     if nonfinite == "count":
         assert results[0][2] == 5
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=HALF_IDS)
+@pytest.mark.parametrize("kind", HALF_KINDS, ids=HALF_KIND_IDS)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, np.inf, 0.5])
+def test_clipping_half_gradients(kind: Kind, dtype: np.dtype[Any], norm_type: float, queue: cl.CommandQueue) -> None:
+    # the norm of half gradients is float32 (their update's dtype), computed from their
+    # exact float32 values; each clipped gradient is the float32 product rounded
+    from netcl import clip_grad_norm_, clip_grad_value_
+
+    rng = np.random.default_rng(8)
+    grads = [(rng.standard_normal(n) * 30).astype(dtype) for n in (50, 7, 300)]
+    params = [Parameter(kind.make(queue, np.zeros_like(g)), kind.make(queue, g)) for g in grads]
+    total = clip_grad_norm_(params, max_norm=2.0, norm_type=norm_type)
+    wide = np.concatenate([g.astype(np.float64) for g in grads])
+    expected = np.max(np.abs(wide)) if norm_type == np.inf else np.sum(np.abs(wide) ** norm_type) ** (1 / norm_type)
+    got = float(_host(total))
+    assert np.asarray(_host(total)).dtype == F32
+    assert abs(got - expected) <= 1e-6 * expected  # float32's rounding of the norm, and of its sum
+    factor = 2.0 / (expected + 1e-6)
+    for param, g in zip(params, grads, strict=True):
+        clipped = kind.get(param.grad).astype(np.float64)
+        exact = g.astype(np.float64) * factor
+        # half's rounding (half an ulp; float16's ulp is 2**-24 below 2**-14), and the
+        # float32 factor's: within one ulp
+        ulp = np.maximum(np.abs(exact) * 2.0**-10, 2.0**-24) if dtype == F16 else np.abs(exact) * 2.0**-7
+        assert (np.abs(clipped - exact) <= ulp).all()
+    clip_grad_value_(params, 0.1)
+    for param in params:
+        values = kind.get(param.grad)
+        assert values.dtype == dtype
+        assert (np.abs(values.astype(F32)) <= np.array(0.1, dtype).astype(F32)).all()
