@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
+import ml_dtypes
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
@@ -26,11 +27,13 @@ from netcl.optim.optimizer import Optimizer
 from tests.test_optimizers import CASES, FLAT, FLAT_IDS, Case
 
 DTYPES = [np.float32, np.float64]
+EXTREME_DTYPES = [*DTYPES, np.float16, ml_dtypes.bfloat16]
+"""(half parameters too: their float32 update's result saturates at their largest value)"""
 
 
 def _extreme(rng: np.random.Generator, n: int, dtype: Any) -> Any:
     """Heavy-tailed finite gradients up to the dtype's largest value, with exact zeros."""
-    largest = float(np.finfo(dtype).max)
+    largest = float(ml_dtypes.finfo(dtype).max)
     exponent = rng.uniform(-30, np.log10(largest), n)
     g = rng.choice([-1.0, 1.0], n) * 10.0**exponent
     g[rng.random(n) < 0.2] = 0.0
@@ -38,24 +41,35 @@ def _extreme(rng: np.random.Generator, n: int, dtype: Any) -> Any:
     return np.clip(g, -largest, largest).astype(dtype)
 
 
+def _host(x: Any) -> Any:
+    return x.get() if isinstance(x, cl_array.Array) else np.asarray(x)
+
+
 def _finite(opt: Optimizer[Any, Any, Any, Any], param: Parameter[Any]) -> bool:
-    arrays = [np.asarray(param.data)] + [np.asarray(v) for k, v in opt.state[id(param)].items() if k != "step"]
+    arrays = [_host(param.data)] + [_host(v) for k, v in opt.state[id(param)].items() if k != "step"]
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype", EXTREME_DTYPES, ids=["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize(("case", "flags"), FLAT, ids=FLAT_IDS)
 def test_finite_gradients_never_make_a_value_non_finite(
-    case: Case, flags: dict[str, Any], dtype: Any, long_run: bool
+    case: Case, flags: dict[str, Any], dtype: Any, long_run: bool, queue: cl.CommandQueue
 ) -> None:
     rng = np.random.default_rng(14)
     n = 64
     steps = 20_000 if long_run else 200
     big = dict(flags, weight_decay=1e3) if flags.get("weight_decay") else flags
-    param = Parameter(_extreme(rng, n, dtype))
+    # (half parameters on the device: their kernel's conversions are what this tests;
+    # numpy's maths are held to it bit for bit in tests/test_half.py)
+    half = np.dtype(dtype).itemsize == 2
+
+    def make(values: Any) -> Any:
+        return cl_array.to_device(queue, values) if half else values
+
+    param = Parameter(make(_extreme(rng, n, dtype)))
     opt = case.ours([param], lr=10.0, nonfinite="count", **big)
     for k in range(steps):
-        param.grad = _extreme(rng, n, dtype)
+        param.grad = make(_extreme(rng, n, dtype))
         opt.step()
         if k % 50 == 0 or k == steps - 1:
             assert _finite(opt, param), f"a non-finite value at step {k + 1}"
