@@ -33,7 +33,7 @@ EXTREME_DTYPES = [*DTYPES, np.float16, ml_dtypes.bfloat16]
 
 def _extreme(rng: np.random.Generator, n: int, dtype: Any) -> Any:
     """Heavy-tailed finite gradients up to the dtype's largest value, with exact zeros."""
-    largest = float(ml_dtypes.finfo(dtype).max)
+    largest = float(ml_dtypes.finfo(dtype).max)  # type: ignore[no-untyped-call]
     exponent = rng.uniform(-30, np.log10(largest), n)
     g = rng.choice([-1.0, 1.0], n) * 10.0**exponent
     g[rng.random(n) < 0.2] = 0.0
