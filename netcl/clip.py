@@ -121,6 +121,10 @@ def clip_grad_norm_(
             nothing (for OpenCL gradients this waits for the norm on the host).
         foreach: torch's choice of implementation; accepted and ignored.
 
+    float16 and bfloat16 gradients are read exactly as float32, their norm is float32
+    (torch's is in the gradients' dtype), and each scaled gradient is the float32 product
+    rounded to nearest even.
+
     Returns:
         The total norm, before clipping, as a 0-d array where the gradients are: a
         `pyopencl.array.Array` for OpenCL gradients (read it with `.get()` or
