@@ -50,7 +50,9 @@ def _grads(parameters: ParameterLike | Iterable[ParameterLike], where: str) -> l
         if not (hasattr(param, "grad") and hasattr(param, "data")):
             raise TypeError(f"{where}[{k}] is a {describe(param)}, not a parameter (`data` and `grad` attributes)")
         if param.grad is not None:
-            backend_for(param.grad, f"{where}[{k}].grad")
+            # what an optimizer asks of an array it updates: a dtype netcl computes in
+            # (an int or complex gradient was read as float64), a layout, writeable
+            backend_for(param.grad, f"{where}[{k}].grad").check_param(param.grad, f"{where}[{k}].grad")
             grads.append(param.grad)
     kinds = {backend_for(g, "grad").name for g in grads}
     if len(kinds) > 1:

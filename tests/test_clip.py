@@ -158,3 +158,16 @@ def test_mixed_kinds_are_refused(queue: cl.CommandQueue) -> None:
     ]
     with pytest.raises(TypeError, match="mixes OpenCL gradients and array-API gradients"):
         clip_grad_norm_(params, 1.0)
+
+
+def test_gradients_of_a_dtype_netcl_does_not_compute_in_are_refused(queue: cl.CommandQueue) -> None:
+    # (an int32 OpenCL gradient was read as float64: a silently wrong norm)
+    for grad in (cl_array.to_device(queue, np.arange(4, dtype=np.int32)), np.arange(4, dtype=np.int64)):
+        param = Parameter(np.zeros(4, np.float32), grad)
+        before = grad.get() if isinstance(grad, cl_array.Array) else grad.copy()
+        with pytest.raises(TypeError, match=r"parameters\[0\]\.grad has dtype int"):
+            clip_grad_norm_([param], 1.0)
+        with pytest.raises(TypeError, match=r"parameters\[0\]\.grad has dtype int"):
+            clip_grad_value_([param], 1.0)
+        after = grad.get() if isinstance(grad, cl_array.Array) else grad
+        np.testing.assert_array_equal(after, before)
