@@ -9,7 +9,9 @@ source, variant, number of parameters per launch) and memoizes it per context, s
 optimizer instance shares it and a step never rebuilds anything. Hyperparameters are
 kernel arguments. One launch updates up to 16 parameters, each in its own buffer: the
 kernel takes each one's arrays as separate arguments, and each work-group finds its
-parameter by comparing its number with the running ends of their work-groups. Every
+parameter by comparing its number with the running ends of their work-groups. The
+parameters of one launch share their own scalars (`KernelSpec.member_scalar_count`:
+those that depend on a parameter's step count, mostly the same for all). Every
 work-item updates one value (see `geometry` for why).
 """
 
@@ -84,15 +86,17 @@ class KernelSpec:
     scalar_count: int
     """How many scalar arguments shared by a group `update` takes after the buffers."""
     member_scalar_count: int = 0
-    """How many scalar arguments of each parameter's own `update` takes after those."""
+    """How many scalar arguments of the parameters' own (`UpdateRule.member_scalars`)
+    `update` takes after those: a launch takes parameters whose own scalars are the same
+    (their step counts mostly are), once for all of them."""
     nonfinite: NonFinite = "skip"
     """What the kernel does with an element whose gradient is NaN or infinite."""
     master: bool = False
     """Whether the update reads and writes the parameter's float32 master copy (the
     state buffer `master_param`, last of `buffers`) and stores the parameter rounded."""
     stochastic: bool = False
-    """Whether a half parameter is rounded stochastically; each member then takes its
-    key (`netcl._precision.stochastic_key`) as its last own scalar."""
+    """Whether a half parameter is rounded stochastically; each member of a launch then
+    takes its key (`netcl._precision.stochastic_key`) as an argument of its own."""
 
 
 @dataclass(frozen=True)
@@ -181,11 +185,12 @@ def slots_for(count: int) -> int:
 def max_slots(device: cl.Device, spec: KernelSpec) -> int:
     """The most parameters one launch of `spec` can take on `device`.
 
-    Each parameter costs the kernel a (buffer, offset) pair per array and its size; the
-    device bounds the bytes of a kernel's arguments (1024 on some drivers).
+    Each parameter costs the kernel a (buffer, offset) pair per array, its size and its
+    key where it is rounded stochastically; the device bounds the bytes of a kernel's
+    arguments (1024 on some drivers).
     """
-    per_slot = (2 + len(spec.buffers)) * 16 + 8 + 8 * spec.member_scalar_count
-    fixed = 8 * spec.scalar_count + 8
+    per_slot = (2 + len(spec.buffers)) * 16 + 8 + 8 * spec.stochastic
+    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 8
     fitting = [n for n in _SLOT_COUNTS if fixed + n * per_slot <= device.max_parameter_size]
     return max(fitting, default=1)
 
@@ -210,14 +215,16 @@ class FusedKernel:
     arrays: int
     """Arrays per parameter: the parameter, its gradient and the variant's state buffers."""
     scalar_count: int
-    member_scalar_count: int
+    """The launch's scalar arguments: the group's, then the members' own."""
+    keyed: bool
+    """Whether each member takes a key (stochastic rounding)."""
     dtype: np.dtype[Any]
     """The compute dtype: the state's and the scalar arguments' (`compute_dtype`)."""
 
     @property
     def per_slot(self) -> int:
-        """Kernel arguments per parameter: (buffer, offset) per array, size, own scalars."""
-        return 2 * self.arrays + 1 + self.member_scalar_count
+        """Kernel arguments per parameter: (buffer, offset) per array, size, key."""
+        return 2 * self.arrays + 1 + self.keyed
 
     def launcher(self) -> Launcher:
         return Launcher(self)
@@ -243,7 +250,7 @@ class Launcher:
     def __init__(self, fused: FusedKernel) -> None:
         self.fused = fused
         self.kernel = cl.Kernel(fused.program, fused.name)
-        slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.member_scalar_count
+        slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.keyed
         self.kernel.set_scalar_arg_dtypes(
             slot * fused.slots + [fused.dtype] * fused.scalar_count + [None, np.int64, np.int64]
         )
@@ -282,7 +289,7 @@ class Launcher:
                 args[k * per_slot + 2 * fused.arrays] = size
                 self.changed = True
             if member is None:
-                self._set_member(k, (0.0,) * fused.member_scalar_count)
+                self._set_member(k, (0.0,) * fused.keyed)
             groups += group_count(size, fused.geometry)
         self.global_size = groups * fused.geometry.local_size
         if args[-3] is not counter:
@@ -303,20 +310,21 @@ class Launcher:
         self,
         queue: cl.CommandQueue,
         scalars: tuple[float, ...],
-        members: Sequence[tuple[float, ...]],
+        keys: Sequence[tuple[float, ...]],
         grads: Sequence[Any],
         wait_for: list[cl.Event],
     ) -> cl.Event:
-        """Enqueue the update of the bound members with these gradients and scalars:
-        the group's, and each member's own (both in the order they were bound)."""
+        """Enqueue the update of the bound members with these gradients (in the order
+        they were bound) and scalars: the group's, then the members' own, which they
+        share; `keys`: each member's key where the kernel is `keyed`, else empty."""
         fused, args = self.fused, self.args
         if scalars != self.scalars:
             first = fused.slots * fused.per_slot
             args[first : first + len(scalars)] = [fused.dtype.type(value) for value in scalars]
             self.scalars = scalars
             self.changed = True
-        if fused.member_scalar_count:
-            for k, values in enumerate(members):
+        if fused.keyed:
+            for k, values in enumerate(keys):
                 self._set_member(k, values)
         per_slot, refs = fused.per_slot, self.grads
         for k in range(fused.slots):
@@ -387,16 +395,17 @@ def _build(
     scalars = [f"s{k}" for k in range(spec.scalar_count)]
     arrays = ("param", "grad", *spec.buffers)
     ctypes = {name: stored if name in ("param", "grad") else real for name in arrays}
-    own = [f"t{j}" for j in range(spec.member_scalar_count)]
+    own = [f"t{j}" for j in range(spec.member_scalar_count)]  # the members' own, shared
+    keys = ["key"] if spec.stochastic else []  # each member's
     arguments = ", ".join(
         [
             decl
             for k in range(slots)
             for decl in [f"{ctypes[name]} *{name}{k}" for name in arrays]
             + [f"long size{k}"]
-            + [f"{real} {name}_{k}" for name in own]
+            + [f"{real} {name}_{k}" for name in keys]
         ]
-        + [f"{real} {name}" for name in scalars]
+        + [f"{real} {name}" for name in (*scalars, *own)]
         + ["long *skipped"]
     )
     text = kernel_source(spec.source)
@@ -451,7 +460,7 @@ def _build(
     pick = [
         "const long group = get_group_id(0);",
         *(f"__global {ctypes[name]} *{name} = {name}0;" for name in arrays),
-        *(f"{real} {name} = {name}_0;" for name in own),
+        *(f"{real} {name} = {name}_0;" for name in keys),
         f"long size = size0, begin = 0, end = {groups('size0')};",
     ]
     for k in range(1, slots):
@@ -461,7 +470,7 @@ def _build(
             f"end = later{k} ? end + {groups(f'size{k}')} : end;",
             f"size = later{k} ? size{k} : size;",
             *(f"{name} = later{k} ? {name}{k} : {name};" for name in arrays),
-            *(f"{name} = later{k} ? {name}_{k} : {name};" for name in own),
+            *(f"{name} = later{k} ? {name}_{k} : {name};" for name in keys),
         ]
     if slots > 1:
         pick.append("barrier(CLK_LOCAL_MEM_FENCE);")
@@ -482,9 +491,7 @@ def _build(
     # vector and mask cost a fifth of a plain float32 step from cache.
     pick.append(f"const bool full = (group - begin + 1) * {local} <= size;")
     state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
-    # the update's own scalars; with stochastic rounding the member's key comes last
-    rule_own = own[: len(own) - spec.stochastic]
-    update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *rule_own]
+    update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
     # The parameter is loaded from its storage (`param_raw`; a half parameter converted
     # to float32) or from its master copy, and stored rounded (`TO_STORAGE`); the state
     # buffers are the compute type. An element is updated where its gradient is finite
@@ -556,7 +563,7 @@ def _build(
         *state,
         f"const {real} param_old = param_v;",
         *([f"const {real} {name}_old = {name}_v;" for name in kept] if spec.nonfinite != "propagate" else []),
-        f"const uint random = {'mix(mix((uint)' + own[-1] + ') + (uint)c)' if spec.stochastic else '0'};",
+        f"const uint random = {'mix(mix((uint)key) + (uint)c)' if spec.stochastic else '0'};",
         f"update({', '.join(update_args)});",
         *write,
         *(["mine = !keep;"] if counting else []),
@@ -580,7 +587,7 @@ def _build(
         geometry=geo,
         slots=slots,
         arrays=len(arrays),
-        scalar_count=spec.scalar_count,
-        member_scalar_count=spec.member_scalar_count,
+        scalar_count=spec.scalar_count + spec.member_scalar_count,
+        keyed=spec.stochastic,
         dtype=compute,
     )

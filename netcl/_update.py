@@ -126,8 +126,9 @@ class UpdateRule:
     """How many scalars `member_scalars` gives."""
     member_flags: frozenset[str] | None = None
     """The switches that use the member scalars, where only some do: a variant with none
-    of them on takes none (each costs every slot of a launch an argument, and the
-    argument bytes bound how many parameters one launch takes). None: every variant."""
+    of them on takes none (a launch takes only parameters whose own scalars agree, so
+    parameters with other step counts would need launches of their own). None: every
+    variant."""
 
     @property
     def saved_buffers(self) -> tuple[str, ...]:
@@ -156,7 +157,7 @@ class Step:
     @property
     def member_scalars(self) -> MemberScalars | None:
         """The rule's `member_scalars` where this variant takes them, else None."""
-        return self.rule.member_scalars if self.kernel.member_scalar_count > self.kernel.stochastic else None
+        return self.rule.member_scalars if self.kernel.member_scalar_count else None
 
     @property
     def master(self) -> bool:
@@ -179,7 +180,6 @@ class Step:
         object.__setattr__(self, "scalars", scalars)
         wanted = self.rule.member_flags
         members = self.rule.member_scalar_count if wanted is None or flags & wanted else 0
-        members += stochastic
         spec = KernelSpec(
             source=self.rule.kernel,
             flags=flags,

@@ -214,3 +214,52 @@ def test_a_nan_or_infinite_parameter_is_treated_alike_on_every_path(dtype: Any, 
         np.testing.assert_array_equal(device, host)
         for name in device_state:
             np.testing.assert_array_equal(device_state[name], host_state[name])
+
+
+def test_parameters_with_other_step_counts_take_launches_of_their_own(
+    queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Adam's own scalars (its bias corrections) depend on each parameter's step count; a
+    # launch passes them once for all its parameters, so it takes parameters whose counts
+    # agree; each parameter gets the same bits as with its own optimizer
+    from netcl._kernels import max_slots
+    from netcl._update import Step
+    from netcl.optim import Adam
+
+    rng = np.random.default_rng(12)
+    sizes = [int(n) for n in rng.integers(1, 3000, 20)]
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(4)]
+    launches: list[int] = []
+    enqueue = cl.enqueue_nd_range_kernel
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        launches[-1] += 1
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(cl, "enqueue_nd_range_kernel", counted)
+
+    def run(together: bool) -> list[bytes]:
+        params = [Parameter(cl_array.to_device(queue, s)) for s in starts]
+        optimizers = [Adam(params, lr=1e-2)] if together else [Adam([p], lr=1e-2) for p in params]
+        for k, step in enumerate(grads):
+            for i, (p, g) in enumerate(zip(params, step, strict=True)):
+                p.grad = None if k == 1 and i in (3, 11) else cl_array.to_device(queue, g)
+            launches.append(0)
+            for opt in optimizers:
+                opt.step()
+        return [p.data.get().tobytes() for p in params]
+
+    together = run(together=True)
+    hyper = {
+        name: Adam.hyperparameters[name](name, value) for name, value in Adam([Parameter(starts[0])]).defaults.items()
+    }
+    limit = max_slots(queue.device, Step(Adam.rule, hyper).kernel)
+
+    def needed(groups: list[int]) -> int:  # launches for groups of parameters of one count
+        return sum(-(-n // limit) for n in groups)
+
+    # all 20; the 18 with a gradient; then the parameters 3 and 11, one step behind,
+    # split the others into runs of 3, 7 and 8
+    assert launches == [needed([20]), needed([18]), needed([3, 1, 7, 1, 8]), needed([3, 1, 7, 1, 8])]
+    assert run(together=False) == together

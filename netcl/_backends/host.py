@@ -342,12 +342,15 @@ def _launch(
     tally: Tally,
 ) -> None:
     context, device = queue.context, queue.device
-    by_dtype: dict[np.dtype[Any], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]] = {}
+    # a launch takes arrays of one dtype whose own scalars (step counts) are the same
+    shared = step.kernel.member_scalar_count
+    groups: dict[tuple[np.dtype[Any], tuple[float, ...]], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]]
+    groups = {}
     for views, own in arrays:
-        by_dtype.setdefault(views[0].dtype, []).append((views, own))
+        groups.setdefault((views[0].dtype, own[:shared]), []).append((views, own))
     wrapped: list[_Wrapped] = []
     try:
-        for dtype, group in by_dtype.items():
+        for g, ((dtype, common), group) in enumerate(groups.items()):
             limit = max_slots(device, step.kernel)
             for start in range(0, len(group), limit):
                 chunk = group[start : start + limit]
@@ -357,14 +360,15 @@ def _launch(
                     wrapped += buffers
                     members.append(Member(buffers, views[0].size))
                 slots = slots_for(len(members))
-                key = ("host launch", context, dtype, step.kernel, slots, start)
+                key = ("host launch", context, dtype, g, step.kernel, slots, start)
                 launcher = cache.get(key)
                 if not isinstance(launcher, Launcher):
                     launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
                     cache[key] = launcher
                 launcher.bind(members, tally.counter(queue))
                 grads = [member.arrays[1] for member in members]
-                kernel_event = launcher.run(queue, step.scalars, [own for _, own in chunk], grads, [])
+                keys = [own[shared:] for _, own in chunk] if step.kernel.stochastic else []
+                kernel_event = launcher.run(queue, step.scalars + common, keys, grads, [])
                 tally.launched(queue, kernel_event)
                 for member in members if not _zero_copy(queue) else ():
                     written = (member.arrays[0], *member.arrays[2:])

@@ -286,10 +286,11 @@ class OpenCLBackend(Backend):
         enqueues them.
         """
         prepared = cache.get("prepared")
-        # where neighbours' own scalars differ (step counts), a run must break
+        # where neighbours' own scalars differ (step counts, stochastic rounding's keys),
+        # a run must break
         breaks = (
             tuple(k for k in range(1, len(work)) if work[k].member != work[k - 1].member)
-            if step.kernel.member_scalar_count
+            if step.kernel.member_scalar_count or step.kernel.stochastic
             else ()
         )
         if (
@@ -348,9 +349,11 @@ def _follows(run: Member, member: Member, itemsizes: tuple[int, ...]) -> bool:
     )
 
 
-def _runs(
-    members: list[tuple[Member, int]], breaks: tuple[int, ...], itemsizes: tuple[int, ...]
-) -> list[tuple[Member, list[int]]]:
+_Run = tuple[Member, list[int]]
+"""A run of parameters updated as one member, and where each is in the step's work."""
+
+
+def _runs(members: list[tuple[Member, int]], breaks: tuple[int, ...], itemsizes: tuple[int, ...]) -> list[_Run]:
     """`members` (each with its place in the work) joined into runs: a member joins the
     run before it when every one of its arrays (parameter, gradient, state buffers)
     continues that run's in the same buffer and no break (different own scalars) falls
@@ -365,6 +368,17 @@ def _runs(
                 continue
         runs.append((member, [place]))
     return runs
+
+
+def _launches(runs: list[_Run], shared: list[tuple[float, ...]], limit: int) -> list[list[_Run]]:
+    """`runs` in launches of at most `limit`, in order, each of runs whose `shared` own
+    scalars (step counts) are the same: the launch passes them once for all."""
+    launches: list[list[_Run]] = []
+    for k, run in enumerate(runs):
+        if not launches or len(launches[-1]) == limit or shared[k] != shared[k - 1]:
+            launches.append([])
+        launches[-1].append(run)
+    return launches
 
 
 class _Prepared:
@@ -406,8 +420,8 @@ class _Prepared:
             limit = max_slots(facts.device, step.kernel)
             state_size = compute_dtype(dtype).itemsize
             runs = _runs(members, breaks, (dtype.itemsize, dtype.itemsize) + (state_size,) * len(step.buffers))
-            for n, start in enumerate(range(0, len(runs), limit)):
-                chunk = runs[start : start + limit]
+            shared = step.kernel.member_scalar_count
+            for n, chunk in enumerate(_launches(runs, [work[places[0]].member[:shared] for _, places in runs], limit)):
                 slots = slots_for(len(chunk))
                 key = (queue, dtype, step.kernel, slots, n)
                 launcher = old.get(key)
@@ -438,6 +452,7 @@ class _Prepared:
     def run(self, scalars: tuple[float, ...], tally: Tally) -> None:
         """Enqueue every launch, with the work's gradients and own scalars."""
         work = self.work
+        shared = self.spec.member_scalar_count
         for launch in self.launches:
             grads = [work[k].grad for k in launch.places]
             every = [work[k].grad for k in launch.members] if len(launch.members) > len(launch.places) else grads
@@ -456,8 +471,9 @@ class _Prepared:
             for x in others:
                 for pending in pending_events(x):
                     waits[pending] = None
-            own = [work[k].member for k in launch.places] if launch.launcher.fused.member_scalar_count else ()
-            event = launch.launcher.run(launch.queue, scalars, own, grads, list(waits))
+            first = work[launch.places[0]].member
+            keys = [work[k].member[shared:] for k in launch.places] if launch.launcher.fused.keyed else ()
+            event = launch.launcher.run(launch.queue, scalars + first[:shared], keys, grads, list(waits))
             tally.launched(launch.queue, event)
             # one list for every array: it holds the only event they wait for now (the
             # launch waited for all the others). pyopencl may add to it or clear it
