@@ -104,3 +104,40 @@ def test_a_repeated_host_step_makes_no_kernel_object(count_makes: Callable[[], l
         opt.step()
     assert made == []
     assert not np.array_equal(param.data, before)
+
+
+def test_host_buffers_of_parameters_and_state_are_kept_from_step_to_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a device that works in host memory (PoCL's CPU device), a step makes OpenCL
+    # buffers only for the gradients once the first step made those of the parameters
+    # and state; a parameter whose array is replaced gets a new one, and the results are
+    # the array-API path's bits all along
+    assert host.host_queue() is not None and host._zero_copy(host.host_queue())
+    made: list[int] = []
+    original = host._Wrapped.__init__
+
+    def counting(self: Any, context: cl.Context, array: Any) -> None:
+        made[-1] += 1
+        original(self, context, array)
+
+    monkeypatch.setattr(host._Wrapped, "__init__", counting)
+    rng = np.random.default_rng(3)
+    starts = [rng.standard_normal(n).astype(np.float32) for n in (100, 2000, 7)]
+    grads = [[rng.standard_normal(x.size).astype(np.float32) for x in starts] for _ in range(4)]
+    results = []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = [Parameter(x.copy()) for x in starts]
+        opt = RMSProp(params, lr=1e-2, momentum=0.9)
+        for k, step in enumerate(grads):
+            if k == 2:
+                params[1].data = params[1].data.copy()  # another array: another buffer
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.copy()
+            made.append(0)
+            opt.step()
+        results.append([p.data.tobytes() for p in params])
+        if path == "kernel":
+            # 3 parameters x (data, grad, 2 state buffers), then the 3 gradients; at the
+            # third step the replaced parameter's data too
+            assert made == [12, 3, 4, 3]
+    assert results[0] == results[1]

@@ -348,7 +348,27 @@ def _launch(
     groups = {}
     for views, own in arrays:
         groups.setdefault((views[0].dtype, own[:shared]), []).append((views, own))
-    wrapped: list[_Wrapped] = []
+    # Where the device works in host memory itself, the buffers over the parameters and
+    # their state are kept for the next step (by address, size and dtype: the buffer
+    # holds its array, so no other array takes that memory meanwhile); a step drops
+    # those it did not use. Gradients get buffers of their own at each step, so that a
+    # gradient the user drops is freed.
+    reuse = _zero_copy(queue)
+    kept: dict[Hashable, _Wrapped] = cache.pop("buffers", {}) if reuse else {}
+    made: dict[Hashable, _Wrapped] = {}
+    wrapped: list[_Wrapped] = []  # (this step's own)
+
+    def wrap(view: npt.NDArray[Any], keep: bool) -> _Wrapped:
+        key = (_address(view), view.nbytes, view.dtype.str) if keep and reuse else None
+        known = made.get(key) or kept.get(key) if key is not None else None
+        if known is None:
+            known = _Wrapped(context, view)
+            if key is None:
+                wrapped.append(known)
+        if key is not None:
+            made[key] = known
+        return known
+
     try:
         for g, ((dtype, common), group) in enumerate(groups.items()):
             limit = max_slots(device, step.kernel)
@@ -356,8 +376,7 @@ def _launch(
                 chunk = group[start : start + limit]
                 members = []
                 for views, _ in chunk:
-                    buffers = tuple(_Wrapped(context, v) for v in views)
-                    wrapped += buffers
+                    buffers = tuple(wrap(v, keep=j != 1) for j, v in enumerate(views))
                     members.append(Member(buffers, views[0].size))
                 slots = slots_for(len(members))
                 key = ("host launch", context, dtype, g, step.kernel, slots, start)
@@ -388,3 +407,8 @@ def _launch(
     finally:
         for w in wrapped:
             w.base_data.release()
+        for address, w in kept.items():
+            if made.get(address) is not w:
+                w.base_data.release()
+        if reuse:
+            cache["buffers"] = made
