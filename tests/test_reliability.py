@@ -524,3 +524,31 @@ def test_counting_works_with_any_work_group_size(
     opt.step()
     assert opt.skipped_nonfinite() == 5
     np.testing.assert_array_equal(params[1].data.get()[[0, 1, 2]], -0.5)
+
+
+def test_torch_module_parameters_are_checked_once_while_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's `parameter.data` is a new tensor at each access: the same memory is known
+    # as such (the checks are skipped), and a parameter given new memory is checked again
+    import torch
+
+    import netcl._backends.array_api as array_api
+
+    layer = torch.nn.Linear(4, 3)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    opt = RMSProp(list(layer.parameters()), lr=0.1)
+    checks: list[int] = []
+    original = array_api.ArrayAPIBackend.check_param
+
+    def counting(self: Any, data: Any, where: str) -> None:
+        checks[-1] += 1
+        original(self, data, where)
+
+    monkeypatch.setattr(array_api.ArrayAPIBackend, "check_param", counting)
+    for k in range(4):
+        if k == 3:
+            layer.weight.data = torch.zeros(3, 4)  # new memory
+        checks.append(0)
+        opt.step()
+    assert checks == [2, 2, 0, 1]  # (the second step checks the new state buffers)
+    assert torch.all(layer.weight.detach() != 0)

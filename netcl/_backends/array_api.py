@@ -117,6 +117,17 @@ class ArrayAPIBackend(Backend):
             return (type(array), tuple(array.shape), array.stride(), array.dtype, array.device, array.layout)
         return None
 
+    def same_memory(self, array: Any, other: Any) -> bool:
+        if array is other:
+            return True
+        # torch's `parameter.data`: a new tensor over the same memory at each access
+        return (
+            array_api_compat.is_torch_array(array)
+            and array_api_compat.is_torch_array(other)
+            and array.data_ptr() == other.data_ptr()
+            and array.device == other.device
+        )
+
     def check_param(self, data: Any, where: str) -> None:
         if _numpy_dtype(data) is None:
             raise TypeError(f"{where} has dtype {data.dtype}; netcl optimizes {DTYPE_NAMES} arrays")
