@@ -359,14 +359,20 @@ def _launch(
     wrapped: list[_Wrapped] = []  # (this step's own)
 
     def wrap(view: npt.NDArray[Any], keep: bool) -> _Wrapped:
-        key = (_address(view), view.nbytes, view.dtype.str) if keep and reuse else None
-        known = made.get(key) or kept.get(key) if key is not None else None
+        if not (keep and reuse):
+            made_now = _Wrapped(context, view)
+            wrapped.append(made_now)
+            return made_now
+        # the very array of the last step (a numpy parameter is its own view), else one
+        # over the same memory (a torch tensor's view is a new object at each step)
+        known = kept.get(id(view))
+        key: Hashable = id(view)
+        if known is None or known.host is not view:
+            key = (_address(view), view.nbytes, view.dtype.str)
+            known = kept.get(key)
         if known is None:
             known = _Wrapped(context, view)
-            if key is None:
-                wrapped.append(known)
-        if key is not None:
-            made[key] = known
+        made[key] = known
         return known
 
     try:
