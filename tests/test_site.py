@@ -78,6 +78,7 @@ PAGES = [
     "api/adam/",
     "guides/pyopencl-arrays/",
     "guides/array-libraries/",
+    "guides/half-precision/",
     "guides/param-groups/",
     "guides/checkpoints/",
     "guides/devices/",
@@ -122,7 +123,9 @@ def test_every_page_loads_cleanly_offline(site: str, browser: Any, path: str) ->
     page.close()
 
 
-@pytest.mark.parametrize("path", ["benchmarks/", "reliability/", "guides/distributed/", "concepts/rmsprop/"])
+@pytest.mark.parametrize(
+    "path", ["benchmarks/", "reliability/", "guides/distributed/", "guides/half-precision/", "concepts/rmsprop/"]
+)
 def test_tables_fit_a_1280_pixel_window(site: str, browser: Any, path: str) -> None:
     """No table needs a horizontal scroll bar, nor widens the page, in a 1280x800 window."""
     page = browser.new_page(viewport={"width": 1280, "height": 800})
