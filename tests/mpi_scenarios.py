@@ -447,6 +447,22 @@ def half_precision() -> None:
                 same_on_every_rank(got, f"{where}: parameters")
                 state = state_arrays(optimizer.optimizer.state_dict())
                 equal(state, state_arrays(single.state_dict()), f"{where}: state")
+        # sharded state: each rank steps its share in float32 (master weights) and the
+        # updated half parameters are gathered, the bits of one process
+        shared: list[Parameter[Any]] = [Parameter(value.astype(dtype)) for value in starts()]
+        broadcast_parameters(shared, root=0)
+        twins: list[Parameter[Any]] = [Parameter(np.array(p.data, copy=True)) for p in shared]
+        zero = DistributedOptimizer(ZeroRedundancyOptimizer(shared, Adam, lr=1e-2, master_weights=True))
+        single = Adam(twins, lr=1e-2, master_weights=True)
+        for step in range(4):
+            for held, grad in zip(shared, gradients(step, RANK), strict=True):
+                held.grad = grad.astype(dtype)
+            zero.step()
+            both = [[g.astype(dtype).astype(np.float32) for g in gradients(step, r)] for r in (0, 1)]
+            for twin, g0, g1 in zip(twins, *both, strict=True):
+                twin.grad = ((g0 + g1) / np.float32(2)).astype(dtype)
+            single.step()
+        equal([np.asarray(p.data) for p in shared], [np.asarray(p.data) for p in twins], f"{dtype} ZeRO: parameters")
 
 
 SCENARIOS: dict[str, Callable[[], None]] = {
