@@ -6,11 +6,12 @@ parameter is the float32 result, saturated at the storage dtype's largest finite
 (the extreme-value policy: never a silent infinity), then rounded to the storage dtype:
 to nearest even, or stochastically (`stochastic_rounding`).
 
-Stochastic rounding adds 32 random bits' worth of an ulp below the kept bits and
-truncates (unbiased: a value rounds up with probability equal to its distance from the
-value below, in ulps). The random bits come from a counter-based hash of the element's
-index and a per-parameter key that changes with the step, so a run is reproducible and
-a resumed run continues bit for bit. The fused kernel (`kernels/precision.cl`) and the
+Stochastic rounding adds random bits to the bits that rounding drops (the 16 below
+bfloat16's mantissa, 13 or more below float16's) and truncates them: unbiased, a value
+rounds up with probability equal to its distance from the value below, in ulps. The
+random bits come from a counter-based hash of the element's index and a per-parameter
+key that changes with the step, so a run is reproducible and a resumed run continues
+bit for bit. The fused kernel (`kernels/precision.cl`) and the
 numpy code here compute the same bits.
 """
 
@@ -107,7 +108,8 @@ def round_half(x: npt.NDArray[np.float32], dtype: np.dtype[Any], key: float | No
 def _stochastic_float16(
     flat: npt.NDArray[np.float32], bits: npt.NDArray[np.uint32], r: npt.NDArray[np.uint32]
 ) -> npt.NDArray[np.float32]:
-    """float32 values on float16's grid, rounded stochastically (`to_half_sr`)."""
+    """float32 values on float16's grid, rounded stochastically (the kernel's
+    `to_half_grid`)."""
     exponent = ((bits >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int64)
     # float16 keeps 10 of float32's 23 mantissa bits down to 2**-14; below that, its
     # ulp stays 2**-24, so one more bit is dropped per binade
