@@ -148,15 +148,14 @@ def storage_ctype(dtype: np.dtype[Any]) -> str:
 
 def storage_preamble(dtype: np.dtype[Any], *, stochastic: bool = False, exact: bool = True) -> str:
     """kernels/precision.cl for arrays of `dtype` (`FROM_STORAGE`, `TO_STORAGE`,
-    `LOADED_FINITE`), after `FINITE` (defined here unless the caller has): `exact`
-    makes float16 infinities and NaNs load as such, `stochastic` rounds stochastically."""
+    `LOADED_FINITE`), after `FINITE(x)`, which it defines for the compute dtype (the
+    exponent bits of x are not all ones: neither infinite nor NaN): `exact` makes
+    float16 infinities and NaNs load as such, `stochastic` rounds stochastically."""
     compute = compute_dtype(dtype)
     bits, exponent = ("int", "0x7f800000") if compute == np.float32 else ("long", "0x7ff0000000000000L")
     return "\n".join(
         [
-            "#ifndef FINITE",
             f"#define FINITE(x) ((as_{bits}(x) & {exponent}) != {exponent})",
-            "#endif",
             f"#define STORAGE {_STORAGE.get(dtype, 0)}",
             f"#define STOCHASTIC {int(stochastic)}",
             f"#define EXACT_SPECIALS {int(exact)}",
@@ -410,7 +409,6 @@ def _build(
     )
     text = kernel_source(spec.source)
     float32 = compute == np.float32
-    bits, exponent = ("int", "0x7f800000") if float32 else ("long", "0x7ff0000000000000L")
     builtin_sqrt = "__builtin_sqrtf" if float32 else "__builtin_sqrt"
     int64_atomics = "cl_khr_int64_base_atomics" in device.extensions
     preamble = [
@@ -418,8 +416,6 @@ def _build(
         *(["#pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable"] if int64_atomics else []),
         f"#define real {real}",
         f"#define REAL_MAX {'FLT_MAX' if float32 else 'DBL_MAX'}",
-        # FINITE(x): the exponent bits of x are not all ones (neither infinite nor NaN).
-        f"#define FINITE(x) ((as_{bits}(x) & {exponent}) != {exponent})",
         # SAT(x): x, or the largest finite value of its sign where x overflowed; NaN stays
         # NaN (selects, not fmin/fmax, whose NaN rules cost a third of a step on PoCL).
         "inline real SAT(real x) {",
@@ -441,6 +437,7 @@ def _build(
         "#define SQRT(x) sqrt(x)",
         "#endif",
         *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
+        # FINITE, and how the parameter and gradient are read and written
         storage_preamble(dtype, stochastic=spec.stochastic, exact=spec.nonfinite == "propagate"),
         text,
     ]

@@ -16,7 +16,7 @@ from netcl._precision import HALF_DTYPES
 from netcl._types import ParameterLike
 from netcl._update import Step
 
-__all__ = ["Backend", "HostViews", "SUPPORTED_DTYPES", "Tally", "Work", "check_same_shape", "describe"]
+__all__ = ["Backend", "HostViews", "SUPPORTED_DTYPES", "Tally", "Work", "check_dtype", "check_same_shape", "describe"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 """The parameter dtypes netcl updates (half ones in float32, see `netcl._precision`)."""
@@ -28,6 +28,14 @@ def check_same_shape(data: Any, other: Any, where: str) -> None:
     """Raise ValueError unless `other` (a gradient or state buffer) has `data`'s shape."""
     if tuple(other.shape) != tuple(data.shape):
         raise ValueError(f"{where} has shape {tuple(other.shape)}, but its parameter has shape {tuple(data.shape)}")
+
+
+def check_dtype(got: object, wanted: object, parameter: object, where: str, state: bool) -> None:
+    """Raise TypeError unless `got`, the dtype of a gradient or (with `state`) of a state
+    buffer, is `wanted`: the parameter's dtype `parameter`, or its state's."""
+    if got != wanted:
+        whose = f"the state of a {parameter} parameter is" if state else "its parameter has dtype"
+        raise TypeError(f"{where} has dtype {got}, but {whose} {wanted}")
 
 
 def describe(x: object) -> str:

@@ -26,6 +26,7 @@ from netcl._backends.base import (
     HostViews,
     Tally,
     Work,
+    check_dtype,
     check_same_shape,
     describe,
 )
@@ -508,10 +509,7 @@ def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None
     half parameter)."""
     check_same_shape(data, other, where)
     dtype = np.dtype(data.dtype)
-    wanted = compute_dtype(dtype) if state else dtype
-    if np.dtype(other.dtype) != wanted:
-        whose = f"the state of a {dtype} parameter is" if state else "its parameter has dtype"
-        raise TypeError(f"{where} has dtype {np.dtype(other.dtype)}, but {whose} {wanted}")
+    check_dtype(np.dtype(other.dtype), compute_dtype(dtype) if state else dtype, dtype, where, state)
 
 
 OPENCL = OpenCLBackend()

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
-from netcl._backends.base import Tally
+from netcl._backends.base import Tally, check_dtype
 from netcl._kernels import NonFinite
 from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
@@ -771,10 +771,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             host = _to_host(entry[name], at)
             if host.shape != shape:
                 raise ValueError(f"{at} has shape {host.shape}, but its parameter has shape {shape}")
-            if host.dtype != dtype:
-                raise TypeError(
-                    f"{at} has dtype {host.dtype}, but the state of a {backend.dtype(data)} parameter is {dtype}"
-                )
+            check_dtype(host.dtype, dtype, backend.dtype(data), at, state=True)
             if not np.isfinite(host).all():
                 raise ValueError(f"{at} holds NaN or infinite values")
             if name in self.rule.nonnegative and (host < 0).any():
