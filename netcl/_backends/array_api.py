@@ -24,6 +24,7 @@ from netcl._backends.base import (
     HostViews,
     Tally,
     Work,
+    check_dtype,
     check_same_shape,
     describe,
 )
@@ -230,12 +231,13 @@ def update_by_reference(step: Step, item: Work, tally: Tally) -> None:
     with its gradient upcast) and the result rounded back (`netcl._precision`)."""
     data = item.data
     xp = _namespace(data, item.grad)
-    half = is_half(_numpy_dtype(data) or np.dtype(np.float32))
+    dtype = ARRAY_API.dtype(data)
+    half = is_half(dtype)
     master = step.master
     # Overflow and non-finite values are handled by the update's policy (saturation,
     # skipping); numpy's warnings about them would only be noise.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), no_autograd(data):
-        compute = _compute(xp, data)
+        compute = xp.float32 if half else data.dtype
         param = item.buffers[MASTER] if master else xp.astype(data, compute) if half else data
         grad = xp.astype(item.grad, compute) if half else item.grad
         own = item.member[: len(item.member) - step.stochastic]  # (the rule's; the key of the rounding last)
@@ -255,7 +257,7 @@ def update_by_reference(step: Step, item: Work, tally: Tally) -> None:
         if master:
             new_buffers[MASTER] = new_param
         if half or master:
-            new_param = _rounded(xp, new_param, data, item.member[-1] if step.stochastic else None)
+            new_param = _rounded(xp, new_param, data, dtype, item.member[-1] if step.stochastic else None)
             if param_finite is not None:  # an infinite or NaN half parameter keeps its bits
                 new_param = xp.where(param_finite, new_param, data)
         if _rebinds(data):
@@ -267,17 +269,15 @@ def update_by_reference(step: Step, item: Work, tally: Tally) -> None:
                 item.buffers[name][...] = new_buffers[name]
 
 
-def _rounded(xp: ArrayNamespace, x: Any, like: Any, key: float | None) -> Any:
-    """`x` (the update's result in the compute dtype) rounded to `like`'s dtype, on the
-    host with numpy's bits where it is half (`netcl._precision.round_half`): the same
-    bits as the fused kernel stores."""
-    dtype = _numpy_dtype(like)
-    assert dtype is not None
+def _rounded(xp: ArrayNamespace, x: Any, like: Any, dtype: np.dtype[Any], key: float | None) -> Any:
+    """`x` (the update's result in the compute dtype) rounded to `like`'s dtype (`dtype`
+    in numpy), with numpy's bits where it is half (`netcl._precision.round_half`): the
+    same bits as the fused kernel stores. Other libraries' arrays go through the host."""
     if not is_half(dtype):
         return xp.astype(x, like.dtype)
-    backend = ARRAY_API
-    host = backend.to_host(x)
-    return backend.from_host(round_half(host, dtype, key), like)
+    if isinstance(x, np.ndarray):
+        return round_half(x, dtype, key)
+    return ARRAY_API.from_host(round_half(ARRAY_API.to_host(x), dtype, key), like)
 
 
 _TORCH_DTYPES: dict[str, np.dtype[Any]] = {
@@ -322,10 +322,7 @@ def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None
     """Raise unless `other` (a gradient, or with `state` a state buffer) fits `data`:
     its shape, device, and dtype (the state's is float32 for a half parameter)."""
     check_same_shape(data, other, where)
-    wanted = _compute(_namespace(data), data) if state else data.dtype
-    if other.dtype != wanted:
-        whose = f"the state of a {data.dtype} parameter is" if state else "its parameter has dtype"
-        raise TypeError(f"{where} has dtype {other.dtype}, but {whose} {wanted}")
+    check_dtype(other.dtype, _compute(_namespace(data), data) if state else data.dtype, data.dtype, where, state)
     if array_api_compat.device(other) != array_api_compat.device(data):
         raise ValueError(
             f"{where} is on device {array_api_compat.device(other)}, but its parameter is "

@@ -353,13 +353,13 @@ def _launch(
     # holds its array, so no other array takes that memory meanwhile); a step drops
     # those it did not use. Gradients get buffers of their own at each step, so that a
     # gradient the user drops is freed.
-    reuse = _zero_copy(queue)
-    kept: dict[Hashable, _Wrapped] = cache.pop("buffers", {}) if reuse else {}
+    zero_copy = _zero_copy(queue)
+    kept: dict[Hashable, _Wrapped] = cache.pop("buffers", {}) if zero_copy else {}
     made: dict[Hashable, _Wrapped] = {}
     wrapped: list[_Wrapped] = []  # (this step's own)
 
     def wrap(view: npt.NDArray[Any], keep: bool) -> _Wrapped:
-        if not (keep and reuse):
+        if not (keep and zero_copy):
             made_now = _Wrapped(context, view)
             wrapped.append(made_now)
             return made_now
@@ -376,8 +376,8 @@ def _launch(
         return known
 
     try:
+        limit = max_slots(device, step.kernel)
         for g, ((dtype, common), group) in enumerate(groups.items()):
-            limit = max_slots(device, step.kernel)
             for start in range(0, len(group), limit):
                 chunk = group[start : start + limit]
                 members = []
@@ -395,7 +395,7 @@ def _launch(
                 keys = [own[shared:] for _, own in chunk] if step.kernel.stochastic else []
                 kernel_event = launcher.run(queue, step.scalars + common, keys, grads, [])
                 tally.launched(queue, kernel_event)
-                for member in members if not _zero_copy(queue) else ():
+                for member in members if not zero_copy else ():
                     written = (member.arrays[0], *member.arrays[2:])
                     for w in written:
                         mapped, event = cl.enqueue_map_buffer(
@@ -416,5 +416,5 @@ def _launch(
         for address, w in kept.items():
             if made.get(address) is not w:
                 w.base_data.release()
-        if reuse:
+        if zero_copy:
             cache["buffers"] = made
