@@ -388,6 +388,7 @@ def run(
         dtype = np.dtype(BFLOAT16 if dtype_name == "bfloat16" else dtype_name)
         chosen = VARIANTS.get(variant, VARIANTS["sgd"])
         buffers = chosen.buffers
+        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))  # (builds when used)
         contenders: dict[str, Callable[[], None]] = {}
         torch_step: Callable[[], None] | None
         if is_half(dtype):
@@ -403,15 +404,7 @@ def run(
             contenders["stochastic_rounding"], _ = _netcl_step(queue, [size], dtype, stochastic)
             torch_step = _torch_step(size, dtype, chosen)
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype))
-            if torch_step is not None:
-                contenders["torch"] = torch_step
-            row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread)
-            rows.append(row)
-            del contenders
-            gc.collect()
-            continue
-        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))
-        if case == "bandwidth":  # p += g: 12 bytes per float32 value
+        elif case == "bandwidth":  # p += g: 12 bytes per float32 value
             arrays = [cl_array.zeros(queue, size, dtype) for _ in range(2)]
             contenders["floor"] = floor.launcher(arrays, size)
             torch_step = _torch_add_step(size, dtype)

@@ -30,18 +30,7 @@ class AdamW(Adam):
         amsgrad: Use the running maximum of v (AMSGrad).
         maximize: Maximize the objective instead of minimizing it.
         foreach, capturable, differentiable, fused: As for `Adam`.
-        nonfinite: What a step does with an element whose gradient is NaN or
-            infinite: `"skip"` leaves it and its state as they were; `"count"` does
-            the same and counts it (see `skipped_nonfinite()`; it costs the fused
-            kernel time); `"propagate"` makes its parameter NaN, as torch does.
-        master_weights: Keep a float32 copy of each parameter in its state
-            (`master_param`) and update that; the parameter is its copy rounded. For
-            float16 and bfloat16 parameters, whose small updates rounding would lose
-            (for float32 and float64 ones the copy equals the parameter and only costs
-            memory). See the guide "Half precision".
-        stochastic_rounding: Round a float16 or bfloat16 parameter's new value
-            stochastically (unbiased, reproducible: the random bits come from the
-            parameter's place and step count) instead of to nearest even.
+        nonfinite, master_weights, stochastic_rounding: As for `Adam`.
 
     Raises:
         TypeError: As for `Adam`.
