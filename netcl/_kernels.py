@@ -316,6 +316,16 @@ class Launcher:
         """Enqueue the update of the bound members with these gradients (in the order
         they were bound) and scalars: the group's, then the members' own, which they
         share; `keys`: each member's key where the kernel is `keyed`, else empty."""
+        try:
+            self.set(scalars, keys, grads)
+            return self.enqueue(queue, wait_for)
+        finally:
+            self.drop_grads()
+
+    def set(self, scalars: tuple[float, ...], keys: Sequence[tuple[float, ...]], grads: Sequence[Any]) -> None:
+        """Set the kernel's arguments as `run` does, without enqueueing it: a step sets
+        every launch's first and then enqueues them one after another, so that a CPU
+        device's threads go from one to the next without waiting for the host."""
         fused, args = self.fused, self.args
         if scalars != self.scalars:
             first = fused.slots * fused.per_slot
@@ -334,21 +344,22 @@ class Launcher:
                 self.changed = True
             args[k * per_slot + 2] = grad.base_data
             args[k * per_slot + 3] = grad.offset
-        try:
-            if self.changed:
-                self.kernel.set_args(*args)
-                self.changed = False
-            event: cl.Event = cl.enqueue_nd_range_kernel(
-                queue,
-                self.kernel,
-                (self.global_size,),
-                (fused.geometry.local_size,),
-                wait_for=wait_for or None,
-            )
-        finally:
-            for k in range(fused.slots):
-                args[k * per_slot + 2] = None
+        if self.changed:
+            self.kernel.set_args(*args)
+            self.changed = False
+
+    def enqueue(self, queue: cl.CommandQueue, wait_for: list[cl.Event]) -> cl.Event:
+        """Enqueue the kernel with the arguments `set` gave it."""
+        event: cl.Event = cl.enqueue_nd_range_kernel(
+            queue, self.kernel, (self.global_size,), (self.fused.geometry.local_size,), wait_for=wait_for or None
+        )
         return event
+
+    def drop_grads(self) -> None:
+        """Let go of the gradients `set` was given (the kernel keeps its arguments)."""
+        per_slot, args = self.fused.per_slot, self.args
+        for k in range(self.fused.slots):
+            args[k * per_slot + 2] = None
 
 
 def _same_binding(bound: object, known: object) -> bool:

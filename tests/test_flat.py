@@ -189,16 +189,17 @@ def test_a_flat_numpy_model_takes_the_host_kernel_once(monkeypatch: pytest.Monke
     params = flat_parameters(None, [(n,) for n in sizes])
     opt = Adam(params)
     opt.step()
-    launched: list[int] = []
-    original = host._launch
+    launched: list[list[int]] = []
+    original = host._HostLaunches.run
 
-    def spy(queue: cl.CommandQueue, step: Any, taken: Any, cache: Any, tally: Any) -> None:
-        launched.extend(views[0].size for views, _ in taken)
-        original(queue, step, taken, cache, tally)
+    def spy(self: Any, queue: cl.CommandQueue, step: Any, tally: Any) -> None:
+        launched.extend([member.size for member in launch.members] for launch in self.launches)
+        original(self, queue, step, tally)
 
-    monkeypatch.setattr(host, "_launch", spy)
+    monkeypatch.setattr(host._HostLaunches, "run", spy)
     for p in params:
         assert p.grad is not None
         p.grad[...] = 0.25
     opt.step()
-    assert launched == [sum(sizes)]
+    opt.step()  # (the launch kept from the step before)
+    assert launched == [[sum(sizes)], [sum(sizes)]]

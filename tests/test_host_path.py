@@ -141,3 +141,51 @@ def test_host_buffers_of_parameters_and_state_are_kept_from_step_to_step(monkeyp
             # third step the replaced parameter's data too
             assert made == [12, 3, 4, 3]
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["separate", "flat"])
+def test_a_training_loop_keeps_its_host_launches(flat: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same numpy arrays step after step (gradients written in place) take the
+    # launches laid out at the step before: a new layout only where the parameters,
+    # their arrays or their step counts change (a parameter without a gradient lags one
+    # step behind, so its own scalars differ); the bits are the array-API path's
+    from netcl import flat_parameters
+    from netcl.optim import Adam
+
+    shapes = [(n,) for n in (100, 2000, 7, 64)]
+    rng = np.random.default_rng(4)
+    starts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(6)]
+    made: list[int] = []
+    original = host._HostLaunches.__init__
+
+    def counting(self: Any, *args: Any) -> None:
+        made[-1] += 1
+        original(self, *args)
+
+    monkeypatch.setattr(host._HostLaunches, "__init__", counting)
+    results = []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = list(flat_parameters(None, shapes)) if flat else [Parameter(np.zeros(s, np.float32)) for s in shapes]
+        kept = [p.grad for p in params]
+        for p, x in zip(params, starts, strict=True):
+            p.data[...] = x
+        opt = Adam(params, lr=1e-2)
+        made.clear()
+        for k, step in enumerate(grads):
+            for p, g, mine in zip(params, step, kept, strict=True):
+                if mine is None:
+                    mine = np.zeros_like(g)
+                    kept[params.index(p)] = mine
+                mine[...] = g
+                p.grad = None if k == 3 and p is params[2] else mine
+            made.append(0)
+            opt.step()
+        state = [np.asarray(opt.state[p]["exp_avg"]).tobytes() for p in params]
+        results.append(([np.asarray(p.data).tobytes() for p in params], state))
+        if path == "kernel":
+            # laid out at the first step (new state), the second (the state exists now),
+            # the fourth (no gradient for one), the fifth (its count lags); then kept
+            assert made == [1, 1, 0, 1, 1, 0]
+    assert results[0] == results[1]

@@ -164,19 +164,55 @@ def update_on_host(
     immutable: Callable[[Any], bool],
 ) -> list[Work]:
     """Update the items of `work` that the fused kernel can take on the host device;
-    return the others, for the array-API path. `cache` keeps the launches' kernel
-    objects from one step to the next (the caller's, as `Backend.apply` has it); arrays
-    for which `immutable` is true (jax's) are never written in place, so never taken."""
+    return the others, for the array-API path. `cache` keeps the step's launches (the
+    caller's, as `Backend.apply` has it): a step that passes the same `work` list with
+    its own scalars shared alike takes them again, and only its gradients are bound
+    afresh. Arrays for which `immutable` is true (jax's) are never written in place,
+    so never taken."""
     queue = None if _forked else host_queue()
     if queue is None:
         return list(work)
-    rest, runs = _runs_of(step, work, immutable)
-    if not runs:
-        return rest
-    if PATH == "array-api" or (PATH == "measured" and not _kernel_wins(queue, step, runs)):
-        return [*rest, *(item for items, _ in runs for item in items)]
-    _launch(queue, step, [(tuple(views), items[0].member) for items, views in runs], cache, tally)
-    return rest
+
+    def chosen(runs: Runs) -> bool:
+        return PATH == "kernel" or (PATH == "measured" and _kernel_wins(queue, step, runs))
+
+    launches = _launches_for(queue, step, work, cache, immutable, chosen)
+    launches.run(queue, step, tally)
+    return launches.rest
+
+
+def _launches_for(
+    queue: cl.CommandQueue,
+    step: Step,
+    work: Sequence[Work],
+    cache: MutableMapping[Hashable, Any],
+    immutable: Callable[[Any], bool],
+    chosen: Callable[[Runs], bool],
+) -> _HostLaunches:
+    """The launches of `work` in `cache`, or new ones (which take over the old ones'
+    kernels and buffers) where those do not fit; `chosen`: whether the kernel takes
+    the runs of host arrays, or the array-API path."""
+    layout = _layout_of(work, step.kernel.member_scalar_count)
+    launches = cache.get("host")
+    if not isinstance(launches, _HostLaunches) or not launches.fits(work, step, layout):
+        rest, runs = _runs_of(step, work, immutable)
+        if runs and not chosen(runs):
+            rest += [item for items, _ in runs for item in items]
+            runs = []
+        old = launches if isinstance(launches, _HostLaunches) else None
+        launches = cache["host"] = _HostLaunches(queue, step, work, layout, rest, runs, old)
+    return launches
+
+
+def _layout_of(work: Sequence[Work], shared: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What the launches' layout depends on of the items' own scalars: which items share
+    the scalars a launch passes once (their labels, in order of appearance), and where
+    neighbours' own scalars differ (a run of joined arrays breaks there)."""
+    labels: dict[tuple[float, ...], int] = {}
+    members = [item.member for item in work]
+    common = tuple(labels.setdefault(member[:shared], len(labels)) for member in members)
+    breaks = tuple(k for k in range(1, len(members)) if members[k] != members[k - 1])
+    return common, breaks
 
 
 Runs = list[tuple[list[Work], list[npt.NDArray[Any]]]]
@@ -250,7 +286,6 @@ def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Wor
     member = step.member_scalars(step.hyper, 1, frozenset()) if step.member_scalars else ()
     member += (0.0,) * step.stochastic  # (the key of stochastic rounding's random bits)
     scratch_tally = Tally()
-    cache: dict[Hashable, Any] = {}
 
     def arrays(n: int) -> list[npt.NDArray[Any]]:
         state = compute_dtype(dtype)
@@ -262,12 +297,15 @@ def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Wor
         buffers = dict(zip(step.buffers, made[2:], strict=True))
         return Work(holder, made[0], made[1], {}, buffers, like.backend, "", member=member)
 
+    caches: list[dict[Hashable, Any]] = []
+
     def kernel(n: int) -> Callable[[], None]:
         work = [scratch(n)]
+        cache: dict[Hashable, Any] = {}
+        caches.append(cache)
 
-        def run() -> None:  # the way a step goes: host views, runs, the launch
-            _, runs = _runs_of(step, work, lambda x: False)
-            _launch(queue, step, [(tuple(views), items[0].member) for items, views in runs], cache, scratch_tally)
+        def run() -> None:  # the way a training loop's step goes: the launch kept, new gradients' buffers
+            _launches_for(queue, step, work, cache, lambda x: False, lambda runs: True).run(queue, step, scratch_tally)
 
         return run
 
@@ -275,7 +313,11 @@ def _measure(queue: cl.CommandQueue, step: Step, dtype: np.dtype[Any], like: Wor
         work = scratch(n)
         return lambda: update_by_reference(step, work, scratch_tally)
 
-    k_small, k_large = _fastest_seconds(kernel(small)), _fastest_seconds(kernel(large))
+    try:
+        k_small, k_large = _fastest_seconds(kernel(small)), _fastest_seconds(kernel(large))
+    finally:
+        for cache in caches:
+            cache["host"].release()
     a_small, a_large = _fastest_seconds(maths(small)), _fastest_seconds(maths(large))
     return Costs(
         launch=k_small,
@@ -334,70 +376,153 @@ def _address(x: npt.NDArray[Any]) -> int:
     return address
 
 
-def _launch(
-    queue: cl.CommandQueue,
-    step: Step,
-    arrays: list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]],
-    cache: MutableMapping[Hashable, Any],
-    tally: Tally,
-) -> None:
-    context, device = queue.context, queue.device
-    # a launch takes arrays of one dtype whose own scalars (step counts) are the same
-    shared = step.kernel.member_scalar_count
-    groups: dict[tuple[np.dtype[Any], tuple[float, ...]], list[tuple[tuple[npt.NDArray[Any], ...], tuple[float, ...]]]]
-    groups = {}
-    for views, own in arrays:
-        groups.setdefault((views[0].dtype, own[:shared]), []).append((views, own))
-    # Where the device works in host memory itself, the buffers over the parameters and
-    # their state are kept for the next step (by address, size and dtype: the buffer
-    # holds its array, so no other array takes that memory meanwhile); a step drops
-    # those it did not use. Gradients get buffers of their own at each step, so that a
-    # gradient the user drops is freed.
-    zero_copy = _zero_copy(queue)
-    kept: dict[Hashable, _Wrapped] = cache.pop("buffers", {}) if zero_copy else {}
-    made: dict[Hashable, _Wrapped] = {}
-    wrapped: list[_Wrapped] = []  # (this step's own)
+@dataclass(frozen=True)
+class _HostRun:
+    """Items whose arrays follow each other in memory, updated as one member of a
+    launch; where the gradients of several items are joined, `joined` gives the start
+    and size of their run in the array that holds the first one's memory."""
 
-    def wrap(view: npt.NDArray[Any], keep: bool) -> _Wrapped:
-        if not (keep and zero_copy):
-            made_now = _Wrapped(context, view)
-            wrapped.append(made_now)
-            return made_now
-        # the very array of the last step (a numpy parameter is its own view), else one
-        # over the same memory (a torch tensor's view is a new object at each step)
-        known = kept.get(id(view))
-        key: Hashable = id(view)
-        if known is None or known.host is not view:
-            key = (_address(view), view.nbytes, view.dtype.str)
-            known = kept.get(key)
-        if known is None:
-            known = _Wrapped(context, view)
-        made[key] = known
-        return known
+    items: list[Work]
+    joined: tuple[int, int] | None
 
-    try:
-        limit = max_slots(device, step.kernel)
-        for g, ((dtype, common), group) in enumerate(groups.items()):
+
+@dataclass(frozen=True)
+class _HostLaunch:
+    launcher: Launcher
+    runs: list[_HostRun]
+    members: list[Member]
+
+
+class _HostLaunches:
+    """A step's launches on the host device for one list of work, and the buffers over
+    its arrays.
+
+    Where the device works in host memory itself (`_zero_copy`), the buffers over the
+    parameters and their state are kept with the launches for the next step that passes
+    the same `work` list (then the same arrays: see `Backend.apply`), and a new layout
+    takes over those of the old one that cover the same memory (by identity, else by
+    address, size and dtype: a buffer holds its array, so no other array takes that
+    memory meanwhile). Gradients get buffers of their own at each step, so that a
+    gradient the user drops is freed. Elsewhere every buffer is made for one step: a
+    copying driver copies the host data in when it is made, and out when it is mapped.
+    """
+
+    def __init__(
+        self,
+        queue: cl.CommandQueue,
+        step: Step,
+        work: Sequence[Work],
+        layout: tuple[tuple[int, ...], tuple[int, ...]],
+        rest: list[Work],
+        runs: Runs,
+        old: _HostLaunches | None,
+    ) -> None:
+        self.work, self.spec, self.layout, self.path = work, step.kernel, layout, PATH
+        self.rest = rest
+        """The items the launches leave to the array-API path."""
+        self.kept = _zero_copy(queue)
+        self.buffers: dict[Hashable, _Wrapped] = {}
+        self.launches: list[_HostLaunch] = []
+        self.step_buffers: list[_Wrapped] = []
+        """Buffers made for the step that runs now (gradients; all where not kept)."""
+        known = old.buffers if old is not None else {}
+        launchers: dict[int, list[Launcher]] = {}
+        for launch in old.launches if old is not None else ():
+            launchers.setdefault(id(launch.launcher.fused), []).append(launch.launcher)
+        try:
+            self._lay_out(queue, step, runs, known, launchers)
+        finally:
+            for key, buffer in known.items():
+                if self.buffers.get(key) is not buffer:
+                    buffer.base_data.release()
+            if old is not None:
+                old.buffers = {}
+
+    def _lay_out(
+        self,
+        queue: cl.CommandQueue,
+        step: Step,
+        runs: Runs,
+        known: dict[Hashable, _Wrapped],
+        launchers: dict[int, list[Launcher]],
+    ) -> None:
+        # a launch takes runs of one dtype whose own scalars (step counts) are the same
+        shared = step.kernel.member_scalar_count
+        groups: dict[tuple[np.dtype[Any], tuple[float, ...]], Runs] = {}
+        for items, views in runs:
+            groups.setdefault((views[0].dtype, items[0].member[:shared]), []).append((items, views))
+        limit = max_slots(queue.device, step.kernel)
+        for (dtype, _), group in groups.items():
             for start in range(0, len(group), limit):
                 chunk = group[start : start + limit]
-                members = []
-                for views, _ in chunk:
-                    buffers = tuple(wrap(v, keep=j != 1) for j, v in enumerate(views))
+                members, host_runs = [], []
+                for items, views in chunk:
+                    context = queue.context
+                    buffers = tuple(None if j == 1 else self._wrap(context, v, known) for j, v in enumerate(views))
                     members.append(Member(buffers, views[0].size))
-                slots = slots_for(len(members))
-                key = ("host launch", context, dtype, g, step.kernel, slots, start)
-                launcher = cache.get(key)
-                if not isinstance(launcher, Launcher):
-                    launcher = fused_kernel(context, device, dtype, step.kernel, slots).launcher()
-                    cache[key] = launcher
-                launcher.bind(members, tally.counter(queue))
-                grads = [member.arrays[1] for member in members]
-                keys = [own[shared:] for _, own in chunk] if step.kernel.stochastic else []
-                kernel_event = launcher.run(queue, step.scalars + common, keys, grads, [])
+                    joined = None
+                    if len(items) > 1:
+                        grad = views[1]
+                        owner = grad.base if grad.base is not None else grad
+                        joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
+                    host_runs.append(_HostRun(items, joined))
+                fused = fused_kernel(queue.context, queue.device, dtype, step.kernel, slots_for(len(members)))
+                spare = launchers.get(id(fused))
+                launcher = spare.pop() if spare else fused.launcher()
+                self.launches.append(_HostLaunch(launcher, host_runs, members))
+
+    def _wrap(self, context: cl.Context, view: npt.NDArray[Any], known: dict[Hashable, _Wrapped]) -> _Wrapped:
+        """A buffer over `view` (a parameter's or a state buffer's memory)."""
+        if not self.kept:
+            made = _Wrapped(context, view)
+            self.step_buffers.append(made)
+            return made
+        # the very array of the last step (a numpy parameter is its own view), else one
+        # over the same memory (a torch tensor's view is a new object at each step)
+        key: Hashable = id(view)
+        found = known.get(key) or self.buffers.get(key)
+        if found is None or found.host is not view:
+            key = (_address(view), view.nbytes, view.dtype.str)
+            found = known.get(key) or self.buffers.get(key)
+        if found is None:
+            found = _Wrapped(context, view)
+        self.buffers[key] = found
+        return found
+
+    def fits(self, work: Sequence[Work], step: Step, layout: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
+        """Whether a step of `work` can take these launches again."""
+        return (
+            self.kept and work is self.work and step.kernel is self.spec and layout == self.layout and PATH == self.path
+        )
+
+    def _grad(self, context: cl.Context, run: _HostRun) -> _Wrapped:
+        """A buffer, for this step, over the gradients of `run`."""
+        view = host_view(run.items[0].grad)
+        if view is None:
+            raise RuntimeError("a gradient that passed the checks has no host view")
+        if run.joined is not None:  # (the same gradients as when laid out: see `fits`)
+            start, size = run.joined
+            owner = view.base if view.base is not None else view
+            view = owner.reshape(-1)[start : start + size]
+        made = _Wrapped(context, view)
+        self.step_buffers.append(made)
+        return made
+
+    def run(self, queue: cl.CommandQueue, step: Step, tally: Tally) -> None:
+        """Enqueue every launch with this step's gradients and scalars, and wait for them."""
+        shared = step.kernel.member_scalar_count
+        try:
+            for launch in self.launches:  # every launch's arguments first, then the launches
+                grads = [self._grad(queue.context, run) for run in launch.runs]
+                launch.launcher.bind(launch.members, tally.counter(queue))
+                keys = [run.items[0].member[shared:] for run in launch.runs] if step.kernel.stochastic else []
+                common = launch.runs[0].items[0].member[:shared]
+                launch.launcher.set(step.scalars + common, keys, grads)
+            for launch in self.launches:
+                kernel_event = launch.launcher.enqueue(queue, [])
                 tally.launched(queue, kernel_event)
-                for member in members if not zero_copy else ():
-                    written = (member.arrays[0], *member.arrays[2:])
-                    for w in written:
+                for member in launch.members if not self.kept else ():
+                    for w in (member.arrays[0], *member.arrays[2:]):
                         mapped, event = cl.enqueue_map_buffer(
                             queue,
                             w.base_data,
@@ -409,12 +534,16 @@ def _launch(
                             is_blocking=False,
                         )
                         mapped.base.release(queue, wait_for=[event])
-        queue.finish()
-    finally:
-        for w in wrapped:
-            w.base_data.release()
-        for address, w in kept.items():
-            if made.get(address) is not w:
+            queue.finish()
+        finally:
+            for launch in self.launches:
+                launch.launcher.drop_grads()
+            for w in self.step_buffers:
                 w.base_data.release()
-        if zero_copy:
-            cache["buffers"] = made
+            self.step_buffers = []
+
+    def release(self) -> None:
+        """Release the buffers kept for the next step."""
+        for w in self.buffers.values():
+            w.base_data.release()
+        self.buffers = {}

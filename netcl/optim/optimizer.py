@@ -134,40 +134,55 @@ class _Plan:
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
-        self.entries: list[tuple[Any, object, Callable[[], object] | None, MutableMapping[str, Any] | None]] = []
+        self.entries: list[
+            tuple[Any, object, Callable[[], object] | None, MutableMapping[str, Any] | None, _Checked | None]
+        ] = []
         self.batches: dict[Backend, list[Work]] = {}
         self.buffers: tuple[str, ...] = ()
         self.dtypes: set[np.dtype[Any]] = set()
         self.checks: list[
             tuple[
-                Any, object, Callable[[], object] | None, Mapping[str, Any] | None, int, tuple[tuple[str, object], ...]
+                Any,
+                object,
+                Callable[[], object] | None,
+                Mapping[str, Any] | None,
+                int,
+                tuple[tuple[str, object], ...],
+                _Checked | None,
             ]
         ]
         self.checks = []
         """Per parameter, what `holds` compares: the parameter, its array, its gradient
-        (weakly), its state dict, the state's size and its buffers."""
+        (weakly), its state dict, the state's size, its buffers, and the fingerprints of
+        arrays that can change what was checked of them (None where none can)."""
         self.items: list[Work] = []
         """Every `Work` of the plan, in order (what `work()` yields)."""
         self.stable = True
-        """Whether every array of the plan cannot change what was checked of it."""
+        """Whether every array of the plan cannot change what was checked of it, or has
+        a fingerprint that shows when it did: then the plan can be kept."""
 
     def settled(self, buffers: tuple[str, ...]) -> _Plan:
         self.buffers = buffers
         self.items = [item for work in self.batches.values() for item in work]
         self.checks = []
-        for param, data, grad, state in self.entries:
+        for param, data, grad, state, checked in self.entries:
             kept = tuple((n, v) for n, v in state.items() if n != "step") if state is not None else ()
-            self.checks.append((param, data, grad, state, len(kept) + 1, kept))
+            self.checks.append((param, data, grad, state, len(kept) + 1, kept, checked))
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
-        """Whether a step may take this plan again: the very same objects (one tight
-        loop: it runs at every step, for every parameter)."""
+        """Whether a step may take this plan again: the very same objects (torch's
+        `parameter.data`: the same memory), with the same fingerprints where an array
+        can change what was checked of it (one tight loop: it runs at every step, for
+        every parameter)."""
         if params is not self.params or len(params) != len(self.checks) or buffers != self.buffers:
             return False
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
-        for param, (known, data, grad, state, size, kept) in zip(params, self.checks, strict=True):
-            if param is not known or param.data is not data:
+        for param, (known, data, grad, state, size, kept, checked) in zip(params, self.checks, strict=True):
+            if param is not known:
+                return False
+            now_data = param.data
+            if now_data is not data and (checked is None or not checked.backend.same_memory(now_data, data)):
                 return False
             now = param.grad
             if grad is None:
@@ -183,6 +198,8 @@ class _Plan:
                 for name, value in kept:
                     if state.get(name) is not value:
                         return False
+                if checked is not None and _fingerprints(checked.backend, now_data, now, state) != checked.prints:
+                    return False
         return True
 
     def work(self) -> list[Work]:
@@ -537,7 +554,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             grad = param.grad
             data = param.data
             if grad is None:
-                plan.entries.append((param, data, None, None))
+                plan.entries.append((param, data, None, None, None))
                 continue
             state = cast("MutableMapping[str, Any] | None", dict.get(self.state, id(param)))
             if state is None:
@@ -551,10 +568,12 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 checked = _Checked.made(data, grad, state, backend)
                 if checked is not None:
                     self._checked[id(param)] = checked
-            stable = backend.stable(data) and backend.stable(grad)
-            plan.stable = plan.stable and stable
+            if backend.stable(data) and backend.stable(grad):
+                checked = None  # (nothing to look at again)
+            elif checked is None:
+                plan.stable = False  # (checked at every step)
             plan.dtypes.add(backend.dtype(data))
-            plan.entries.append((param, data, _weak(grad), state))
+            plan.entries.append((param, data, _weak(grad), state, checked))
             buffers = {name: state[name] for name in step.buffers if name in state}
             plan.batches.setdefault(backend, []).append(
                 Work(param, data, grad, state, buffers=buffers, backend=backend, at=at, place=(index << 20) + k)
