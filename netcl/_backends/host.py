@@ -6,10 +6,13 @@ contiguous host arrays one fused launch then beats the many passes of the array-
 and gives bit-identical results (the same expressions in the same order).
 
 The sequence follows the OpenCL memory model for host pointers, so it is right on drivers
-that copy as well as on those that don't: the buffers are made at the step (a copying
-driver copies the host data in then), the kernel runs, the written arrays are mapped for
-reading (a copying driver copies the results out then) and the buffers are released
-before `step()` returns.
+that copy as well as on those that don't: on a driver that copies, the buffers are made
+at the step (the host data is copied in then), the kernel runs, the written arrays are
+mapped for reading (the results are copied out then) and the buffers are released before
+`step()` returns. Where the device works in the host memory itself (PoCL's CPU device,
+asked once per queue), the buffers over parameters and state, and the launches laid out
+over them, are kept for the next step of the same arrays (`_HostLaunches`); only the
+gradients get new buffers at each step.
 """
 
 from __future__ import annotations
