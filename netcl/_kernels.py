@@ -101,39 +101,53 @@ class KernelSpec:
 
 @dataclass(frozen=True)
 class Geometry:
-    """How the fused kernel is launched on one device: one work-item per value, in
-    work-groups of `local_size`."""
+    """How the fused kernel is launched on one device: work-groups of `local_size`
+    work-items, each updating `per_item` values (one after another; more than one only
+    with a single work-item per group)."""
 
     local_size: int
     """Work-items per work-group."""
+    per_item: int = 1
+    """Values each work-item updates."""
+
+    @property
+    def span(self) -> int:
+        """Values each work-group updates."""
+        return self.local_size * self.per_item
 
 
 def geometry(device: cl.Device) -> Geometry:
     """The launch geometry of the fused kernel on `device` (the same for every dtype).
 
-    One work-item per value on every device, so that neighbouring work-items touch
-    neighbouring values: a GPU coalesces their loads, and PoCL's CPU device runs a
-    work-group as a loop over its work-items that its compiler turns into SIMD code
-    (8 float32 values per instruction on an AVX-512 Xeon). That beats OpenCL vector
-    types (float8, one vector per work-item), which moved the same bytes at half the
-    speed on PoCL, and never asks the device for a vector width (PoCL 3.0 reports 16
-    for float, and `sqrt` on a 16-wide vector aborts its compiler).
+    On a GPU, one work-item per value in work-groups of 256, the usual choice:
+    neighbouring work-items touch neighbouring values, so the loads coalesce.
 
-    Work-groups: 1024 work-items on a CPU (at most what the device allows), 256
-    elsewhere, the usual choice on GPUs. A CPU driver pays for each work-group, and
-    more so when the group first picks its parameter (see `fused_kernel`): on PoCL,
-    groups of 1024 made a launch over 16 parameters twice as fast per value as groups
-    of 256, a step over 160 parameters 8% faster and single parameters 1-2% faster;
-    4096 was slower for many parameters (more of each one's last group left idle).
+    On a CPU, one work-item per work-group, updating `CPU_VALUES_PER_ITEM` values in a
+    loop: the work-item picks its parameter's arrays once, and its compiler turns the
+    loop over the values into SIMD code (AVX2 on the test machine) through pointers that
+    stay the same for the whole loop. PoCL runs a work-group of many work-items as a loop
+    over them, and with one work-item per value it repeated the pick of the parameter for
+    every value: a launch over several parameters then took 2 to 3.5 ns per Adam value
+    against 0.5 to 0.9 for a launch over one (8 parameters of 204,800 values, a harness
+    over the kernel's source; the same with only one parameter in use). With the loop the
+    launch over several parameters runs at the one-parameter speed (0.5-0.6 ns). OpenCL
+    vector types (float8, one vector per work-item) moved the same bytes at half the speed
+    on PoCL, and PoCL's reported vector width (16 for float) aborts its compiler on `sqrt`.
     """
     if device.type & cl.device_type.CPU:
-        return Geometry(local_size=min(1024, device.max_work_group_size))
+        return Geometry(local_size=1, per_item=CPU_VALUES_PER_ITEM)
     return Geometry(local_size=256)
+
+
+CPU_VALUES_PER_ITEM = 2048
+"""Values a CPU work-item updates: enough that picking the parameter costs nothing,
+few enough that a launch over small parameters still has work for every core (1,024 to
+16,384 measured alike within the machine's noise)."""
 
 
 def group_count(size: int, geo: Geometry) -> int:
     """Work-groups for a parameter of `size` values."""
-    return -(-size // geo.local_size)
+    return -(-size // geo.span)
 
 
 _STORAGE = {FLOAT16: 1, BFLOAT16: 2}
@@ -455,15 +469,20 @@ def _build(
 
     # Each parameter gets whole work-groups. Before the loop over indices, a work-group
     # picks its parameter's arrays: those of the last parameter whose first group is at
-    # or before its own. The pick is made of selects, not branches, and ends with a
-    # barrier: PoCL's CPU compiler then sees the arrays as the same for every work-item
-    # of the group and turns the update into SIMD loads and stores of neighbouring
-    # values. Without the barrier it reads and writes element by element (gathers and
-    # scatters), which made a step over 16 parameters 2 to 8 times slower.
-    local = geo.local_size
+    # or before its own, with selects, not branches. With one work-item per value (a
+    # GPU's geometry), the pick ends with a barrier: PoCL's CPU compiler then sees the
+    # arrays as the same for every work-item of the group and turns the update into SIMD
+    # loads and stores of neighbouring values; without it, it reads and writes element
+    # by element (gathers and scatters), 2 to 8 times slower. With a loop over values
+    # in each work-item (a CPU's geometry, see `geometry`), the pick is made once for
+    # the loop.
+    local, span = geo.local_size, geo.span
+    chunked = geo.per_item > 1
+    if chunked and local != 1:
+        raise ValueError(f"a geometry of {geo.per_item} values per work-item needs one work-item per group")
 
     def groups(size: str) -> str:
-        return f"(({size} + {local - 1}) / {local})"
+        return f"(({size} + {span - 1}) / {span})"
 
     pick = [
         "const long group = get_group_id(0);",
@@ -480,9 +499,9 @@ def _build(
             *(f"{name} = later{k} ? {name}{k} : {name};" for name in arrays),
             *(f"{name} = later{k} ? {name}_{k} : {name};" for name in keys),
         ]
-    if slots > 1:
+    if slots > 1 and not chunked:
         pick.append("barrier(CLK_LOCAL_MEM_FENCE);")
-    if slots == 1 or spec.nonfinite == "count":
+    if slots == 1 or spec.nonfinite == "count" or chunked:
         # The launch has one work-item per index (the kernel finds its own from the
         # global id), so ElementwiseKernel's loop over indices runs exactly once in each
         # (the body ends with a break). With its bound set to the largest long, which
@@ -491,13 +510,15 @@ def _build(
         # barrier of a launch over several parameters: PoCL then loses track of the
         # arrays being the same for the whole group (see above) and gathers. Counting
         # needs it all the same: with a barrier in the loop's body too, PoCL's kernel
-        # never ends unless the loop is dropped.
+        # never ends unless the loop is dropped. (A work-item with a loop of its own
+        # runs that loop once too.)
         pick.append("n = LONG_MAX;")
     # Every work-group but a parameter's last is full. Saying so with a flag that is the
     # same for the whole group lets PoCL's compiler split its loop over the group's
     # work-items in two: full groups run one without the bound check, whose index
     # vector and mask cost a fifth of a plain float32 step from cache.
-    pick.append(f"const bool full = (group - begin + 1) * {local} <= size;")
+    if not chunked:
+        pick.append(f"const bool full = (group - begin + 1) * {local} <= size;")
     state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
     update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
     # The parameter is loaded from its storage (`param_raw`; a half parameter converted
@@ -533,13 +554,15 @@ def _build(
             *state_stores,
         ]
     counting: list[str] = []
-    if spec.nonfinite == "count":
+    counts = spec.nonfinite == "count"
+    add = "atom_add(skipped, (long)s);" if int64_atomics else "atomic_add((volatile __global uint *)skipped, s);"
+    if counts and not chunked:
         # Each work-item marks its value in local memory; after a barrier, the group's
         # first work-item looks at the marks 8 at a time and adds their count to the
         # counter only where one is set. An atomic add per skipped value, in a branch,
         # stops PoCL from vectorizing the update (5 times slower); this costs the
-        # barrier and a pass over 1/8 of the group's bytes.
-        add = "atom_add(skipped, (long)s);" if int64_atomics else "atomic_add((volatile __global uint *)skipped, s);"
+        # barrier and a pass over 1/8 of the group's bytes. (A work-item with a loop of
+        # its own sums its skipped values and adds them once.)
         pick.append(f"__local uchar skipped_here[{local}] __attribute__((aligned(8)));")
         # (the marks 8 at a time where the group size allows it, else every value looks)
         any_set = (
@@ -559,12 +582,7 @@ def _build(
             "}",
             "}",
         ]
-    operation = [
-        # (from the global id, which is a size_t, rather than ElementwiseKernel's `i`,
-        # whose int arithmetic would overflow beyond 2**31 values)
-        f"const long c = (long)get_global_id(0) - begin * {local};",
-        *(["uchar mine = 0;"] if counting else []),
-        "if (full || c < size) {",
+    element = [  # the update of the value at index c of the parameter
         f"const {stored} param_raw = param[c];",
         f"{real} param_v = {'master_param[c]' if spec.master else 'FROM_STORAGE(param_raw)'};",
         f"const {real} grad_v = FROM_STORAGE(grad[c]);",
@@ -574,11 +592,32 @@ def _build(
         f"const uint random = {'mix(mix((uint)key) + (uint)c)' if spec.stochastic else '0'};",
         f"update({', '.join(update_args)});",
         *write,
-        *(["mine = !keep;"] if counting else []),
-        "}",
-        *counting,
-        "break;",
     ]
+    if chunked:
+        operation = [
+            f"const long first = (group - begin) * {span};",
+            f"const long last = min(first + {span}, size);",
+            *(["uint s = 0;"] if counts else []),
+            "for (long c = first; c < last; ++c) {",
+            *element,
+            *(["s += !keep;"] if counts else []),
+            "}",
+            *([f"if (s) {{ {add} }}"] if counts else []),
+            "break;",
+        ]
+    else:
+        operation = [
+            # (from the global id, which is a size_t, rather than ElementwiseKernel's
+            # `i`, whose int arithmetic would overflow beyond 2**31 values)
+            f"const long c = (long)get_global_id(0) - begin * {local};",
+            *(["uchar mine = 0;"] if counting else []),
+            "if (full || c < size) {",
+            *element,
+            *(["mine = !keep;"] if counting else []),
+            "}",
+            *counting,
+            "break;",
+        ]
     elementwise = ElementwiseKernel(
         context,
         arguments,

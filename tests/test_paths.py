@@ -263,3 +263,65 @@ def test_parameters_with_other_step_counts_take_launches_of_their_own(
     # split the others into runs of 3, 7 and 8
     assert launches == [needed([20]), needed([18]), needed([3, 1, 7, 1, 8]), needed([3, 1, 7, 1, 8])]
     assert run(together=False) == together
+
+
+GEOMETRY_CASES: list[tuple[str, dict[str, Any], str, str]] = [  # (optimizer, flags, nonfinite, dtype)
+    ("rmsprop", {"momentum": 0.9, "centered": True}, "count", "float32"),
+    ("rmsprop", {}, "propagate", "float64"),
+    ("sgd", {"momentum": 0.9, "nesterov": True}, "skip", "float32"),
+    ("adam", {"amsgrad": True}, "count", "float32"),
+    ("adamw", {}, "skip", "float64"),
+    ("adam", {"stochastic_rounding": True}, "skip", "float16"),
+    ("adam", {"master_weights": True}, "count", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "nonfinite", "dtype"),
+    GEOMETRY_CASES,
+    ids=[f"{case[0]}-{','.join(case[1]) or 'plain'}-{case[2]}-{case[3]}" for case in GEOMETRY_CASES],
+)
+def test_a_gpus_and_a_cpus_launch_geometry_give_the_same_bits(
+    name: str,
+    flags: dict[str, Any],
+    nonfinite: str,
+    dtype: str,
+    queue: cl.CommandQueue,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A GPU's kernel has one work-item per value, a CPU's a loop over values in each
+    # work-item (`netcl._kernels.geometry`); CI's device is a CPU, so the GPU's shape is
+    # built here on it, over parameters of sizes that leave partial work-groups and
+    # loops, several in one launch, with non-finite gradients counted or skipped
+    import ml_dtypes
+
+    import netcl._kernels as kernels
+    from netcl.optim import SGD, Adam, AdamW
+
+    factory = {"rmsprop": RMSProp, "sgd": SGD, "adam": Adam, "adamw": AdamW}[name]
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(9)
+    sizes = [3, 300, 5000, 1, 2100, 64]
+    starts = [rng.standard_normal(n).astype(dt) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(dt) for n in sizes] for _ in range(3)]
+    grads[1][2][[7, 4099]] = np.nan
+    grads[2][4][2050] = np.inf
+    results = []
+    for geo in (kernels.Geometry(local_size=64), kernels.Geometry(local_size=1, per_item=256)):
+        monkeypatch.setattr(kernels, "geometry", lambda device, geo=geo: geo)
+        fresh = cl.CommandQueue(cl.Context([queue.device]))  # kernels are built once per context
+        params = [Parameter(cl_array.to_device(fresh, x)) for x in starts]
+        opt = factory(params, lr=1e-2, nonfinite=nonfinite, **flags)
+        skipped = []
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = cl_array.to_device(fresh, g)
+            opt.step()
+            skipped.append(opt.skipped_nonfinite() if nonfinite == "count" else 0)
+        (cache,) = opt._launch_cache.values()
+        assert [launch.launcher.fused.geometry for launch in cache["prepared"].launches] == [geo]
+        state = [v.get().tobytes() for p in params for k, v in sorted(opt.state[p].items()) if k != "step"]
+        results.append(([p.data.get().tobytes() for p in params], state, skipped))
+    assert results[0] == results[1]
+    if nonfinite == "count":
+        assert results[0][2] == [0, 2, 1]
