@@ -8,7 +8,8 @@ Every case times its contenders side by side, in turns, in one run, and reports 
 * floor: an OpenCL kernel that moves the same bytes as the step (reads the parameter, the
   gradient and the state, writes the parameter and the state; netcl's own arrays, but for
   the many-parameter case) with trivial arithmetic, built with the best vector width and
-  work-group size of several tried on the device;
+  work-group size of several tried on the device (on a CPU also a loop over values in each
+  work-item, the shape of netcl's kernel there);
 * torch: the same torch optimizer on CPU tensors (when torch is installed), `fused=True`
   where torch has it (Adam, AdamW, SGD), else `foreach=True` (RMSprop);
 * numpy: the fewest in-place passes of numpy ufuncs that compute the step (plain variant).
@@ -42,6 +43,7 @@ import pyopencl.array as cl_array
 
 import netcl
 from netcl import Parameter, flat_parameters
+from netcl._kernels import CPU_VALUES_PER_ITEM
 from netcl._precision import BFLOAT16, compute_dtype, is_half
 from netcl.device import create_queue, describe_device
 from netcl.optim import SGD, Adam, AdamW, RMSProp
@@ -120,25 +122,34 @@ class Floor:
         self._kernels: dict[int, cl.Kernel] = {}
 
     def kernel(self, width: int) -> cl.Kernel:
-        """The floor kernel with `width`-wide vectors, one vector per work-item."""
+        """The floor kernel with `width`-wide vectors, one vector per work-item; width 0:
+        a loop over `CPU_VALUES_PER_ITEM` values in each work-item (netcl's kernel's
+        shape on a CPU)."""
         if width not in self._kernels:
             ctype = "float" if self.dtype == np.float32 else "double"
             written = ["param"] + [f"state{k}" for k in range(self.buffers)]
             args = ", ".join(f"__global {ctype} *{name}" for name in ["grad", *written])
-            if width > 1:
+            if width == 0:
+                body = [f"{n}[i] = {n}[i] + grad[i];" for n in written]
+                main = f"""const long first = (long)get_global_id(0) * {CPU_VALUES_PER_ITEM};
+                const long last = min(first + {CPU_VALUES_PER_ITEM}, n);
+                for (long i = first; i < last; ++i) {{ {" ".join(body)} }}"""
+            elif width > 1:
                 load = f"{ctype}{width} g = vload{width}(i, grad);"
                 body = [f"vstore{width}(vload{width}(i, {n}) + g, i, {n});" for n in written]
             else:
                 load = f"{ctype} g = grad[i];"
                 body = [f"{n}[i] = {n}[i] + g;" for n in written]
-            pragma = "#pragma OPENCL EXTENSION cl_khr_fp64: enable" if ctype == "double" else ""
-            source = f"""{pragma}
-            __kernel void floor_kernel({args}, long n) {{
-                long i = get_global_id(0);
+            if width:
+                main = f"""long i = get_global_id(0);
                 /* as in netcl's kernel: a flag, the same for the whole work-group, that
                    lets the compiler run full groups without the bound check */
                 const bool full = (long)(get_group_id(0) + 1) * get_local_size(0) * {width} <= n;
-                if (full || (i + 1) * {width} <= n) {{ {load} {" ".join(body)} }}
+                if (full || (i + 1) * {width} <= n) {{ {load} {" ".join(body)} }}"""
+            pragma = "#pragma OPENCL EXTENSION cl_khr_fp64: enable" if ctype == "double" else ""
+            source = f"""{pragma}
+            __kernel void floor_kernel({args}, long n) {{
+                {main}
             }}"""
             kernel = cl.Kernel(cl.Program(self.queue.context, source).build(), "floor_kernel")
             kernel.set_scalar_arg_dtypes([None] * (2 + self.buffers) + [np.int64])
@@ -151,7 +162,7 @@ class Floor:
             self.choice = self._choose()
         width, local = self.choice
         kernel = self.kernel(width)
-        groups = -(-size // (width * local))
+        groups = -(-size // (_per_item(width) * local))
         buffers = [cast(cl.Buffer, a.base_data) for a in arrays]
 
         def step() -> None:
@@ -167,10 +178,12 @@ class Floor:
         arrays = [cl_array.zeros(self.queue, size, self.dtype) for _ in range(2 + self.buffers)]
         args = [cast(cl.Buffer, a.base_data) for a in arrays]
         candidates = [(width, local) for width in (1, 4, 8) for local in (64, 256, 1024)]
+        if self.queue.device.type & cl.device_type.CPU:
+            candidates.append((0, 1))
 
         def launch(width: int, local: int) -> Callable[[], None]:
             kernel = self.kernel(width)
-            groups = -(-size // (width * local))
+            groups = -(-size // (_per_item(width) * local))
 
             def step() -> None:
                 kernel(self.queue, (groups * local,), (local,), *args, size)
@@ -182,6 +195,11 @@ class Floor:
         best = min(medians, key=medians.__getitem__)
         width, local = best.split(",")
         return int(width), int(local)
+
+
+def _per_item(width: int) -> int:
+    """Values a work-item of the floor kernel of `width` moves."""
+    return width or CPU_VALUES_PER_ITEM
 
 
 # --- contenders --------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 
 Times, in shuffled turns on the default OpenCL device, float32 kernels that all move the
 bytes of the optimizer's plain step (RMSProp: read p, g, v, write p, v; Adam: read p, g,
-m, v, write p, m, v) on the step's own arrays, one work-item per value in netcl's
-work-groups, built with netcl's build options: the floor (trivial arithmetic), the floor
+m, v, write p, m, v) on the step's own arrays, in the shape of netcl's kernel on the
+device (`netcl._kernels.geometry`), built with netcl's build options: the floor (trivial arithmetic), the floor
 with a multiply per written array, the update's arithmetic without and then with its
 square root and division, then with each of netcl's extreme-value policies (and, for
 Adam, torch's form of the first moment's lerp) in turn, then all of them; and netcl's own
@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     # fewer of them there after the others ran, and look slower for it.
     buffers = [cast(cl.Buffer, x.base_data) for x in (p, g, *state)]
     scalars = [np.float32(x) for x in costs.scalars.values()]
-    local = geometry(queue.device).local_size
-    global_size = -(-size // local) * local
+    geo = geometry(queue.device)  # (netcl's kernel's shape: a loop over values per work-item on a CPU)
+    local, per = geo.local_size, geo.per_item
+    global_size = -(-size // geo.span) * local
     arrays = ", ".join(f"__global float *{name}" for name in ("P", "G", *costs.state))
     declared = ", ".join(f"float {name}" for name in costs.scalars)
     loads = " ".join(f"const float {name.lower()}0 = {name}[i];" for name in costs.state)
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         source = f"""#pragma OPENCL FP_CONTRACT OFF
         __kernel void k({arrays}, long n, {declared})
         {{
-            const long i = get_global_id(0);
-            const bool full = (long)(get_group_id(0) + 1) * get_local_size(0) <= n;
-            if (full || i < n) {{ const float g = G[i]; const float p0 = P[i]; {loads} {body} }}
+            const long first = (long)get_global_id(0) * {per};
+            const long last = min(first + {per}, n);
+            for (long i = first; i < last; ++i) {{ const float g = G[i]; const float p0 = P[i]; {loads} {body} }}
         }}"""
         built = cl.Program(queue.context, source).build(options=list(_BUILD_OPTIONS)).k
 
