@@ -256,8 +256,9 @@ class Launcher:
     object comes from the already built program: no build.
 
     Gradients are not kept: `run` takes them at each launch, and between launches the
-    launcher holds only a weak reference to each (a pyopencl array: the same array again
-    needs no new arguments), so a gradient the user drops is freed.
+    launcher holds only a weak reference to each (a pyopencl array, or an object whose
+    class sets `fixed_binding`: the same object again needs no new arguments), so a
+    gradient the user drops is freed.
     """
 
     def __init__(self, fused: FusedKernel) -> None:
@@ -354,7 +355,10 @@ class Launcher:
             grad = grads[k] if k < len(grads) else grads[0]
             known = refs[k]
             if known is None or known() is not grad:
-                refs[k] = weakref.ref(grad) if isinstance(grad, cl_array.Array) else None
+                # (the same pyopencl array, or buffer that says it never changes, needs
+                # no new argument; another object may have rebound its buffer)
+                fixed = isinstance(grad, cl_array.Array) or getattr(grad, "fixed_binding", False)
+                refs[k] = weakref.ref(grad) if fixed else None
                 self.changed = True
             args[k * per_slot + 2] = grad.base_data
             args[k * per_slot + 3] = grad.offset

@@ -113,13 +113,13 @@ def test_host_buffers_of_parameters_and_state_are_kept_from_step_to_step(monkeyp
     # the array-API path's bits all along
     assert host.host_queue() is not None and host._zero_copy(host.host_queue())
     made: list[int] = []
-    original = host._Wrapped.__init__
+    for kind in (host._Wrapped, host._GradBuffer):  # (the gradients' are _GradBuffer)
 
-    def counting(self: Any, context: cl.Context, array: Any) -> None:
-        made[-1] += 1
-        original(self, context, array)
+        def counting(self: Any, *args: Any, original: Any = kind.__init__) -> None:
+            made[-1] += 1
+            original(self, *args)
 
-    monkeypatch.setattr(host._Wrapped, "__init__", counting)
+        monkeypatch.setattr(kind, "__init__", counting)
     rng = np.random.default_rng(3)
     starts = [rng.standard_normal(n).astype(np.float32) for n in (100, 2000, 7)]
     grads = [[rng.standard_normal(x.size).astype(np.float32) for x in starts] for _ in range(4)]
@@ -188,4 +188,31 @@ def test_a_training_loop_keeps_its_host_launches(flat: bool, monkeypatch: pytest
             # laid out at the first step (new state), the second (the state exists now),
             # the fourth (no gradient for one), the fifth (its count lags); then kept
             assert made == [1, 1, 0, 1, 1, 0]
+    assert results[0] == results[1]
+
+
+def test_a_gradient_given_other_memory_in_place_is_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the buffer over a gradient is kept from step to step only for the same object at
+    # the same address: a torch gradient that `set_` moves to other memory of the same
+    # shape (its fingerprint unchanged) is read where it is now
+    from netcl.optim import Adam
+
+    rng = np.random.default_rng(6)
+    p0 = rng.standard_normal(4000).astype(np.float32)
+    values = [rng.standard_normal(4000).astype(np.float32) for _ in range(3)]
+    results = []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        param = Parameter(torch.tensor(p0))
+        grad = torch.tensor(values[0])
+        param.grad = grad
+        opt = Adam([param], lr=1e-2)
+        opt.step()
+        opt.step()
+        other = torch.tensor(values[1])
+        grad.set_(other.untyped_storage(), 0, other.shape, other.stride())  # the same object, other memory
+        opt.step()
+        grad.copy_(torch.tensor(values[2]))
+        opt.step()
+        results.append(param.data.numpy().tobytes())
     assert results[0] == results[1]

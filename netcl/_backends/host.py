@@ -17,10 +17,12 @@ gradients get new buffers at each step.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -134,6 +136,37 @@ class _Wrapped:
         self.host = host
         self.base_data = cl.Buffer(context, flags, hostbuf=host)
         self.offset = 0
+
+
+class _GradBuffer:
+    """A buffer over a gradient's memory that does not hold the gradient, kept from one
+    step to the next on a device that works in host memory: it is over the memory itself
+    (a ctypes view of its address), and a weak reference to the gradient releases it
+    when the gradient is freed, so that a gradient the user drops is freed as before.
+    A step takes it again only for the very gradient it was made for, at the same
+    address and size."""
+
+    __slots__ = ("__weakref__", "address", "base_data", "live", "nbytes", "offset", "owner")
+    fixed_binding = True
+    """Its buffer never changes (see `Launcher.set`)."""
+
+    def __init__(self, context: cl.Context, view: npt.NDArray[Any], owner: object) -> None:
+        self.address, self.nbytes, self.offset = _address(view), view.nbytes, 0
+        memory = (ctypes.c_char * view.nbytes).from_address(self.address)
+        self.base_data = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=memory)
+        live = self.live = [self.base_data]  # (released once: by the reference or by `release`)
+        self.owner = weakref.ref(owner, lambda _: _release_once(live))
+
+    def holds(self, view: npt.NDArray[Any], owner: object) -> bool:
+        return self.owner() is owner and _address(view) == self.address and view.nbytes == self.nbytes
+
+    def release(self) -> None:
+        _release_once(self.live)
+
+
+def _release_once(live: list[cl.Buffer]) -> None:
+    if live:
+        live.pop().release()
 
 
 @functools.cache
@@ -427,7 +460,12 @@ class _HostLaunches:
         self.buffers: dict[Hashable, _Wrapped] = {}
         self.launches: list[_HostLaunch] = []
         self.step_buffers: list[_Wrapped] = []
-        """Buffers made for the step that runs now (gradients; all where not kept)."""
+        """Buffers made for the step that runs now (all, where none are kept)."""
+        self.grads: dict[int, _GradBuffer] = {}
+        """Where buffers are kept: the gradients' of each run (by its place), while the
+        gradient lives."""
+        self.counter: cl.Buffer | None = None
+        """The counter the launches are bound to count skipped values in."""
         known = old.buffers if old is not None else {}
         launchers: dict[int, list[Launcher]] = {}
         for launch in old.launches if old is not None else ():
@@ -440,6 +478,9 @@ class _HostLaunches:
                     buffer.base_data.release()
             if old is not None:
                 old.buffers = {}
+                for g in old.grads.values():  # (the new launches' runs are others)
+                    g.release()
+                old.grads = {}
 
     def _lay_out(
         self,
@@ -498,15 +539,26 @@ class _HostLaunches:
             self.kept and work is self.work and step.kernel is self.spec and layout == self.layout and PATH == self.path
         )
 
-    def _grad(self, context: cl.Context, run: _HostRun) -> _Wrapped:
-        """A buffer, for this step, over the gradients of `run`."""
-        view = host_view(run.items[0].grad)
+    def _grad(self, context: cl.Context, run: _HostRun, place: int) -> _Wrapped | _GradBuffer:
+        """A buffer over the gradients of `run` (the `place`-th run of the launches): the
+        last step's where it is still over the very same gradient, else a new one."""
+        grad = run.items[0].grad
+        view = host_view(grad)
         if view is None:
             raise RuntimeError("a gradient that passed the checks has no host view")
         if run.joined is not None:  # (the same gradients as when laid out: see `fits`)
             start, size = run.joined
             owner = view.base if view.base is not None else view
             view = owner.reshape(-1)[start : start + size]
+        if self.kept:
+            known = self.grads.get(place)
+            if known is not None and known.holds(view, grad):
+                return known
+            try:
+                made_kept = self.grads[place] = _GradBuffer(context, view, grad)
+                return made_kept
+            except TypeError:  # (an array that takes no weak reference)
+                self.grads.pop(place, None)
         made = _Wrapped(context, view)
         self.step_buffers.append(made)
         return made
@@ -514,10 +566,17 @@ class _HostLaunches:
     def run(self, queue: cl.CommandQueue, step: Step, tally: Tally) -> None:
         """Enqueue every launch with this step's gradients and scalars, and wait for them."""
         shared = step.kernel.member_scalar_count
+        counter = tally.counter(queue)
+        bind, self.counter = counter is not self.counter, counter
+        place = 0
         try:
             for launch in self.launches:  # every launch's arguments first, then the launches
-                grads = [self._grad(queue.context, run) for run in launch.runs]
-                launch.launcher.bind(launch.members, tally.counter(queue))
+                grads = []
+                for run in launch.runs:
+                    grads.append(self._grad(queue.context, run, place))
+                    place += 1
+                if bind:  # (the members stay bound from one step to the next)
+                    launch.launcher.bind(launch.members, counter)
                 keys = [run.items[0].member[shared:] for run in launch.runs] if step.kernel.stochastic else []
                 common = launch.runs[0].items[0].member[:shared]
                 launch.launcher.set(step.scalars + common, keys, grads)
@@ -550,3 +609,6 @@ class _HostLaunches:
         for w in self.buffers.values():
             w.base_data.release()
         self.buffers = {}
+        for g in self.grads.values():
+            g.release()
+        self.grads = {}
