@@ -185,7 +185,9 @@ _BUILD_OPTIONS = (
     "-cl-fp32-correctly-rounded-divide-sqrt",
 )
 
-_SLOT_COUNTS = (1, 2, 4, 8, 16)
+_SLOT_COUNTS = (1, 2, 4, 8, 10, 12, 16)
+"""The parameters a built kernel takes: powers of two, and the most that fit the
+arguments of Adam's kernel (12) and of those with five arrays (10) in 1,024 bytes."""
 
 
 def slots_for(count: int) -> int:
@@ -203,7 +205,9 @@ def max_slots(device: cl.Device, spec: KernelSpec) -> int:
     arguments (1024 on some drivers).
     """
     per_slot = (2 + len(spec.buffers)) * 16 + 8 + 8 * spec.stochastic
-    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 8
+    # the group's and members' scalars (8 bytes: a double's), the counter (buffer,
+    # offset) and ElementwiseKernel's n
+    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 16 + 8
     fitting = [n for n in _SLOT_COUNTS if fixed + n * per_slot <= device.max_parameter_size]
     return max(fitting, default=1)
 
