@@ -1,7 +1,7 @@
 """What each part of an optimizer's update costs in the fused kernel, against the floor.
 
     python -m tests.kernel_costs [--optimizer rmsprop|adam] [--size 1e7] [--rounds 31]
-    python -m tests.kernel_costs --many 160 [--rounds 301]
+    python -m tests.kernel_costs --many 160 [--optimizer rmsprop|adam] [--rounds 301]
 
 Times, in shuffled turns on the default OpenCL device, float32 kernels that all move the
 bytes of the optimizer's plain step (RMSProp: read p, g, v, write p, v; Adam: read p, g,
@@ -13,8 +13,8 @@ Adam, torch's form of the first moment's lerp) in turn, then all of them; and ne
 `step()`, with `nonfinite="skip"` (the default), `"count"` and `"propagate"`. Prints
 medians, ratios to the floor and the bandwidth each reaches.
 
-With `--many N`: what a step over the benchmark's N parameters of 64 to 20,000 values
-(each in its own buffer) costs beyond the floor for their total bytes: one parameter of
+With `--many N`: what a step of `--optimizer` over the benchmark's N parameters of 64 to
+20,000 values (each in its own buffer) costs beyond the floor for their total bytes: one parameter of
 that many values in one launch, then the same values in as many launches as the N
 parameters take, then those N parameters' own launches, all enqueued bare (no Python
 between them but the enqueue), and the step itself.
@@ -34,8 +34,7 @@ import pyopencl.array as cl_array
 from netcl import Parameter
 from netcl._backends.opencl import _Launch, _Prepared
 from netcl._kernels import _BUILD_OPTIONS, geometry
-from netcl.bench import LR, VARIANTS, Floor, _bytes, _netcl_step, _time, many_sizes
-from netcl.optim import RMSProp
+from netcl.bench import LR, VARIANTS, Floor, Variant, _bytes, _netcl_step, _time, many_sizes
 from netcl.optim.optimizer import Optimizer
 
 
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     size = int(args.size)
     queue = cl.CommandQueue(cl.create_some_context(interactive=False))
     if args.many:
-        many(queue, args.many, args.rounds)
+        many(queue, args.many, args.rounds, VARIANTS[OPTIMIZERS[args.optimizer].variant])
         return
     costs = OPTIMIZERS[args.optimizer]
     variant = VARIANTS[costs.variant]
@@ -195,7 +194,7 @@ def _bare(launches: list[_Launch]) -> Callable[[], None]:
     return run
 
 
-def many(queue: cl.CommandQueue, count: int, rounds: int) -> None:
+def many(queue: cl.CommandQueue, count: int, rounds: int, variant: Variant) -> None:
     """Launch and per-parameter costs of a step over `count` parameters (see the top)."""
     rng = np.random.default_rng(0)
 
@@ -207,15 +206,16 @@ def many(queue: cl.CommandQueue, count: int, rounds: int) -> None:
 
     sizes = many_sizes(count)
     total = sum(sizes)
-    optimizer = RMSProp([Parameter(*arrays(n)) for n in sizes], lr=1e-3)
+    factory = variant.optimizer
+    optimizer = factory([Parameter(*arrays(n)) for n in sizes], lr=1e-3)
     optimizer.step()
     launches = len(_bound(optimizer))
-    whole = RMSProp([Parameter(*arrays(total))], lr=1e-3)
+    whole = factory([Parameter(*arrays(total))], lr=1e-3)
     whole.step()
     # the same values in `launches` parameters: slices of one buffer, one optimizer each
     p, g = arrays(total)
     bounds = np.linspace(0, total, launches + 1).astype(int)
-    parts = [RMSProp([Parameter(p[a:b], g[a:b])], lr=1e-3) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    parts = [factory([Parameter(p[a:b], g[a:b])], lr=1e-3) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     for part in parts:
         part.step()
 
@@ -224,8 +224,8 @@ def many(queue: cl.CommandQueue, count: int, rounds: int) -> None:
         queue.finish()
 
     contenders = {
-        "floor (one buffer, same bytes)": Floor(queue, np.dtype(np.float32), 1).launcher(
-            [cl_array.zeros(queue, total + 4096, np.float32) for _ in range(3)], total
+        "floor (one buffer, same bytes)": Floor(queue, np.dtype(np.float32), variant.buffers).launcher(
+            [cl_array.zeros(queue, total + 4096, np.float32) for _ in range(2 + variant.buffers)], total
         ),
         "one parameter, 1 launch": _bare(_bound(whole)),
         f"one parameter, {launches} launches": _bare([launch for part in parts for launch in _bound(part)]),
