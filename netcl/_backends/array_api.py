@@ -114,8 +114,8 @@ class ArrayAPIBackend(Backend):
         # elements), dtype, device and writeability; for numpy and torch only
         if type(array) is np.ndarray:
             return (np.ndarray, array.shape, array.strides, array.dtype, array.flags.writeable)
-        if array_api_compat.is_torch_array(array):
-            return (type(array), tuple(array.shape), array.stride(), array.dtype, array.device, array.layout)
+        if array_api_compat.is_torch_array(array):  # (torch.Size is a tuple)
+            return (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout)
         return None
 
     def same_memory(self, array: Any, other: Any) -> bool:

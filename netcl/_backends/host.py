@@ -168,14 +168,16 @@ class _GradBuffer:
         _release_once(self.live)
 
 
-def _memory(x: Any) -> tuple[int, int] | None:
-    """The address and size of a contiguous numpy array's or torch tensor's memory,
-    without a host view; None for other arrays."""
+def _moved(x: Any, memory: tuple[int, int]) -> bool:
+    """Whether `x`, an array that passed the step's checks with the fingerprint it had
+    when its buffer over `memory` (address, size) was made, may be elsewhere now. A numpy
+    array's memory moves only when `resize` changes its size, which its fingerprint
+    shows; a torch tensor's moves with `set_`, so its address is compared."""
     if type(x) is np.ndarray:
-        return _address(x), x.nbytes
+        return False
     if array_api_compat.is_torch_array(x):
-        return int(x.data_ptr()), x.element_size() * x.numel()
-    return None
+        return (int(x.data_ptr()), x.element_size() * x.numel()) != memory
+    return True
 
 
 def _release_once(live: list[cl.Buffer]) -> None:
@@ -258,8 +260,10 @@ def _layout_of(work: Sequence[Work], shared: int) -> tuple[tuple[int, ...], tupl
     """What the launches' layout depends on of the items' own scalars: which items share
     the scalars a launch passes once (their labels, in order of appearance), and where
     neighbours' own scalars differ (a run of joined arrays breaks there)."""
-    labels: dict[tuple[float, ...], int] = {}
     members = [item.member for item in work]
+    if members.count(members[0]) == len(members):  # (mostly: every count the same)
+        return (0,) * len(members), ()
+    labels: dict[tuple[float, ...], int] = {}
     common = tuple(labels.setdefault(member[:shared], len(labels)) for member in members)
     breaks = tuple(k for k in range(1, len(members)) if members[k] != members[k - 1])
     return common, breaks
@@ -558,7 +562,7 @@ class _HostLaunches:
         last step's where it is still over the very same gradient, else a new one."""
         grad = run.items[0].grad
         known = self.grads.get(place)
-        if known is not None and run.joined is None and known.owner() is grad and _memory(grad) == known.memory:
+        if known is not None and run.joined is None and known.owner() is grad and not _moved(grad, known.memory):
             return known  # (without a host view: a torch tensor's costs a DLPack export)
         view = host_view(grad)
         if view is None:
