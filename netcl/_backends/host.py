@@ -10,9 +10,9 @@ that copy as well as on those that don't: on a driver that copies, the buffers a
 at the step (the host data is copied in then), the kernel runs, the written arrays are
 mapped for reading (the results are copied out then) and the buffers are released before
 `step()` returns. Where the device works in the host memory itself (PoCL's CPU device,
-asked once per queue), the buffers over parameters and state, and the launches laid out
-over them, are kept for the next step of the same arrays (`_HostLaunches`); only the
-gradients get new buffers at each step.
+asked once per queue), the buffers over parameters, state and gradients, and the
+launches laid out over them, are kept for the next step of the same arrays
+(`_HostLaunches`); a gradient's buffer does not hold the gradient (`_GradBuffer`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class _GradBuffer:
         self.owner = weakref.ref(owner, lambda _: _release_once(live))
 
     def holds(self, view: npt.NDArray[Any], owner: object) -> bool:
-        return self.owner() is owner and _address(view) == self.address and view.nbytes == self.nbytes
+        return self.owner() is owner and (_address(view), view.nbytes) == self.memory
 
     @property
     def memory(self) -> tuple[int, int]:
@@ -456,9 +456,10 @@ class _HostLaunches:
     the same `work` list (then the same arrays: see `Backend.apply`), and a new layout
     takes over those of the old one that cover the same memory (by identity, else by
     address, size and dtype: a buffer holds its array, so no other array takes that
-    memory meanwhile). Gradients get buffers of their own at each step, so that a
-    gradient the user drops is freed. Elsewhere every buffer is made for one step: a
-    copying driver copies the host data in when it is made, and out when it is mapped.
+    memory meanwhile). Gradients' buffers are kept too, but do not hold the gradients
+    (`_GradBuffer`), so that a gradient the user drops is freed. Elsewhere every buffer is
+    made for one step: a copying driver copies the host data in when it is made, and out
+    when it is mapped.
     """
 
     def __init__(
@@ -514,12 +515,12 @@ class _HostLaunches:
         for items, views in runs:
             groups.setdefault((views[0].dtype, items[0].member[:shared]), []).append((items, views))
         limit = max_slots(queue.device, step.kernel)
+        context = queue.context
         for (dtype, _), group in groups.items():
             for start in range(0, len(group), limit):
                 chunk = group[start : start + limit]
                 members, host_runs = [], []
                 for items, views in chunk:
-                    context = queue.context
                     buffers = tuple(None if j == 1 else self._wrap(context, v, known) for j, v in enumerate(views))
                     members.append(Member(buffers, views[0].size))
                     joined = None
@@ -528,7 +529,7 @@ class _HostLaunches:
                         owner = grad.base if grad.base is not None else grad
                         joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
                     host_runs.append(_HostRun(items, joined))
-                fused = fused_kernel(queue.context, queue.device, dtype, step.kernel, slots_for(len(members)))
+                fused = fused_kernel(context, queue.device, dtype, step.kernel, slots_for(len(members)))
                 spare = launchers.get(id(fused))
                 launcher = spare.pop() if spare else fused.launcher()
                 self.launches.append(_HostLaunch(launcher, host_runs, members))
