@@ -150,19 +150,59 @@ def test_arrays_laid_out_by_hand_take_the_same_launch(queue: cl.CommandQueue) ->
     assert data.get().tobytes() == np.concatenate([p.data.get() for p in separate]).tobytes()
 
 
-def test_a_new_gradient_array_ends_the_run_and_is_followed(queue: cl.CommandQueue) -> None:
-    params = flat_parameters(queue, [(4,), (4,), (4,)])
+@pytest.mark.parametrize("where", ["pyopencl", "numpy"])
+def test_a_new_gradient_array_ends_the_run_and_is_followed(
+    where: str, queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the step keeps its plan and launches for new gradients (a training loop's), but
+    # the launch took the run's gradients as one array: a new one in the run breaks it
+    monkeypatch.setattr(host, "PATH", "kernel")
+    params = flat_parameters(queue if where == "pyopencl" else None, [(4,), (4,), (4,)])
     for p in params:
-        p.data.fill(1.0)
+        p.data[...] = 1.0
         assert p.grad is not None
-        p.grad.fill(1.0)
+        p.grad[...] = 1.0
     opt = SGD(params, lr=0.5)
     opt.step()
-    params[1].grad = cl_array.to_device(queue, np.full(4, 3.0, F32))
+    new = np.full(4, 3.0, F32)
+    params[1].grad = cl_array.to_device(queue, new) if where == "pyopencl" else new
     opt.step()
-    np.testing.assert_array_equal(params[0].data.get(), 0.0)
-    np.testing.assert_array_equal(params[1].data.get(), -1.0)
-    np.testing.assert_array_equal(params[2].data.get(), 0.0)
+    np.testing.assert_array_equal(_get(params[0].data), 0.0)
+    np.testing.assert_array_equal(_get(params[1].data), -1.0)
+    np.testing.assert_array_equal(_get(params[2].data), 0.0)
+    first = params[0].grad
+    assert first is not None
+    params[0].grad = first[...]  # a new view of the same memory: the same run
+    opt.step()
+    np.testing.assert_array_equal(_get(params[0].data), -0.5)
+    np.testing.assert_array_equal(_get(params[1].data), -2.5)
+
+
+def test_new_gradient_arrays_at_every_step_keep_the_prepared_launches(queue: cl.CommandQueue) -> None:
+    # a training loop that sets gradients to None and computes new ones: the launches
+    # prepared at the second step are kept; a new gradient is still checked
+    rng = np.random.default_rng(3)
+    shapes = [(5,), (3, 4), (9,)]
+    params = [Parameter(cl_array.to_device(queue, rng.standard_normal(s).astype(F32))) for s in shapes]
+    alone = [Parameter(p.data.copy()) for p in params]
+    opt, reference = Adam(params, lr=0.1), Adam(alone, lr=0.1)
+    prepared = []
+    for _ in range(4):
+        for p, q in zip(params, alone, strict=True):
+            g = rng.standard_normal(p.data.shape).astype(F32)
+            p.grad, q.grad = cl_array.to_device(queue, g), cl_array.to_device(queue, g)
+        opt.step()
+        reference.step()
+        reference._plans.clear()  # (the reference plans every step afresh)
+        prepared.append(next(iter(opt._launch_cache.values()))["prepared"])
+    assert prepared[1] is prepared[2] is prepared[3]
+    for p, q in zip(params, alone, strict=True):
+        assert p.data.get().tobytes() == q.data.get().tobytes()
+    params[2].grad = cl_array.zeros(queue, (8,), F32)
+    before = params[0].data.get()
+    with pytest.raises(ValueError, match=r"\['params'\]\[2\]\.grad has shape \(8,\)"):
+        opt.step()
+    assert params[0].data.get().tobytes() == before.tobytes()
 
 
 def test_state_dicts_keep_the_per_parameter_layout(queue: cl.CommandQueue) -> None:
@@ -192,9 +232,9 @@ def test_a_flat_numpy_model_takes_the_host_kernel_once(monkeypatch: pytest.Monke
     launched: list[list[int]] = []
     original = host._HostLaunches.run
 
-    def spy(self: Any, queue: cl.CommandQueue, step: Any, tally: Any) -> None:
+    def spy(self: Any, queue: cl.CommandQueue, step: Any, tally: Any) -> bool:
         launched.extend([member.size for member in launch.members] for launch in self.launches)
-        original(self, queue, step, tally)
+        return original(self, queue, step, tally)
 
     monkeypatch.setattr(host._HostLaunches, "run", spy)
     for p in params:

@@ -216,3 +216,77 @@ def test_a_gradient_given_other_memory_in_place_is_followed(monkeypatch: pytest.
         opt.step()
         results.append(param.data.numpy().tobytes())
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_new_gradients_at_every_step_keep_the_launches(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's zero_grad() sets gradients to None, so a training loop's backward pass
+    # brings new gradient tensors at every step: the plan and the launches are kept
+    # (the new gradients pass the checks by their fingerprints), and the bits are the
+    # array-API path's; a new gradient of another shape is refused as always
+    from netcl.optim import Adam
+
+    shapes = [(30, 20), (2000,), (7,)]
+    rng = np.random.default_rng(8)
+    starts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    made: list[int] = []
+    original = host._HostLaunches.__init__
+
+    def counting(self: Any, *args: Any) -> None:
+        made.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(host._HostLaunches, "__init__", counting)
+
+    def array(x: np.ndarray[Any, Any]) -> Any:
+        return torch.tensor(x) if kind == "torch" else x.copy()
+
+    results = []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = [Parameter(array(x)) for x in starts]
+        opt = Adam(params, lr=1e-2)
+        made.clear()
+        for step in grads:
+            opt.zero_grad()
+            for p, g in zip(params, step, strict=True):
+                p.grad = array(g)
+            opt.step()
+        results.append([np.asarray(p.data).tobytes() for p in params])
+        if path == "kernel":
+            assert made == [1, 1]  # new state at the first step, then the state exists
+        params[1].grad = array(np.zeros(1999, np.float32))
+        before = np.asarray(params[0].data).tobytes()
+        with pytest.raises(ValueError, match=r"params'\]\[1\]\.grad has shape \(1999,\)"):
+            opt.step()
+        assert np.asarray(params[0].data).tobytes() == before
+    assert results[0] == results[1]
+
+
+def test_a_new_gradient_without_a_host_view_takes_the_array_api_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a new numpy gradient with the last one's shape, strides and dtype but memory off
+    # its dtype's alignment: the kernel cannot take it, the kept launches are laid out
+    # again without it, and the step is right
+    from netcl.optim import Adam
+
+    monkeypatch.setattr(host, "PATH", "kernel")
+    rng = np.random.default_rng(9)
+    start, g0, g1 = (rng.standard_normal(500).astype(np.float32) for _ in range(3))
+    param = Parameter(start.copy(), g0.copy())
+    alone = Parameter(start.copy(), g0.copy())
+    opt, reference = Adam([param], lr=1e-2), Adam([alone], lr=1e-2)
+    for _ in range(2):  # (the second step's launches are kept for the third)
+        monkeypatch.setattr(host, "PATH", "array-api")
+        reference.step()
+        monkeypatch.setattr(host, "PATH", "kernel")
+        opt.step()
+    unaligned = np.ndarray(500, np.float32, buffer=bytearray(g1.nbytes + 1), offset=1)
+    unaligned[...] = g1
+    assert not unaligned.flags.aligned
+    param.grad = unaligned
+    alone.grad = g1.copy()
+    opt.step()
+    monkeypatch.setattr(host, "PATH", "array-api")
+    reference.step()
+    assert param.data.tobytes() == alone.data.tobytes()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,17 @@ from netcl._precision import HALF_DTYPES
 from netcl._types import ParameterLike
 from netcl._update import Step
 
-__all__ = ["Backend", "HostViews", "SUPPORTED_DTYPES", "Tally", "Work", "check_dtype", "check_same_shape", "describe"]
+__all__ = [
+    "Backend",
+    "HostViews",
+    "SUPPORTED_DTYPES",
+    "Tally",
+    "Work",
+    "check_dtype",
+    "check_same_shape",
+    "describe",
+    "weak",
+]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), *HALF_DTYPES)
 """The parameter dtypes netcl updates (half ones in float32, see `netcl._precision`)."""
@@ -36,6 +47,20 @@ def check_dtype(got: object, wanted: object, parameter: object, where: str, stat
     if got != wanted:
         whose = f"the state of a {parameter} parameter is" if state else "its parameter has dtype"
         raise TypeError(f"{where} has dtype {got}, but {whose} {wanted}")
+
+
+def weak(x: object) -> Callable[[], object]:
+    """A weak reference to `x`, or one that never matches when `x` takes none: caches
+    compare arrays by identity without keeping them (a gradient the user dropped is
+    freed), and an object they cannot refer to weakly is simply checked again."""
+    try:
+        return weakref.ref(x)
+    except TypeError:
+        return _nothing
+
+
+def _nothing() -> object:
+    return _nothing  # (no array is this function)
 
 
 def describe(x: object) -> str:

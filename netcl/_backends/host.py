@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
 
-from netcl._backends.base import SUPPORTED_DTYPES, Tally, Work
+from netcl._backends.base import SUPPORTED_DTYPES, Tally, Work, weak
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
@@ -150,9 +150,9 @@ class _GradBuffer:
     fixed_binding = True
     """Its buffer never changes (see `Launcher.set`)."""
 
-    def __init__(self, context: cl.Context, view: npt.NDArray[Any], owner: object) -> None:
-        self.address, self.nbytes, self.offset = _address(view), view.nbytes, 0
-        memory = (ctypes.c_char * view.nbytes).from_address(self.address)
+    def __init__(self, context: cl.Context, address: int, nbytes: int, owner: object) -> None:
+        self.address, self.nbytes, self.offset = address, nbytes, 0
+        memory = (ctypes.c_char * nbytes).from_address(address)
         self.base_data = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=memory)
         live = self.live = [self.base_data]  # (released once: by the reference or by `release`)
         self.owner = weakref.ref(owner, lambda _: _release_once(live))
@@ -178,6 +178,17 @@ def _moved(x: Any, memory: tuple[int, int]) -> bool:
     if array_api_compat.is_torch_array(x):
         return (int(x.data_ptr()), x.element_size() * x.numel()) != memory
     return True
+
+
+def _torch_memory(x: Any) -> tuple[int, int] | None:
+    """The address and size of a torch tensor's memory, where it is aligned to its
+    elements, without a DLPack export; None for another array. Only for a gradient
+    whose fingerprint (shape, strides, dtype, device) is the one of the gradient a
+    launch was laid out with: its memory is then laid out alike."""
+    if not array_api_compat.is_torch_array(x):
+        return None
+    address, itemsize = int(x.data_ptr()), x.element_size()
+    return (address, itemsize * x.numel()) if address % itemsize == 0 else None
 
 
 def _release_once(live: list[cl.Buffer]) -> None:
@@ -229,7 +240,10 @@ def update_on_host(
         return PATH == "kernel" or (PATH == "measured" and _kernel_wins(queue, step, runs))
 
     launches = _launches_for(queue, step, work, cache, immutable, chosen)
-    launches.run(queue, step, tally)
+    if not launches.run(queue, step, tally):  # (a new gradient they cannot take: laid out again)
+        launches = _launches_for(queue, step, work, cache, immutable, chosen, again=True)
+        if not launches.run(queue, step, tally):
+            raise RuntimeError("a gradient laid out for the fused kernel has no host view")
     return launches.rest
 
 
@@ -240,13 +254,14 @@ def _launches_for(
     cache: MutableMapping[Hashable, Any],
     immutable: Callable[[Any], bool],
     chosen: Callable[[Runs], bool],
+    again: bool = False,
 ) -> _HostLaunches:
     """The launches of `work` in `cache`, or new ones (which take over the old ones'
-    kernels and buffers) where those do not fit; `chosen`: whether the kernel takes
-    the runs of host arrays, or the array-API path."""
+    kernels and buffers) where those do not fit or `again` says so; `chosen`: whether
+    the kernel takes the runs of host arrays, or the array-API path."""
     layout = _layout_of(work, step.kernel.member_scalar_count)
     launches = cache.get("host")
-    if not isinstance(launches, _HostLaunches) or not launches.fits(work, step, layout):
+    if not isinstance(launches, _HostLaunches) or again or not launches.fits(work, step, layout):
         rest, runs = _runs_of(step, work, immutable)
         if runs and not chosen(runs):
             rest += [item for items, _ in runs for item in items]
@@ -485,6 +500,9 @@ class _HostLaunches:
         gradient lives."""
         self.counter: cl.Buffer | None = None
         """The counter the launches are bound to count skipped values in."""
+        self.joined: list[tuple[Work, Callable[[], object]]] = []
+        """The items of runs of several, and their gradients (weakly): a run's gradients
+        are bound as one array, so a new gradient there needs a new layout (`fits`)."""
         known = old.buffers if old is not None else {}
         launchers: dict[int, list[Launcher]] = {}
         for launch in old.launches if old is not None else ():
@@ -525,6 +543,7 @@ class _HostLaunches:
                     members.append(Member(buffers, views[0].size))
                     joined = None
                     if len(items) > 1:
+                        self.joined += [(item, weak(item.grad)) for item in items]
                         grad = views[1]
                         owner = grad.base if grad.base is not None else grad
                         joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
@@ -553,21 +572,33 @@ class _HostLaunches:
         return found
 
     def fits(self, work: Sequence[Work], step: Step, layout: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
-        """Whether a step of `work` can take these launches again."""
+        """Whether a step of `work` can take these launches again (the same items; a
+        new gradient is taken but in a run of several)."""
         return (
-            self.kept and work is self.work and step.kernel is self.spec and layout == self.layout and PATH == self.path
+            self.kept
+            and work is self.work
+            and step.kernel is self.spec
+            and layout == self.layout
+            and PATH == self.path
+            and all(item.grad is grad() for item, grad in self.joined)
         )
 
-    def _grad(self, context: cl.Context, run: _HostRun, place: int) -> _Wrapped | _GradBuffer:
+    def _grad(self, context: cl.Context, run: _HostRun, place: int) -> _Wrapped | _GradBuffer | None:
         """A buffer over the gradients of `run` (the `place`-th run of the launches): the
-        last step's where it is still over the very same gradient, else a new one."""
+        last step's where it is still over the very same gradient, else a new one; None
+        for a new gradient that has no host view (the launches must be laid out again)."""
         grad = run.items[0].grad
         known = self.grads.get(place)
-        if known is not None and run.joined is None and known.owner() is grad and not _moved(grad, known.memory):
-            return known  # (without a host view: a torch tensor's costs a DLPack export)
+        if known is not None and run.joined is None:
+            if known.owner() is grad and not _moved(grad, known.memory):
+                return known  # (without a host view: a torch tensor's costs a DLPack export)
+            memory = _torch_memory(grad)
+            if memory is not None:  # (a new tensor: a training loop's next gradient)
+                made_new = self.grads[place] = _GradBuffer(context, *memory, grad)
+                return made_new
         view = host_view(grad)
         if view is None:
-            raise RuntimeError("a gradient that passed the checks has no host view")
+            return None
         if run.joined is not None:  # (the same gradients as when laid out: see `fits`)
             start, size = run.joined
             owner = view.base if view.base is not None else view
@@ -576,7 +607,7 @@ class _HostLaunches:
             if known is not None and known.holds(view, grad):
                 return known
             try:
-                made_kept = self.grads[place] = _GradBuffer(context, view, grad)
+                made_kept = self.grads[place] = _GradBuffer(context, _address(view), view.nbytes, grad)
                 return made_kept
             except TypeError:  # (an array that takes no weak reference)
                 self.grads.pop(place, None)
@@ -584,8 +615,9 @@ class _HostLaunches:
         self.step_buffers.append(made)
         return made
 
-    def run(self, queue: cl.CommandQueue, step: Step, tally: Tally) -> None:
-        """Enqueue every launch with this step's gradients and scalars, and wait for them."""
+    def run(self, queue: cl.CommandQueue, step: Step, tally: Tally) -> bool:
+        """Enqueue every launch with this step's gradients and scalars, and wait for them;
+        False, with nothing enqueued, where a new gradient has no host view."""
         shared = step.kernel.member_scalar_count
         counter = tally.counter(queue)
         bind, self.counter = counter is not self.counter, counter
@@ -594,7 +626,10 @@ class _HostLaunches:
             for launch in self.launches:  # every launch's arguments first, then the launches
                 grads = []
                 for run in launch.runs:
-                    grads.append(self._grad(queue.context, run, place))
+                    grad = self._grad(queue.context, run, place)
+                    if grad is None:
+                        return False
+                    grads.append(grad)
                     place += 1
                 if bind:  # (the members stay bound from one step to the next)
                     launch.launcher.bind(launch.members, counter)
@@ -618,6 +653,7 @@ class _HostLaunches:
                         )
                         mapped.base.release(queue, wait_for=[event])
             queue.finish()
+            return True
         finally:
             for launch in self.launches:
                 launch.launcher.drop_grads()

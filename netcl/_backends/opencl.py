@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Hashable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal, cast
@@ -29,6 +29,7 @@ from netcl._backends.base import (
     check_dtype,
     check_same_shape,
     describe,
+    weak,
 )
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._precision import compute_dtype
@@ -299,6 +300,7 @@ class OpenCLBackend(Backend):
             or prepared.work is not work
             or prepared.spec is not step.kernel
             or prepared.breaks != breaks
+            or not prepared.joined_hold(work)
         ):
             key = tuple(_identity(x) for item in work for x in (item.data, item.grad, *item.buffers.values())) + (
                 breaks,
@@ -308,6 +310,7 @@ class OpenCLBackend(Backend):
                 prepared = _Prepared(key, step, work, old, tally, breaks)
                 cache["prepared"] = prepared
             prepared.work, prepared.spec = work, step.kernel
+            prepared.remember_joined(work)
         prepared.run(step.scalars, tally)
 
 
@@ -416,6 +419,10 @@ class _Prepared:
                 batches.setdefault((data.queue, np.dtype(data.dtype)), []).append((Member(arrays, size), place))
         self.launchers: dict[Hashable, Launcher] = {}
         self.launches: list[_Launch] = []
+        self.joined: list[tuple[int, Callable[[], object]]] = []
+        """Each parameter of a run of several, and its gradient (weakly): a run's
+        gradients are bound as one array, so the same work with a new gradient there
+        needs its layout checked again (`joined_hold`)."""
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
             limit = max_slots(facts.device, step.kernel)
@@ -447,8 +454,18 @@ class _Prepared:
                         [x for x in touched if not isinstance(x, cl_array.Array)],
                         [run_places[0] for _, run_places in chunk],
                         places,
+                        [place for _, run_places in chunk if len(run_places) > 1 for place in run_places],
                     )
                 )
+
+    def remember_joined(self, work: Sequence[Work]) -> None:
+        """Record the gradients of the parameters in runs of several."""
+        self.joined = [(place, weak(work[place].grad)) for launch in self.launches for place in launch.joined]
+
+    def joined_hold(self, work: Sequence[Work]) -> bool:
+        """Whether the parameters in runs of several have the gradients they were laid
+        out with (other parameters' gradients may be new objects at any step)."""
+        return all(work[place].grad is grad() for place, grad in self.joined)
 
     def run(self, scalars: tuple[float, ...], tally: Tally) -> None:
         """Enqueue every launch, with the work's gradients and own scalars."""
@@ -501,6 +518,8 @@ class _Launch:
     """Where the first parameter of each of the launch's runs is in the step's work."""
     members: list[int]
     """Where every parameter of the launch is in the step's work."""
+    joined: list[int]
+    """Where the parameters of its runs of several are in the step's work."""
 
 
 def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None:

@@ -10,7 +10,6 @@ which state buffers it keeps, and its update (an
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
 
@@ -19,7 +18,7 @@ import numpy.typing as npt
 
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
-from netcl._backends.base import Tally, check_dtype
+from netcl._backends.base import Tally, check_dtype, weak
 from netcl._kernels import NonFinite
 from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
@@ -61,20 +60,6 @@ _TORCH_ONLY_KEYS = frozenset(
 )
 
 
-def _weak(x: object) -> Callable[[], object]:
-    """A weak reference to `x`, or one that never matches when `x` takes none: caches
-    compare arrays by identity without keeping them (a gradient the user dropped is
-    freed), and an object they cannot refer to weakly is simply checked again."""
-    try:
-        return weakref.ref(x)
-    except TypeError:
-        return _nothing
-
-
-def _nothing() -> object:
-    return _NOTHING
-
-
 _NOTHING = object()
 
 
@@ -92,7 +77,7 @@ class _Checked:
     def __init__(
         self, data: object, grad: object, state: Mapping[str, object], backend: Backend, prints: tuple[Hashable, ...]
     ) -> None:
-        self.data, self.grad, self.backend, self.prints = data, _weak(grad), backend, prints
+        self.data, self.grad, self.backend, self.prints = data, weak(grad), backend, prints
         self.state = [(name, value) for name, value in state.items() if name != "step"]
 
     @staticmethod
@@ -112,6 +97,34 @@ class _Checked:
         return _fingerprints(self.backend, data, grad, state) == self.prints
 
 
+def _passes(backend: Backend, data: object, grad: object, at: str) -> bool:
+    """Whether `grad`, a new gradient of a parameter whose arrays cannot change what was
+    checked of them, passes the checks and cannot change either."""
+    try:
+        backend.check_grad(data, grad, f"{at}.grad")
+    except (TypeError, ValueError):
+        return False  # (the step checks it again, and raises)
+    return backend.stable(grad)
+
+
+def _same_prints(checked: _Checked, data: object, grad: object, kept: tuple[tuple[str, object], ...]) -> bool:
+    """Whether a parameter's arrays, gradient and state buffers `kept` (its state's, in
+    order) have the fingerprints `checked` recorded: `_fingerprints(...) == prints`,
+    without making the tuple (it runs at every step, for every parameter)."""
+    prints = checked.prints
+    if len(prints) != 2 + len(kept):
+        return False
+    fingerprint = checked.backend.fingerprint
+    if fingerprint(data) != prints[0] or fingerprint(grad) != prints[1]:
+        return False
+    k = 2
+    for _, value in kept:
+        if fingerprint(value) != prints[k]:
+            return False
+        k += 1
+    return True
+
+
 def _fingerprints(
     backend: Backend, data: object, grad: object, state: Mapping[str, object]
 ) -> tuple[Hashable, ...] | None:
@@ -125,9 +138,11 @@ class _Plan:
 
     Once a step has run it, `settled` records each state dict's buffers; the next step
     takes the same plan (the same `Work` lists, so backends keep their prepared
-    launches) if `holds`: the group's parameters, their arrays, gradients, state dicts
-    and buffers are the very same objects, and the variant needs the same buffers.
-    Gradients are held weakly, and each `Work` holds its gradient only during a step.
+    launches) if `holds`: the group's parameters, their arrays, state dicts and buffers
+    are the very same objects, the variant needs the same buffers, and each gradient is
+    the same object or a new one that passes the checks (torch's `zero_grad()` sets
+    gradients to None, so a training loop brings new ones at every step). Gradients are
+    held weakly, and each `Work` holds its gradient only during a step.
     """
 
     __slots__ = ("batches", "buffers", "checks", "dtypes", "entries", "items", "params", "stable")
@@ -135,7 +150,15 @@ class _Plan:
     def __init__(self, params: list[Any]) -> None:
         self.params = params
         self.entries: list[
-            tuple[Any, object, Callable[[], object] | None, MutableMapping[str, Any] | None, _Checked | None]
+            tuple[
+                Any,
+                object,
+                Callable[[], object] | None,
+                MutableMapping[str, Any] | None,
+                _Checked | None,
+                Backend | None,
+                str,
+            ]
         ] = []
         self.batches: dict[Backend, list[Work]] = {}
         self.buffers: tuple[str, ...] = ()
@@ -149,12 +172,15 @@ class _Plan:
                 int,
                 tuple[tuple[str, object], ...],
                 _Checked | None,
+                Backend | None,
+                str,
             ]
         ]
         self.checks = []
         """Per parameter, what `holds` compares: the parameter, its array, its gradient
-        (weakly), its state dict, the state's size, its buffers, and the fingerprints of
-        arrays that can change what was checked of them (None where none can)."""
+        (weakly), its state dict, the state's size, its buffers, the fingerprints of
+        arrays that can change what was checked of them (None where none can), its
+        backend and where it is (to check a new gradient)."""
         self.items: list[Work] = []
         """Every `Work` of the plan, in order (what `work()` yields)."""
         self.stable = True
@@ -165,32 +191,39 @@ class _Plan:
         self.buffers = buffers
         self.items = [item for work in self.batches.values() for item in work]
         self.checks = []
-        for param, data, grad, state, checked in self.entries:
+        for param, data, grad, state, checked, backend, at in self.entries:
             kept = tuple((n, v) for n, v in state.items() if n != "step") if state is not None else ()
-            self.checks.append((param, data, grad, state, len(kept) + 1, kept, checked))
+            self.checks.append((param, data, grad, state, len(kept) + 1, kept, checked, backend, at))
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
         """Whether a step may take this plan again: the very same objects (torch's
         `parameter.data`: the same memory), with the same fingerprints where an array
-        can change what was checked of it (one tight loop: it runs at every step, for
-        every parameter)."""
-        if params is not self.params or len(params) != len(self.checks) or buffers != self.buffers:
+        can change what was checked of it, but gradients, which may be new objects that
+        pass the checks: a fingerprinted one with the last one's fingerprint, another
+        (a pyopencl array) checked afresh. The new ones are remembered for the next
+        step. (One tight loop: it runs at every step, for every parameter.)"""
+        checks = self.checks
+        if params is not self.params or len(params) != len(checks) or buffers != self.buffers:
             return False
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
-        for param, (known, data, grad, state, size, kept, checked) in zip(params, self.checks, strict=True):
+        fresh: list[int] = []
+        for k, param in enumerate(params):
+            known, data, grad, state, size, kept, checked, backend, at = checks[k]
             if param is not known:
                 return False
             now_data = param.data
             if now_data is not data and (checked is None or not checked.backend.same_memory(now_data, data)):
                 return False
             now = param.grad
-            if grad is None:
-                if now is not None:
+            if grad is None or now is None:
+                if now is not grad:  # (None then, and None now)
                     return False
                 continue
-            if now is None or now is not grad():  # (a dead reference gives None)
-                return False
+            if now is not grad():  # (a dead reference gives None)
+                if checked is None and (backend is None or not _passes(backend, now_data, now, at)):
+                    return False
+                fresh.append(k)  # (a fingerprinted one: by its fingerprint, below)
             if state is not None:
                 same = lookup(states, id(param)) is state
                 if not same or len(state) != size:
@@ -198,8 +231,11 @@ class _Plan:
                 for name, value in kept:
                     if state.get(name) is not value:
                         return False
-                if checked is not None and _fingerprints(checked.backend, now_data, now, state) != checked.prints:
+                if checked is not None and not _same_prints(checked, now_data, now, kept):
                     return False
+        for k in fresh:
+            known, data, _, state, size, kept, checked, backend, at = checks[k]
+            checks[k] = (known, data, weak(known.grad), state, size, kept, checked, backend, at)
         return True
 
     def work(self) -> list[Work]:
@@ -554,7 +590,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             grad = param.grad
             data = param.data
             if grad is None:
-                plan.entries.append((param, data, None, None, None))
+                plan.entries.append((param, data, None, None, None, None, ""))
                 continue
             state = cast("MutableMapping[str, Any] | None", dict.get(self.state, id(param)))
             if state is None:
@@ -573,7 +609,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             elif checked is None:
                 plan.stable = False  # (checked at every step)
             plan.dtypes.add(backend.dtype(data))
-            plan.entries.append((param, data, _weak(grad), state, checked))
+            plan.entries.append((param, data, weak(grad), state, checked, backend, at))
             buffers = {name: state[name] for name in step.buffers if name in state}
             plan.batches.setdefault(backend, []).append(
                 Work(param, data, grad, state, buffers=buffers, backend=backend, at=at, place=(index << 20) + k)
