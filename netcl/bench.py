@@ -241,31 +241,55 @@ def _torch_add_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None] | Non
     return step
 
 
-def _lstm_steps() -> tuple[dict[str, Callable[[], None]], int] | None:
+SETTLE_S = 0.05
+"""How long a turn runs its contender untimed before timing it (see `_time`): torch's
+OpenMP threads stop spinning 20 to 40 ms after its step on the 2-core machine where
+this was measured."""
+
+TIMED_PER_TURN = 3
+"""Calls timed in a turn once it has settled."""
+
+
+def _lstm_steps() -> tuple[dict[str, Callable[[], None]], Callable[[str], None], int] | None:
     """A real model's optimizer step: an embedding, an LSTM and a linear head (7 tensors,
-    117k values) whose gradients torch's autograd computed once; netcl's RMSProp on its
-    tensors, torch's RMSprop as a user gets it (defaults), and torch's fused Adam."""
+    117k values); netcl's RMSProp on its tensors, torch's RMSprop as a user gets it
+    (defaults), and torch's fused Adam, each on a model of its own; and what comes before
+    each step in training: `zero_grad()` (gradients set to None, torch's default), the
+    forward pass and torch autograd's backward pass (new gradient tensors each time)."""
     try:
         import torch
     except ImportError:
         return None
 
-    def model() -> list[Any]:
+    def model() -> tuple[list[Any], Callable[[], None]]:
         torch.manual_seed(0)
         embed, lstm, head = torch.nn.Embedding(100, 64), torch.nn.LSTM(64, 128), torch.nn.Linear(128, 90)
         tokens = torch.randint(0, 100, (20, 8))
-        out, _ = lstm(embed(tokens))
-        loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
-        torch.autograd.backward([loss])
-        return [*embed.parameters(), *lstm.parameters(), *head.parameters()]
+        params = [*embed.parameters(), *lstm.parameters(), *head.parameters()]
 
-    params = model()
-    steps: dict[str, Callable[[], None]] = {
-        "netcl": RMSProp(params, lr=LR).step,
-        "torch": torch.optim.RMSprop(model(), lr=LR).step,
-        "torch fused Adam": torch.optim.Adam(model(), lr=LR, fused=True).step,
+        def backward() -> None:
+            for p in params:
+                p.grad = None
+            out, _ = lstm(embed(tokens))
+            loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
+            torch.autograd.backward([loss])
+
+        backward()
+        return params, backward
+
+    makers: dict[str, Callable[[list[Any]], Any]] = {
+        "netcl": lambda params: RMSProp(params, lr=LR),
+        "torch": lambda params: torch.optim.RMSprop(params, lr=LR),
+        "torch fused Adam": lambda params: torch.optim.Adam(params, lr=LR, fused=True),
     }
-    return steps, sum(p.numel() for p in params)
+    steps: dict[str, Callable[[], None]] = {}
+    backwards: dict[str, Callable[[], None]] = {}
+    values = 0
+    for name, make in makers.items():
+        params, backwards[name] = model()
+        steps[name] = make(params).step
+        values = sum(p.numel() for p in params)
+    return steps, lambda name: backwards[name](), values
 
 
 def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
@@ -343,12 +367,21 @@ def _time(
     min_repeats: int,
     max_repeats: int,
     spread: dict[str, float] | None = None,
+    before: Callable[[str], None] | None = None,
+    settle_s: float = SETTLE_S,
 ) -> tuple[dict[str, float], int]:
     """Median milliseconds of each contender, timed in turns so noise hits all alike;
     `spread`, if given, gets each one's interquartile range over its median.
 
-    The order of the turns is shuffled every round: torch's OpenMP threads keep spinning
-    for a while after its step, which slows whichever contender comes next.
+    A turn first runs the contender untimed for `settle_s` (once at least), then times
+    `TIMED_PER_TURN` calls: each is timed in the steady state of its own loop, as a
+    training loop runs it after its own work, not in the wake of another contender
+    (torch's OpenMP threads spin for tens of milliseconds after torch's step, and a CPU
+    OpenCL device's threads then get less of the processor; measured in the Benchmarks
+    page). `before`, where given, runs instead, once, with the contender's name: the
+    work that comes before the step in training (a torch model's backward pass, whose
+    threads the step then shares the processor with). The order of the turns is
+    shuffled every round.
     """
     for fn in contenders.values():
         fn()  # warm up: builds, first-touch allocation
@@ -360,9 +393,17 @@ def _time(
     while repeats < max_repeats and (repeats < min_repeats or time.perf_counter() - started < budget_s):
         shuffle(order)
         for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+            if before is not None:
+                before(name)
+            else:
+                settled = time.perf_counter() + settle_s
+                fn()
+                while time.perf_counter() < settled:
+                    fn()
+            for _ in range(TIMED_PER_TURN if before is None else 1):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
         repeats += 1
     if spread is not None:
         for name, times in samples.items():
@@ -385,6 +426,7 @@ def run(
     min_repeats: int = 5,
     max_repeats: int = 300,
     progress: bool = True,
+    settle_s: float = SETTLE_S,
 ) -> list[Row]:
     """Run every case and return its row."""
     from tqdm import tqdm
@@ -408,6 +450,7 @@ def run(
         buffers = chosen.buffers
         floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))  # (builds when used)
         contenders: dict[str, Callable[[], None]] = {}
+        before: Callable[[str], None] | None = None
         torch_step: Callable[[], None] | None
         if is_half(dtype):
             # a half step against the float32 step (the same variant and size), the half
@@ -432,8 +475,9 @@ def run(
             if lstm is None:
                 continue
             contenders.update(lstm[0])
+            before = lstm[1]
             torch_step = None
-            row = Row(case, dtype_name, variant, lstm[1], size, _bytes(variant, lstm[1], dtype))
+            row = Row(case, dtype_name, variant, lstm[2], size, _bytes(variant, lstm[2], dtype))
         elif case == "numpy-many":
             counts = many_sizes(size)
             contenders["netcl"] = _netcl_numpy_step(counts, dtype, chosen)
@@ -466,7 +510,7 @@ def run(
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype))
         if torch_step is not None:
             contenders["torch"] = torch_step
-        row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread)
+        row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread, before, settle_s)
         rows.append(row)
         del contenders
         gc.collect()
@@ -638,9 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue = create_queue(args.device)
     except ValueError as error:
         parser.error(str(error))
-    sizes, many, budget, min_repeats = args.sizes, args.many, args.budget, 5
+    sizes, many, budget, min_repeats, settle = args.sizes, args.many, args.budget, 5, SETTLE_S
     if args.smoke:
-        sizes, many, budget, min_repeats = [1000, 10_000], min(many, 8), 0.0, 2
+        sizes, many, budget, min_repeats, settle = [1000, 10_000], min(many, 8), 0.0, 2, 0.0
     rows = run(
         queue,
         sizes,
@@ -650,6 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget_s=budget,
         min_repeats=min_repeats,
         progress=not args.quiet,
+        settle_s=settle,
     )
     device = describe_device(queue)
     print(f"device: {device}")
