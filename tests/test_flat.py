@@ -198,11 +198,24 @@ def test_new_gradient_arrays_at_every_step_keep_the_prepared_launches(queue: cl.
     assert prepared[1] is prepared[2] is prepared[3]
     for p, q in zip(params, alone, strict=True):
         assert p.data.get().tobytes() == q.data.get().tobytes()
-    params[2].grad = cl_array.zeros(queue, (8,), F32)
-    before = params[0].data.get()
-    with pytest.raises(ValueError, match=r"\['params'\]\[2\]\.grad has shape \(8,\)"):
-        opt.step()
-    assert params[0].data.get().tobytes() == before.tobytes()
+    other = cl.CommandQueue(cl.Context([queue.device]))
+    good = params[1].grad
+    bad: list[tuple[Any, type[Exception], str]] = [
+        (cl_array.zeros(queue, (3, 5), F32), ValueError, r"has shape \(3, 5\)"),
+        (cl_array.zeros(queue, (2, 4), F32), ValueError, r"has shape \(2, 4\)"),  # (the same strides)
+        (cl_array.zeros(queue, (3, 4), np.float64), TypeError, "has dtype float64"),
+        (cl_array.zeros(other, (3, 4), F32), ValueError, "lives in another OpenCL context"),
+        (cl_array.zeros(queue, (3, 4), F32, order="F"), ValueError, "is in F order"),
+        (cl_array.zeros(queue, (3, 8), F32)[:, :4], ValueError, "is not contiguous"),
+    ]
+    for grad, error, message in bad:
+        params[1].grad = grad
+        before = [p.data.get().tobytes() for p in params]
+        with pytest.raises(error, match=r"\['params'\]\[1\]\.grad " + message):
+            opt.step()
+        assert [p.data.get().tobytes() for p in params] == before
+    params[1].grad = good
+    opt.step()
 
 
 def test_state_dicts_keep_the_per_parameter_layout(queue: cl.CommandQueue) -> None:

@@ -156,6 +156,16 @@ class OpenCLBackend(Backend):
             )
 
     def check_grad(self, data: Any, grad: Any, where: str) -> None:
+        if (
+            type(grad) is cl_array.Array
+            and type(data) is cl_array.Array
+            and grad.shape == data.shape
+            and grad.strides == data.strides
+            and grad.dtype == data.dtype
+            and grad.context == data.context
+            and grad.offset % grad.dtype.itemsize == 0
+        ):
+            return  # laid out as its parameter, which passed the checks (a training loop's new gradient)
         if not is_opencl(grad):
             raise TypeError(
                 f"{where} is a {describe(grad)}, but its parameter is an OpenCL array "
