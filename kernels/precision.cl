@@ -3,6 +3,8 @@
  *
  * STORAGE: 0 the compute type itself (float32 or float64), 1 float16, 2 bfloat16.
  * EXACT_SPECIALS: float16 infinities and NaNs must load as such (see FROM_STORAGE).
+ * HARDWARE_HALF: float16 may load with x86's F16C instruction where the compiler
+ *   targets it (see FROM_STORAGE).
  * Half values are held as ushort (pyopencl declares no `half` arguments, and no
  * cl_khr_fp16 is needed) and updated in float:
  *
@@ -40,15 +42,6 @@ inline uint mix(uint x)
 #define STORAGE_MAX 3.38953139e38f /* 0x7f7f0000: bfloat16's largest finite value */
 #endif
 
-inline float storage_sat(float x)
-{
-    /* (each test is false for NaN, which becomes the quiet NaN of its sign: the one
-     * numpy's conversions give, and one that rounding cannot carry out of) */
-    x = (x > STORAGE_MAX) ? STORAGE_MAX : x;
-    x = (x < -STORAGE_MAX) ? -STORAGE_MAX : x;
-    return (x == x) ? x : as_float((as_uint(x) & 0x80000000U) | 0x7fc00000U);
-}
-
 #if STORAGE == 1
 /* float16 <-> float, in a few integer and float operations that PoCL's compiler turns
  * into SIMD code across work-items. vload_half and vstore_half_rte give the same values
@@ -68,14 +61,33 @@ inline float storage_sat(float x)
 #define FROM_STORAGE(h) \
     ((((h) & 0x7c00) == 0x7c00) ? as_float(HALF_BITS(h) | 0x7f800000) : as_float(HALF_BITS(h)) * 0x1.0p112f)
 #else
+#if HARDWARE_HALF && defined(__F16C__) && defined(__has_builtin)
+#if __has_builtin(__builtin_ia32_vcvtph2ps)
+/* x86's conversion (vcvtph2ps), which PoCL's compiler turns into one SIMD instruction
+ * per 8 values where the formula below takes 4: the same values, exactly (infinities
+ * and NaNs load as such, which LOADED_FINITE tells apart as well) */
+#define FROM_STORAGE(h) (__builtin_ia32_vcvtph2ps((short8)((short)(h), 0, 0, 0, 0, 0, 0, 0))[0])
+#endif
+#endif
+#ifndef FROM_STORAGE
 #define FROM_STORAGE(h) (as_float(HALF_BITS(h)) * 0x1.0p112f)
+#endif
 #endif
 #define LOADED_FINITE(x) ((as_uint(x) & 0x7fffffffU) < 0x47800000U) /* |x| < 2**16 */
 
-/* float -> float16 bits, to nearest even (after storage_sat, |x| <= 65504 or NaN) */
+/* x saturated at float16's largest finite value (each test is false for NaN, which
+ * stays as it is) */
+inline float half_sat(float x)
+{
+    x = (x > STORAGE_MAX) ? STORAGE_MAX : x;
+    return (x < -STORAGE_MAX) ? -STORAGE_MAX : x;
+}
+
+/* float -> float16 bits, to nearest even (after half_sat: |x| <= 65504, or NaN, which
+ * becomes float16's quiet NaN of its sign, 0x7e00 or 0xfe00, as numpy's conversion
+ * makes float32's quiet NaN) */
 inline ushort to_half_bits(float x)
 {
-    x = (x == x) ? x : 98304.0f; /* NaN: the value the normal path below makes 0x7e00 of */
     const uint bits = as_uint(x);
     const uint sign = (bits >> 16) & 0x8000U;
     const uint magnitude = bits & 0x7fffffffU;
@@ -85,7 +97,8 @@ inline ushort to_half_bits(float x)
     /* else: rebias the exponent (- (127 - 15) << 23), round the 13 dropped bits to
      * nearest even */
     const uint normal = (magnitude + 0xc8000fffU + ((magnitude >> 13) & 1U)) >> 13;
-    return (ushort)((magnitude < 0x38800000U ? subnormal : normal) | sign);
+    const uint finite = magnitude < 0x38800000U ? subnormal : normal;
+    return (ushort)((magnitude > 0x7f800000U ? 0x7e00U : finite) | sign);
 }
 
 /* x on float16's grid, rounded stochastically with the random bits r */
@@ -106,12 +119,24 @@ inline float to_half_grid(float x, uint r)
 }
 
 #if STOCHASTIC
-#define TO_STORAGE(x, r) to_half_bits(to_half_grid(storage_sat(x), (r)))
+/* (a NaN made the quiet NaN of its sign first, which the random bits cannot carry out of) */
+#define HALF_QUIET(x) (((x) == (x)) ? (x) : as_float((as_uint(x) & 0x80000000U) | 0x7fc00000U))
+#define TO_STORAGE(x, r) to_half_bits(to_half_grid(HALF_QUIET(half_sat(x)), (r)))
 #else
-#define TO_STORAGE(x, r) to_half_bits(storage_sat(x))
+#define TO_STORAGE(x, r) to_half_bits(half_sat(x))
 #endif
 
 #else /* bfloat16: the upper 16 bits of a float */
+/* x saturated at bfloat16's largest finite value */
+inline float storage_sat(float x)
+{
+    /* (each test is false for NaN, which becomes the quiet NaN of its sign: the one
+     * numpy's conversions give, and one that rounding cannot carry out of) */
+    x = (x > STORAGE_MAX) ? STORAGE_MAX : x;
+    x = (x < -STORAGE_MAX) ? -STORAGE_MAX : x;
+    return (x == x) ? x : as_float((as_uint(x) & 0x80000000U) | 0x7fc00000U);
+}
+
 #define FROM_STORAGE(b) as_float(((uint)(b)) << 16)
 #define LOADED_FINITE(x) FINITE(x)
 

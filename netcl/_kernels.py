@@ -109,6 +109,10 @@ class Geometry:
     """Work-items per work-group."""
     per_item: int = 1
     """Values each work-item updates."""
+    hardware_half: bool = True
+    """Whether float16 values may load with the processor's conversion instruction where
+    the device's compiler targets one (x86's F16C): the same values as the formula that
+    is used elsewhere (tests build both)."""
 
     @property
     def span(self) -> int:
@@ -160,11 +164,14 @@ def storage_ctype(dtype: np.dtype[Any]) -> str:
     return "ushort" if is_half(dtype) else dtype_to_ctype(dtype)
 
 
-def storage_preamble(dtype: np.dtype[Any], *, stochastic: bool = False, exact: bool = True) -> str:
+def storage_preamble(
+    dtype: np.dtype[Any], *, stochastic: bool = False, exact: bool = True, hardware: bool = True
+) -> str:
     """kernels/precision.cl for arrays of `dtype` (`FROM_STORAGE`, `TO_STORAGE`,
     `LOADED_FINITE`), after `FINITE(x)`, which it defines for the compute dtype (the
     exponent bits of x are not all ones: neither infinite nor NaN): `exact` makes
-    float16 infinities and NaNs load as such, `stochastic` rounds stochastically."""
+    float16 infinities and NaNs load as such, `stochastic` rounds stochastically,
+    `hardware` lets float16 load with F16C where the compiler targets it."""
     compute = compute_dtype(dtype)
     bits, exponent = ("int", "0x7f800000") if compute == np.float32 else ("long", "0x7ff0000000000000L")
     return "\n".join(
@@ -173,6 +180,7 @@ def storage_preamble(dtype: np.dtype[Any], *, stochastic: bool = False, exact: b
             f"#define STORAGE {_STORAGE.get(dtype, 0)}",
             f"#define STOCHASTIC {int(stochastic)}",
             f"#define EXACT_SPECIALS {int(exact)}",
+            f"#define HARDWARE_HALF {int(hardware)}",
             kernel_source("precision"),
         ]
     )
@@ -471,7 +479,9 @@ def _build(
         "#endif",
         *(f"#define {flag} {int(flag in spec.flags)}" for flag in spec.all_flags),
         # FINITE, and how the parameter and gradient are read and written
-        storage_preamble(dtype, stochastic=spec.stochastic, exact=spec.nonfinite == "propagate"),
+        storage_preamble(
+            dtype, stochastic=spec.stochastic, exact=spec.nonfinite == "propagate", hardware=geo.hardware_half
+        ),
         text,
     ]
 

@@ -469,3 +469,20 @@ def test_clipping_half_gradients(kind: Kind, dtype: np.dtype[Any], norm_type: fl
         values = kind.get(param.grad)
         assert values.dtype == dtype
         assert (np.abs(values.astype(F32)) <= np.array(0.1, dtype).astype(F32)).all()
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=HALF_IDS)
+def test_a_nan_keeps_its_sign_on_every_path(dtype: np.dtype[Any], queue: cl.CommandQueue) -> None:
+    # a half value rounded from a NaN is the quiet NaN of its sign (numpy's conversion):
+    # the kernel's rounding and numpy's agree, here through clip_grad_value_, which
+    # writes every value (a float16 -NaN came out of the kernel as +NaN)
+    from netcl import clip_grad_value_
+
+    g = np.array([1.0, -np.nan, np.nan, 3.0, -3.0], dtype)
+    out = []
+    for kind in HALF_KINDS:
+        param = Parameter(kind.make(queue, np.zeros_like(g)), kind.make(queue, g.copy()))
+        clip_grad_value_([param], 2.0)
+        out.append(_bits(kind.get(param.grad)))
+    expected = np.array([1.0, -np.nan, np.nan, 2.0, -2.0], dtype)
+    assert all(bits == _bits(expected) for bits in out), [np.frombuffer(b, np.uint16) for b in out]
