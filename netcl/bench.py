@@ -111,13 +111,31 @@ def _bytes(variant: str, size: int, dtype: np.dtype[Any]) -> int:
 # --- the floor ---------------------------------------------------------------------------
 
 
+SETTLE_S = 0.05
+"""How long a turn runs its contender untimed before timing it (see `_time`): torch's
+OpenMP threads stop spinning 20 to 40 ms after its step on the 2-core machine where
+this was measured."""
+
+TIMED_PER_TURN = 3
+"""Calls timed in a turn once it has settled."""
+
+
 class Floor:
     """A kernel that moves a step's bytes: reads p, g and the state, writes p and the state."""
 
-    def __init__(self, queue: cl.CommandQueue, dtype: np.dtype[Any], buffers: int) -> None:
+    def __init__(
+        self,
+        queue: cl.CommandQueue,
+        dtype: np.dtype[Any],
+        buffers: int,
+        settle_s: float = SETTLE_S,
+        timed: int = TIMED_PER_TURN,
+    ) -> None:
         self.queue: cl.CommandQueue = queue
         self.dtype: np.dtype[Any] = dtype
         self.buffers: int = buffers
+        self.settle_s, self.timed = settle_s, timed
+        """How `_choose` times its candidates' turns (see `_time`)."""
         self.choice: tuple[int, int] | None = None
         self._kernels: dict[int, cl.Kernel] = {}
 
@@ -173,7 +191,7 @@ class Floor:
 
     def _choose(self) -> tuple[int, int]:
         """The fastest (vector width, work-group size) of several, on 4M values, timed in
-        shuffled turns like the contenders."""
+        turns like the contenders (5 rounds)."""
         size = 4 << 20
         arrays = [cl_array.zeros(self.queue, size, self.dtype) for _ in range(2 + self.buffers)]
         args = [cast(cl.Buffer, a.base_data) for a in arrays]
@@ -191,7 +209,8 @@ class Floor:
 
             return step
 
-        medians, _ = _time({f"{w},{n}": launch(w, n) for w, n in candidates}, 0.0, 15, 15)
+        turns = {f"{w},{n}": launch(w, n) for w, n in candidates}
+        medians, _ = _time(turns, 0.0, 5, 5, settle_s=self.settle_s, timed=self.timed)
         best = min(medians, key=medians.__getitem__)
         width, local = best.split(",")
         return int(width), int(local)
@@ -239,15 +258,6 @@ def _torch_add_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None] | Non
         p.add_(g)
 
     return step
-
-
-SETTLE_S = 0.05
-"""How long a turn runs its contender untimed before timing it (see `_time`): torch's
-OpenMP threads stop spinning 20 to 40 ms after its step on the 2-core machine where
-this was measured."""
-
-TIMED_PER_TURN = 3
-"""Calls timed in a turn once it has settled."""
 
 
 def _lstm_steps() -> tuple[dict[str, Callable[[], None]], Callable[[str], None], int] | None:
@@ -369,12 +379,13 @@ def _time(
     spread: dict[str, float] | None = None,
     before: Callable[[str], None] | None = None,
     settle_s: float = SETTLE_S,
+    timed: int = TIMED_PER_TURN,
 ) -> tuple[dict[str, float], int]:
     """Median milliseconds of each contender, timed in turns so noise hits all alike;
     `spread`, if given, gets each one's interquartile range over its median.
 
-    A turn first runs the contender untimed for `settle_s` (once at least), then times
-    `TIMED_PER_TURN` calls: each is timed in the steady state of its own loop, as a
+    A turn first runs the contender untimed for `settle_s` (once at least; not at all
+    where it is 0, as in a smoke run), then times `timed` calls: each is timed in the steady state of its own loop, as a
     training loop runs it after its own work, not in the wake of another contender
     (torch's OpenMP threads spin for tens of milliseconds after torch's step, and a CPU
     OpenCL device's threads then get less of the processor; measured in the Benchmarks
@@ -395,12 +406,12 @@ def _time(
         for name, fn in order:
             if before is not None:
                 before(name)
-            else:
+            elif settle_s > 0:
                 settled = time.perf_counter() + settle_s
                 fn()
                 while time.perf_counter() < settled:
                     fn()
-            for _ in range(TIMED_PER_TURN if before is None else 1):
+            for _ in range(timed if before is None else 1):
                 start = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - start)
@@ -427,6 +438,7 @@ def run(
     max_repeats: int = 300,
     progress: bool = True,
     settle_s: float = SETTLE_S,
+    timed: int = TIMED_PER_TURN,
 ) -> list[Row]:
     """Run every case and return its row."""
     from tqdm import tqdm
@@ -448,7 +460,8 @@ def run(
         dtype = np.dtype(BFLOAT16 if dtype_name == "bfloat16" else dtype_name)
         chosen = VARIANTS.get(variant, VARIANTS["sgd"])
         buffers = chosen.buffers
-        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers))  # (builds when used)
+        # (built when used)
+        floor = floors.setdefault((dtype_name, buffers), Floor(queue, dtype, buffers, settle_s, timed))
         contenders: dict[str, Callable[[], None]] = {}
         before: Callable[[str], None] | None = None
         torch_step: Callable[[], None] | None
@@ -510,7 +523,9 @@ def run(
             row = Row(case, dtype_name, variant, size, 1, _bytes(variant, size, dtype))
         if torch_step is not None:
             contenders["torch"] = torch_step
-        row.median_ms, row.repeats = _time(contenders, budget_s, min_repeats, max_repeats, row.spread, before, settle_s)
+        row.median_ms, row.repeats = _time(
+            contenders, budget_s, min_repeats, max_repeats, row.spread, before, settle_s, timed
+        )
         rows.append(row)
         del contenders
         gc.collect()
@@ -682,9 +697,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue = create_queue(args.device)
     except ValueError as error:
         parser.error(str(error))
-    sizes, many, budget, min_repeats, settle = args.sizes, args.many, args.budget, 5, SETTLE_S
-    if args.smoke:
-        sizes, many, budget, min_repeats, settle = [1000, 10_000], min(many, 8), 0.0, 2, 0.0
+    sizes, many, budget, min_repeats = args.sizes, args.many, args.budget, 5
+    settle, timed = SETTLE_S, TIMED_PER_TURN
+    if args.smoke:  # (one call per turn)
+        sizes, many, budget, min_repeats, settle, timed = [1000, 10_000], min(many, 8), 0.0, 2, 0.0, 1
     rows = run(
         queue,
         sizes,
@@ -695,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_repeats=min_repeats,
         progress=not args.quiet,
         settle_s=settle,
+        timed=timed,
     )
     device = describe_device(queue)
     print(f"device: {device}")
