@@ -111,12 +111,12 @@ def _bytes(variant: str, size: int, dtype: np.dtype[Any]) -> int:
 # --- the floor ---------------------------------------------------------------------------
 
 
-SETTLE_S = 0.05
+SETTLE_S: float = 0.05
 """How long a turn runs its contender untimed before timing it (see `_time`): torch's
 OpenMP threads stop spinning 20 to 40 ms after its step on the 2-core machine where
 this was measured."""
 
-TIMED_PER_TURN = 3
+TIMED_PER_TURN: int = 3
 """Calls timed in a turn once it has settled."""
 
 
@@ -134,8 +134,10 @@ class Floor:
         self.queue: cl.CommandQueue = queue
         self.dtype: np.dtype[Any] = dtype
         self.buffers: int = buffers
-        self.settle_s, self.timed = settle_s, timed
-        """How `_choose` times its candidates' turns (see `_time`)."""
+        self.settle_s: float = settle_s
+        """How long `_choose` settles its candidates' turns (see `_time`)."""
+        self.timed: int = timed
+        """Calls `_choose` times in each of its candidates' turns."""
         self.choice: tuple[int, int] | None = None
         self._kernels: dict[int, cl.Kernel] = {}
 
