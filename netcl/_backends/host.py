@@ -175,16 +175,14 @@ def _moved(x: Any, memory: tuple[int, int]) -> bool:
     shows; a torch tensor's moves with `set_`, so its address is compared."""
     if type(x) is np.ndarray:
         return False
-    if array_api_compat.is_torch_array(x):
-        return (int(x.data_ptr()), x.element_size() * x.numel()) != memory
-    return True
+    return _torch_memory(x) != memory  # (None for another array, or one off alignment)
 
 
 def _torch_memory(x: Any) -> tuple[int, int] | None:
     """The address and size of a torch tensor's memory, where it is aligned to its
-    elements, without a DLPack export; None for another array. Only for a gradient
-    whose fingerprint (shape, strides, dtype, device) is the one of the gradient a
-    launch was laid out with: its memory is then laid out alike."""
+    elements, without a DLPack export; None for another array. A buffer over it fits a
+    launch only for a gradient whose fingerprint (shape, strides, dtype, device) is the
+    one of the gradient the launch was laid out with: its memory is then laid out alike."""
     if not array_api_compat.is_torch_array(x):
         return None
     address, itemsize = int(x.data_ptr()), x.element_size()
