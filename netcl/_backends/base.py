@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from netcl._update import Step
 __all__ = [
     "Backend",
     "HostViews",
+    "JoinedGrads",
     "SUPPORTED_DTYPES",
     "Tally",
     "Work",
@@ -61,6 +62,22 @@ def weak(x: object) -> Callable[[], object]:
 
 def _nothing() -> object:
     return _nothing  # (no array is this function)
+
+
+class JoinedGrads:
+    """The gradients of items whose arrays a launch joins into one member (a run of
+    parameters that follow each other in memory), held weakly: the launch binds such a
+    run's gradients as one array, so it fits a later step only while each item has the
+    gradient it was laid out with (other items' gradients may be new at any step)."""
+
+    __slots__ = ("grads",)
+
+    def __init__(self, items: Iterable[Work] = ()) -> None:
+        self.grads = [(item, weak(item.grad)) for item in items]
+
+    def hold(self) -> bool:
+        """Whether every item still has the gradient recorded for it."""
+        return all(item.grad is grad() for item, grad in self.grads)
 
 
 def describe(x: object) -> str:

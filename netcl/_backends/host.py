@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
 
-from netcl._backends.base import SUPPORTED_DTYPES, Tally, Work, weak
+from netcl._backends.base import SUPPORTED_DTYPES, JoinedGrads, Tally, Work
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
@@ -498,9 +498,9 @@ class _HostLaunches:
         gradient lives."""
         self.counter: cl.Buffer | None = None
         """The counter the launches are bound to count skipped values in."""
-        self.joined: list[tuple[Work, Callable[[], object]]] = []
-        """The items of runs of several, and their gradients (weakly): a run's gradients
-        are bound as one array, so a new gradient there needs a new layout (`fits`)."""
+        self.joined = JoinedGrads()
+        """The gradients of the items in runs of several: a new gradient there needs a
+        new layout (`fits`)."""
         known = old.buffers if old is not None else {}
         launchers: dict[int, list[Launcher]] = {}
         for launch in old.launches if old is not None else ():
@@ -532,6 +532,7 @@ class _HostLaunches:
             groups.setdefault((views[0].dtype, items[0].member[:shared]), []).append((items, views))
         limit = max_slots(queue.device, step.kernel)
         context = queue.context
+        joined_items: list[Work] = []
         for (dtype, _), group in groups.items():
             for start in range(0, len(group), limit):
                 chunk = group[start : start + limit]
@@ -541,7 +542,7 @@ class _HostLaunches:
                     members.append(Member(buffers, views[0].size))
                     joined = None
                     if len(items) > 1:
-                        self.joined += [(item, weak(item.grad)) for item in items]
+                        joined_items += items
                         grad = views[1]
                         owner = grad.base if grad.base is not None else grad
                         joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
@@ -550,6 +551,7 @@ class _HostLaunches:
                 spare = launchers.get(id(fused))
                 launcher = spare.pop() if spare else fused.launcher()
                 self.launches.append(_HostLaunch(launcher, host_runs, members))
+        self.joined = JoinedGrads(joined_items)
 
     def _wrap(self, context: cl.Context, view: npt.NDArray[Any], known: dict[Hashable, _Wrapped]) -> _Wrapped:
         """A buffer over `view` (a parameter's or a state buffer's memory)."""
@@ -578,7 +580,7 @@ class _HostLaunches:
             and step.kernel is self.spec
             and layout == self.layout
             and PATH == self.path
-            and all(item.grad is grad() for item, grad in self.joined)
+            and self.joined.hold()
         )
 
     def _grad(self, context: cl.Context, run: _HostRun, place: int) -> _Wrapped | _GradBuffer | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Hashable, Iterator, MutableMapping, Sequence
+from collections.abc import Hashable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal, cast
@@ -24,12 +24,12 @@ from netcl._backends.base import (
     SUPPORTED_DTYPES,
     Backend,
     HostViews,
+    JoinedGrads,
     Tally,
     Work,
     check_dtype,
     check_same_shape,
     describe,
-    weak,
 )
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._precision import compute_dtype
@@ -310,7 +310,7 @@ class OpenCLBackend(Backend):
             or prepared.work is not work
             or prepared.spec is not step.kernel
             or prepared.breaks != breaks
-            or not prepared.joined_hold(work)
+            or not prepared.joined.hold()
         ):
             key = tuple(_identity(x) for item in work for x in (item.data, item.grad, *item.buffers.values())) + (
                 breaks,
@@ -320,7 +320,7 @@ class OpenCLBackend(Backend):
                 prepared = _Prepared(key, step, work, old, tally, breaks)
                 cache["prepared"] = prepared
             prepared.work, prepared.spec = work, step.kernel
-            prepared.remember_joined(work)
+            prepared.joined = JoinedGrads(work[k] for launch in prepared.launches for k in launch.joined)
         prepared.run(step.scalars, tally)
 
 
@@ -429,10 +429,9 @@ class _Prepared:
                 batches.setdefault((data.queue, np.dtype(data.dtype)), []).append((Member(arrays, size), place))
         self.launchers: dict[Hashable, Launcher] = {}
         self.launches: list[_Launch] = []
-        self.joined: list[tuple[int, Callable[[], object]]] = []
-        """Each parameter of a run of several, and its gradient (weakly): a run's
-        gradients are bound as one array, so the same work with a new gradient there
-        needs its layout checked again (`joined_hold`)."""
+        self.joined = JoinedGrads()
+        """The gradients of the parameters in runs of several (set by `apply`): the
+        same work with a new gradient there needs its layout checked again."""
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
             limit = max_slots(facts.device, step.kernel)
@@ -467,15 +466,6 @@ class _Prepared:
                         [place for _, run_places in chunk if len(run_places) > 1 for place in run_places],
                     )
                 )
-
-    def remember_joined(self, work: Sequence[Work]) -> None:
-        """Record the gradients of the parameters in runs of several."""
-        self.joined = [(place, weak(work[place].grad)) for launch in self.launches for place in launch.joined]
-
-    def joined_hold(self, work: Sequence[Work]) -> bool:
-        """Whether the parameters in runs of several have the gradients they were laid
-        out with (other parameters' gradients may be new objects at any step)."""
-        return all(work[place].grad is grad() for place, grad in self.joined)
 
     def run(self, scalars: tuple[float, ...], tally: Tally) -> None:
         """Enqueue every launch, with the work's gradients and own scalars."""
