@@ -133,6 +133,29 @@ def _fingerprints(
     return None if any(p is None for p in prints) else tuple(prints)
 
 
+_Entry: TypeAlias = tuple[
+    Any, object, Callable[[], object] | None, MutableMapping[str, Any] | None, _Checked | None, Backend | None, str
+]
+"""A parameter as a plan found it: the parameter, its array, its gradient (weakly), its
+state dict, the record of its fingerprints (None where no array can change what was
+checked of it), its backend and where it is; the last five None or empty without a
+gradient."""
+
+_Check: TypeAlias = tuple[
+    Any,
+    object,
+    Callable[[], object] | None,
+    Mapping[str, Any] | None,
+    int,
+    tuple[tuple[str, object], ...],
+    _Checked | None,
+    Backend | None,
+    str,
+]
+"""What `_Plan.holds` compares of a parameter: an `_Entry` with its state's size and
+buffers after the array's state dict."""
+
+
 class _Plan:
     """One param group's work at a step, and what it was made from.
 
@@ -149,38 +172,13 @@ class _Plan:
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
-        self.entries: list[
-            tuple[
-                Any,
-                object,
-                Callable[[], object] | None,
-                MutableMapping[str, Any] | None,
-                _Checked | None,
-                Backend | None,
-                str,
-            ]
-        ] = []
+        self.entries: list[_Entry] = []
         self.batches: dict[Backend, list[Work]] = {}
         self.buffers: tuple[str, ...] = ()
         self.dtypes: set[np.dtype[Any]] = set()
-        self.checks: list[
-            tuple[
-                Any,
-                object,
-                Callable[[], object] | None,
-                Mapping[str, Any] | None,
-                int,
-                tuple[tuple[str, object], ...],
-                _Checked | None,
-                Backend | None,
-                str,
-            ]
-        ]
-        self.checks = []
-        """Per parameter, what `holds` compares: the parameter, its array, its gradient
-        (weakly), its state dict, the state's size, its buffers, the fingerprints of
-        arrays that can change what was checked of them (None where none can), its
-        backend and where it is (to check a new gradient)."""
+        self.checks: list[_Check] = []
+        """Per parameter, what `holds` compares (a new gradient is checked with the
+        backend and where the parameter is)."""
         self.items: list[Work] = []
         """Every `Work` of the plan, in order (what `work()` yields)."""
         self.stable = True
@@ -207,7 +205,7 @@ class _Plan:
         if params is not self.params or len(params) != len(checks) or buffers != self.buffers:
             return False
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
-        fresh: list[int] = []
+        fresh: list[tuple[int, object]] = []
         for k, param in enumerate(params):
             known, data, grad, state, size, kept, checked, backend, at = checks[k]
             if param is not known:
@@ -223,7 +221,7 @@ class _Plan:
             if now is not grad():  # (a dead reference gives None)
                 if checked is None and (backend is None or not _passes(backend, now_data, now, at)):
                     return False
-                fresh.append(k)  # (a fingerprinted one: by its fingerprint, below)
+                fresh.append((k, now))  # (a fingerprinted one: by its fingerprint, below)
             if state is not None:
                 same = lookup(states, id(param)) is state
                 if not same or len(state) != size:
@@ -233,9 +231,9 @@ class _Plan:
                         return False
                 if checked is not None and not _same_prints(checked, now_data, now, kept):
                     return False
-        for k in fresh:
+        for k, now in fresh:
             known, data, _, state, size, kept, checked, backend, at = checks[k]
-            checks[k] = (known, data, weak(known.grad), state, size, kept, checked, backend, at)
+            checks[k] = (known, data, weak(now), state, size, kept, checked, backend, at)
         return True
 
     def work(self) -> list[Work]:
