@@ -143,6 +143,20 @@ def test_host_buffers_of_parameters_and_state_are_kept_from_step_to_step(monkeyp
     assert results[0] == results[1]
 
 
+def _count_layouts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list whose last entry counts the host launches laid out (`_HostLaunches` made):
+    a test appends a 0 before each step to count step by step."""
+    made = [0]
+    original = host._HostLaunches.__init__
+
+    def counting(self: Any, *args: Any) -> None:
+        made[-1] += 1
+        original(self, *args)
+
+    monkeypatch.setattr(host._HostLaunches, "__init__", counting)
+    return made
+
+
 @pytest.mark.parametrize("flat", [False, True], ids=["separate", "flat"])
 def test_a_training_loop_keeps_its_host_launches(flat: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # the same numpy arrays step after step (gradients written in place) take the
@@ -156,14 +170,7 @@ def test_a_training_loop_keeps_its_host_launches(flat: bool, monkeypatch: pytest
     rng = np.random.default_rng(4)
     starts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(6)]
-    made: list[int] = []
-    original = host._HostLaunches.__init__
-
-    def counting(self: Any, *args: Any) -> None:
-        made[-1] += 1
-        original(self, *args)
-
-    monkeypatch.setattr(host._HostLaunches, "__init__", counting)
+    made = _count_layouts(monkeypatch)
     results = []
     for path in ("kernel", "array-api"):
         monkeypatch.setattr(host, "PATH", path)
@@ -230,14 +237,7 @@ def test_new_gradients_at_every_step_keep_the_launches(kind: str, monkeypatch: p
     rng = np.random.default_rng(8)
     starts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
-    made: list[int] = []
-    original = host._HostLaunches.__init__
-
-    def counting(self: Any, *args: Any) -> None:
-        made.append(1)
-        original(self, *args)
-
-    monkeypatch.setattr(host._HostLaunches, "__init__", counting)
+    made = _count_layouts(monkeypatch)
 
     def array(x: np.ndarray[Any, Any]) -> Any:
         return torch.tensor(x) if kind == "torch" else x.copy()
@@ -252,10 +252,11 @@ def test_new_gradients_at_every_step_keep_the_launches(kind: str, monkeypatch: p
             opt.zero_grad()
             for p, g in zip(params, step, strict=True):
                 p.grad = array(g)
+            made.append(0)
             opt.step()
         results.append([np.asarray(p.data).tobytes() for p in params])
         if path == "kernel":
-            assert made == [1, 1]  # new state at the first step, then the state exists
+            assert made == [1, 1, 0, 0]  # new state at the first step, then the state exists
         params[1].grad = array(np.zeros(1999, np.float32))
         before = np.asarray(params[0].data).tobytes()
         with pytest.raises(ValueError, match=r"params'\]\[1\]\.grad has shape \(1999,\)"):
