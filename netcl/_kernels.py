@@ -267,10 +267,10 @@ class Launcher:
     repeated step whose scalars did not change costs one enqueue per launch. The kernel
     object comes from the already built program: no build.
 
-    Gradients are not kept: `run` (or `set`) takes them at each launch, and between launches the
-    launcher holds only a weak reference to each (a pyopencl array, or an object whose
-    class sets `fixed_binding`: the same object again needs no new arguments), so a
-    gradient the user drops is freed.
+    Gradients are not kept: `run` (or `set`) takes them at each launch, and between
+    launches the launcher holds only a weak reference to each (a pyopencl array, or an
+    object whose class sets `fixed_binding`: the same object again needs no new
+    arguments), so a gradient the user drops is freed.
     """
 
     def __init__(self, fused: FusedKernel) -> None:

@@ -387,8 +387,9 @@ def _time(
     `spread`, if given, gets each one's interquartile range over its median.
 
     A turn first runs the contender untimed for `settle_s` (once at least; not at all
-    where it is 0, as in a smoke run), then times `timed` calls: each is timed in the steady state of its own loop, as a
-    training loop runs it after its own work, not in the wake of another contender
+    where it is 0, as in a smoke run), then times `timed` calls: each is timed in the
+    steady state of its own loop, as a training loop runs it after its own work, not in
+    the wake of another contender
     (torch's OpenMP threads spin for tens of milliseconds after torch's step, and a CPU
     OpenCL device's threads then get less of the processor; measured in the Benchmarks
     page). `before`, where given, runs instead, once, with the contender's name: the
