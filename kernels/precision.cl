@@ -42,6 +42,21 @@ inline uint mix(uint x)
 #define STORAGE_MAX 3.38953139e38f /* 0x7f7f0000: bfloat16's largest finite value */
 #endif
 
+/* x saturated at the storage type's largest finite value (each test is false for NaN,
+ * which stays as it is) */
+inline float storage_sat(float x)
+{
+    x = (x > STORAGE_MAX) ? STORAGE_MAX : x;
+    return (x < -STORAGE_MAX) ? -STORAGE_MAX : x;
+}
+
+/* x, or where it is NaN the quiet NaN of its sign: the one numpy's conversions give,
+ * and one that rounding, or random bits added below the kept ones, cannot carry out of */
+inline float quiet_nan(float x)
+{
+    return (x == x) ? x : as_float((as_uint(x) & 0x80000000U) | 0x7fc00000U);
+}
+
 #if STORAGE == 1
 /* float16 <-> float, in a few integer and float operations that PoCL's compiler turns
  * into SIMD code across work-items. vload_half and vstore_half_rte give the same values
@@ -75,15 +90,7 @@ inline uint mix(uint x)
 #endif
 #define LOADED_FINITE(x) ((as_uint(x) & 0x7fffffffU) < 0x47800000U) /* |x| < 2**16 */
 
-/* x saturated at float16's largest finite value (each test is false for NaN, which
- * stays as it is) */
-inline float half_sat(float x)
-{
-    x = (x > STORAGE_MAX) ? STORAGE_MAX : x;
-    return (x < -STORAGE_MAX) ? -STORAGE_MAX : x;
-}
-
-/* float -> float16 bits, to nearest even (after half_sat: |x| <= 65504, or NaN, which
+/* float -> float16 bits, to nearest even (after storage_sat: |x| <= 65504, or NaN, which
  * becomes float16's quiet NaN of its sign, 0x7e00 or 0xfe00, as numpy's conversion
  * makes float32's quiet NaN) */
 inline ushort to_half_bits(float x)
@@ -120,34 +127,22 @@ inline float to_half_grid(float x, uint r)
 }
 
 #if STOCHASTIC
-/* (a NaN made the quiet NaN of its sign first, which the random bits cannot carry out of) */
-#define HALF_QUIET(x) (((x) == (x)) ? (x) : as_float((as_uint(x) & 0x80000000U) | 0x7fc00000U))
-#define TO_STORAGE(x, r) to_half_bits(to_half_grid(HALF_QUIET(half_sat(x)), (r)))
+#define TO_STORAGE(x, r) to_half_bits(to_half_grid(quiet_nan(storage_sat(x)), (r)))
 #else
-#define TO_STORAGE(x, r) to_half_bits(half_sat(x))
+#define TO_STORAGE(x, r) to_half_bits(storage_sat(x))
 #endif
 
 #else /* bfloat16: the upper 16 bits of a float */
-/* x saturated at bfloat16's largest finite value */
-inline float storage_sat(float x)
-{
-    /* (each test is false for NaN, which becomes the quiet NaN of its sign: the one
-     * numpy's conversions give, and one that rounding cannot carry out of) */
-    x = (x > STORAGE_MAX) ? STORAGE_MAX : x;
-    x = (x < -STORAGE_MAX) ? -STORAGE_MAX : x;
-    return (x == x) ? x : as_float((as_uint(x) & 0x80000000U) | 0x7fc00000U);
-}
-
 #define FROM_STORAGE(b) as_float(((uint)(b)) << 16)
 #define LOADED_FINITE(x) FINITE(x)
 
 inline ushort to_bfloat16(float x, uint r)
 {
-    const uint bits = as_uint(storage_sat(x));
+    const uint bits = as_uint(quiet_nan(storage_sat(x)));
 #if STOCHASTIC
     return (ushort)((bits + (r & 0xffffU)) >> 16);
 #else
-    /* to nearest even (NaN: storage_sat made it one this keeps) */
+    /* to nearest even (NaN: quiet_nan made it one this keeps) */
     return (ushort)((bits + 0x7fffU + ((bits >> 16) & 1U)) >> 16);
 #endif
 }

@@ -89,7 +89,7 @@ def round_half(x: npt.NDArray[np.float32], dtype: np.dtype[Any], key: float | No
     NaN stays NaN."""
     largest = np.float32(_LARGEST[dtype])
     x = np.clip(x, -largest, largest)
-    # NaN: the quiet NaN of its sign (0x7fc00000), as the kernel's storage_sat makes it
+    # NaN: the quiet NaN of its sign (0x7fc00000), as the kernel's quiet_nan makes it
     x = np.where(np.isnan(x), np.copysign(np.float32(np.nan), x), x)
     if key is None:
         return x.astype(dtype)
