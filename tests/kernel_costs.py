@@ -6,16 +6,17 @@
 Times, in shuffled turns on the default OpenCL device, float32 kernels that all move the
 bytes of the optimizer's plain step (RMSProp: read p, g, v, write p, v; Adam: read p, g,
 m, v, write p, m, v) on the step's own arrays, in the shape of netcl's kernel on the
-device (`netcl._kernels.geometry`), built with netcl's build options: the floor (trivial arithmetic), the floor
-with a multiply per written array, the update's arithmetic without and then with its
+device (`netcl._kernels.geometry`), built with netcl's build options: the floor
+(trivial arithmetic), the floor with a multiply per written array, the update's
+arithmetic without and then with its
 square root and division, then with each of netcl's extreme-value policies (and, for
 Adam, torch's form of the first moment's lerp) in turn, then all of them; and netcl's own
 `step()`, with `nonfinite="skip"` (the default), `"count"` and `"propagate"`. Prints
 medians, ratios to the floor and the bandwidth each reaches.
 
 With `--many N`: what a step of `--optimizer` over the benchmark's N parameters of 64 to
-20,000 values (each in its own buffer) costs beyond the floor for their total bytes: one parameter of
-that many values in one launch, then the same values in as many launches as the N
+20,000 values (each in its own buffer) costs beyond the floor for their total bytes:
+one parameter of that many values in one launch, then the same values in as many launches as the N
 parameters take, then those N parameters' own launches, all enqueued bare (no Python
 between them but the enqueue), and the step itself.
 """
