@@ -18,13 +18,14 @@ work-item updates one value (see `geometry` for why).
 from __future__ import annotations
 
 import functools
+import struct
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, cast
 
 import numpy as np
 import pyopencl as cl
@@ -260,12 +261,12 @@ class Launcher:
 
     A training loop launches the same parameters, gradients and state buffers step after
     step, mostly with the same scalars. The launcher keeps the value of every argument:
-    `bind` and `run` change those that differ, and only then are the kernel's arguments
-    set again, all in one call (pyopencl's `set_args`, with the arguments' dtypes
-    declared once: it takes about as long for the 120 arguments of a launch over 16
-    parameters as pyopencl's `set_arg` for a single scalar, some 8 microseconds). A
-    repeated step whose scalars did not change costs one enqueue per launch. The kernel
-    object comes from the already built program: no build.
+    `bind` and `run` note those that differ, and only those are set again (`_send`). A
+    repeated step whose scalars did not change costs one enqueue per launch; Adam's,
+    whose parameters' own scalars change at every step, sets those alone (some 2
+    microseconds for 16 parameters, against 25 to 35 for all 120 arguments of the
+    launch with pyopencl's `set_args`). The kernel object comes from the already built
+    program: no build.
 
     Gradients are not kept: `run` (or `set`) takes them at each launch, and between
     launches the launcher holds only a weak reference to each (a pyopencl array, or an
@@ -276,20 +277,30 @@ class Launcher:
     def __init__(self, fused: FusedKernel) -> None:
         self.fused = fused
         self.kernel = cl.Kernel(fused.program, fused.name)
-        slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.keyed
-        self.kernel.set_scalar_arg_dtypes(
-            slot * fused.slots + [fused.dtype] * fused.scalar_count + [None, np.int64, np.int64]
-        )
-        # the arguments: each slot's, the group's scalars, the counter (buffer, offset)
-        # of skipped values, and the number of work-items
+        self.kernel.set_scalar_arg_dtypes(self.kernel_dtypes(fused))
         self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 3)
         self.args[-2] = 0
+        self.packs: list[bytes | None] = [_pack_code(dtype) for dtype in self.kernel_dtypes(fused)]
+        """Per argument, how `_send` sets it: None for a buffer, else a `struct` code."""
+        self.dirty: set[int] | None = None
+        """The arguments changed since they were last set; None: all of them."""
         self.bound: list[object] = [None] * (fused.slots * fused.arrays)
         self.grads: list[Callable[[], object] | None] = [None] * fused.slots
         self.members: list[tuple[float, ...] | None] = [None] * fused.slots
         self.scalars: tuple[float, ...] | None = None
-        self.changed = True
         self.global_size = 0
+
+    @staticmethod
+    def kernel_dtypes(fused: FusedKernel) -> list[Any]:
+        """The kernel's arguments' dtypes (None: a buffer): each slot's, the group's
+        scalars, the counter (buffer, offset) of skipped values, and the number of
+        work-items."""
+        slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.keyed
+        return slot * fused.slots + [fused.dtype] * fused.scalar_count + [None, np.int64, np.int64]
+
+    def _mark(self, index: int) -> None:
+        if self.dirty is not None:
+            self.dirty.add(index)
 
     def bind(self, members: Sequence[Member], counter: cl.Buffer) -> None:
         """Make the next runs update `members` (at most `slots`, each of size > 0;
@@ -310,27 +321,29 @@ class Launcher:
                     args[k * per_slot + 2 * j] = x.base_data
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
                     self.bound[k * fused.arrays + j] = known
-                    self.changed = True
+                    self._mark(k * per_slot + 2 * j)
+                    self._mark(k * per_slot + 2 * j + 1)
             if args[k * per_slot + 2 * fused.arrays] != size:
                 args[k * per_slot + 2 * fused.arrays] = size
-                self.changed = True
+                self._mark(k * per_slot + 2 * fused.arrays)
             if member is None:
                 self._set_member(k, (0.0,) * fused.keyed)
             groups += group_count(size, fused.geometry)
         self.global_size = groups * fused.geometry.local_size
         if args[-3] is not counter:
             args[-3] = counter
-            self.changed = True
+            self._mark(len(args) - 3)
         if args[-1] != self.global_size:
             args[-1] = self.global_size
-            self.changed = True
+            self._mark(len(args) - 1)
 
     def _set_member(self, k: int, values: tuple[float, ...]) -> None:
         if values != self.members[k]:
             first = k * self.fused.per_slot + 2 * self.fused.arrays + 1
-            self.args[first : first + len(values)] = [self.fused.dtype.type(value) for value in values]
+            self.args[first : first + len(values)] = values  # (pyopencl rounds them to the dtype)
             self.members[k] = values
-            self.changed = True
+            if self.dirty is not None:
+                self.dirty.update(range(first, first + len(values)))
 
     def run(
         self,
@@ -356,9 +369,10 @@ class Launcher:
         fused, args = self.fused, self.args
         if scalars != self.scalars:
             first = fused.slots * fused.per_slot
-            args[first : first + len(scalars)] = [fused.dtype.type(value) for value in scalars]
+            args[first : first + len(scalars)] = scalars
             self.scalars = scalars
-            self.changed = True
+            if self.dirty is not None:
+                self.dirty.update(range(first, first + len(scalars)))
         if fused.keyed:
             for k, values in enumerate(keys):
                 self._set_member(k, values)
@@ -371,12 +385,39 @@ class Launcher:
                 # no new argument; another object may have rebound its buffer)
                 fixed = isinstance(grad, cl_array.Array) or getattr(grad, "fixed_binding", False)
                 refs[k] = weakref.ref(grad) if fixed else None
-                self.changed = True
+                self._mark(k * per_slot + 2)
+                self._mark(k * per_slot + 3)
             args[k * per_slot + 2] = grad.base_data
             args[k * per_slot + 3] = grad.offset
-        if self.changed:
+        self._send()
+
+    def _send(self) -> None:
+        """Set the kernel's arguments that changed since the last time (all of them the
+        first time, or with a pyopencl without the calls that set several at once)."""
+        dirty, args = self.dirty, self.args
+        if dirty is None or not _SETS_SOME:
             self.kernel.set_args(*args)
-            self.changed = False
+            self.dirty = set()
+            return
+        if not dirty:
+            return
+        buffers: list[Any] = []
+        packed: list[Any] = []
+        packs, kernel = self.packs, cast(_SetsSome, self.kernel)
+        for index in dirty:
+            code = packs[index]
+            if code is None:
+                buffers += (index, args[index])
+            elif code == b"q":
+                kernel._set_arg_buf(index, np.int64(args[index]))
+            else:
+                packed += (index, code, args[index])
+        # pyopencl's own calls, as its generated `set_args` makes them
+        if buffers:
+            kernel._set_arg_multi(tuple(buffers))
+        if packed:
+            kernel._set_arg_buf_pack_multi(tuple(packed))
+        dirty.clear()
 
     def enqueue(self, queue: cl.CommandQueue, wait_for: list[cl.Event]) -> cl.Event:
         """Enqueue the kernel with the arguments `set` gave it."""
@@ -390,6 +431,32 @@ class Launcher:
         per_slot, args = self.fused.per_slot, self.args
         for k in range(self.fused.slots):
             args[k * per_slot + 2] = None
+
+
+class _SetsSome(Protocol):
+    """The calls of a pyopencl kernel that set some of its arguments (see `_SETS_SOME`)."""
+
+    def _set_arg_multi(self, indices_and_args: tuple[Any, ...], /) -> None: ...
+    def _set_arg_buf_pack_multi(self, indices_codes_and_values: tuple[Any, ...], /) -> None: ...
+    def _set_arg_buf(self, index: int, value: Any, /) -> None: ...
+
+
+_SETS_SOME = hasattr(cl.Kernel, "_set_arg_multi") and hasattr(cl.Kernel, "_set_arg_buf_pack_multi")
+"""Whether pyopencl can set some of a kernel's arguments in one call: buffers with
+`_set_arg_multi`, scalars with `_set_arg_buf_pack_multi` (the calls its generated
+`set_args` makes; a pyopencl without them sets them all)."""
+
+
+def _pack_code(dtype: Any) -> bytes | None:
+    """How `Launcher._send` passes an argument of `dtype` (None: a buffer): its `struct`
+    code for pyopencl's `_set_arg_buf_pack_multi` (which takes C's types: an int64 is a
+    `long` where that has 8 bytes), or b"q", an int64 set by itself."""
+    if dtype is None:
+        return None
+    if np.dtype(dtype) == np.int64:
+        return b"l" if struct.calcsize("l") == 8 else b"q"
+    code: str = np.dtype(dtype).char  # ("f", "d")
+    return code.encode()
 
 
 def _same_binding(bound: object, known: object) -> bool:

@@ -4,6 +4,7 @@ launch per parameter, one optimizer per parameter."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import array_api_strict
@@ -13,8 +14,9 @@ import pyopencl.array as cl_array
 import pytest
 
 import netcl._backends.opencl as opencl_backend
+import netcl._kernels as kernels
 from netcl import Parameter
-from netcl.optim import RMSProp
+from netcl.optim import Adam, RMSProp
 from tests.reference import FLAG_COMBINATIONS, flag_id
 
 MAKERS: dict[str, Any] = {
@@ -158,6 +160,47 @@ def test_a_step_reuses_the_last_plan_only_while_nothing_changed(queue: cl.Comman
     fused = _changing_run("pyopencl", queue)
     assert fused == _changing_run("numpy", queue)
     assert fused == _changing_run("array_api_strict", queue)
+
+
+def _adam_run(kind: str, queue: cl.CommandQueue) -> list[bytes]:
+    """Adam steps whose kernel arguments change in every way between steps: the
+    learning rate, the bias corrections (the parameters' own scalars), step counts
+    that part (a parameter skipped once), new gradient arrays."""
+    make, get = MAKERS[kind]
+    rng = np.random.default_rng(5)
+
+    def array(n: int) -> Any:
+        return make(queue, rng.standard_normal(n).astype(np.float32))
+
+    params = [Parameter(array(n), array(n)) for n in (5, 300, 7, 40)]
+    opt = Adam(params, lr=1e-2)
+    out: list[bytes] = []
+    for k in range(7):
+        opt.param_groups[0]["lr"] = 1e-2 / (k + 1)
+        if k == 2:
+            params[1].grad = array(300)
+        params[2].grad = None if k == 3 else array(7)
+        opt.step()
+        out += [get(p.data).tobytes() for p in params]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["all", "int64 alone"])
+def test_arguments_set_as_they_change_give_the_bits_of_arguments_all_set(
+    mode: str, queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launcher sets only the kernel arguments that changed since the last launch
+    (`Launcher._send`): the same bits as setting them all at every change (pyopencl's
+    `set_args`, what a pyopencl without the calls that set some takes), and as
+    setting each int64 by itself (where C's `long` has 4 bytes), and the array-API
+    path's."""
+    some = _adam_run("pyopencl", queue)
+    assert some == _adam_run("array_api_strict", queue)
+    if mode == "all":
+        monkeypatch.setattr(kernels, "_SETS_SOME", False)
+    else:
+        monkeypatch.setattr(struct, "calcsize", lambda code: 4)
+    assert _adam_run("pyopencl", queue) == some
 
 
 def test_a_group_size_the_kernel_cannot_run_falls_back(queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch) -> None:
