@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import array_api_strict
 import ml_dtypes
@@ -232,7 +232,9 @@ def test_closure_must_be_callable() -> None:
         RMSProp([ok()]).step(3)  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize("change", ["read-only data", "reshaped gradient", "torch gradient as a view"])
+@pytest.mark.parametrize(
+    "change", ["read-only data", "reshaped gradient", "torch gradient as a view", "read-only state", "reshaped state"]
+)
 def test_a_host_array_changed_in_place_is_checked_again(change: str) -> None:
     """A step skips the checks of the very same arrays only while their fingerprint
     (shape, strides, dtype, writeability ...) is the same: an array changed in place
@@ -258,6 +260,12 @@ def test_a_host_array_changed_in_place_is_checked_again(change: str) -> None:
     elif change == "reshaped gradient":
         param.grad.shape = (2, 3)
         words = r"grad has shape \(2, 3\), but its parameter has shape \(6,\)"
+    elif change == "read-only state":
+        cast(np.ndarray, optimizer.state[param]["square_avg"]).flags.writeable = False
+        words = r"state\['square_avg'\] of param_groups\[0\]\['params'\]\[0\] is read-only"
+    elif change == "reshaped state":
+        cast(np.ndarray, optimizer.state[param]["square_avg"]).shape = (3, 2)
+        words = r"state\['square_avg'\] .* has shape \(3, 2\), but its parameter has shape \(6,\)"
     else:
         param.grad.set_(param.grad.untyped_storage(), 0, (3, 2), (2, 1))  # the same object, reshaped
         words = r"grad has shape \(3, 2\), but its parameter has shape \(6,\)"
@@ -266,4 +274,4 @@ def test_a_host_array_changed_in_place_is_checked_again(change: str) -> None:
     assert np.array_equal(values(), before)
     after: dict[str, Any] = dict(optimizer.state[param])
     for name, value in state.items():
-        assert np.array_equal(np.asarray(after[name]), value)
+        assert np.array_equal(np.asarray(after[name]).ravel(), value.ravel())  # (reshaped or not)

@@ -203,6 +203,11 @@ class Backend(ABC):
         fingerprint passes the checks again. None: check it every time."""
         return () if self.stable(array) else None
 
+    def fingerprints(self, arrays: Sequence[Any]) -> list[Hashable | None]:
+        """`fingerprint` of each of `arrays` (a step compares those of all its arrays
+        at once: a backend may do it faster than one by one)."""
+        return [self.fingerprint(array) for array in arrays]
+
     @abstractmethod
     def check_param(self, data: Any, where: str) -> None:
         """Raise unless netcl can update `data` in this backend."""

@@ -107,24 +107,6 @@ def _passes(backend: Backend, data: object, grad: object, at: str) -> bool:
     return backend.stable(grad)
 
 
-def _same_prints(checked: _Checked, data: object, grad: object, kept: tuple[tuple[str, object], ...]) -> bool:
-    """Whether a parameter's arrays, gradient and state buffers `kept` (its state's, in
-    order) have the fingerprints `checked` recorded: `_fingerprints(...) == prints`,
-    without making the tuple (it runs at every step, for every parameter)."""
-    prints = checked.prints
-    if len(prints) != 2 + len(kept):
-        return False
-    fingerprint = checked.backend.fingerprint
-    if fingerprint(data) != prints[0] or fingerprint(grad) != prints[1]:
-        return False
-    k = 2
-    for _, value in kept:
-        if fingerprint(value) != prints[k]:
-            return False
-        k += 1
-    return True
-
-
 def _fingerprints(
     backend: Backend, data: object, grad: object, state: Mapping[str, object]
 ) -> tuple[Hashable, ...] | None:
@@ -147,13 +129,14 @@ _Check: TypeAlias = tuple[
     Callable[[], object] | None,
     Mapping[str, Any] | None,
     int,
-    tuple[tuple[str, object], ...],
+    tuple[str, ...],
+    tuple[object, ...],
     _Checked | None,
     Backend | None,
     str,
 ]
-"""What `_Plan.holds` compares of a parameter: an `_Entry` with its state's size and
-buffers after the array's state dict."""
+"""What `_Plan.holds` compares of a parameter: an `_Entry` with its state's size, the
+names of its buffers and the buffers after the array's state dict."""
 
 
 class _Plan:
@@ -168,7 +151,18 @@ class _Plan:
     held weakly, and each `Work` holds its gradient only during a step.
     """
 
-    __slots__ = ("batches", "buffers", "checks", "dtypes", "entries", "items", "params", "stable")
+    __slots__ = (
+        "batches",
+        "buffers",
+        "checks",
+        "dtypes",
+        "entries",
+        "items",
+        "params",
+        "printer",
+        "prints",
+        "stable",
+    )
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
@@ -184,14 +178,29 @@ class _Plan:
         self.stable = True
         """Whether every array of the plan cannot change what was checked of it, or has
         a fingerprint that shows when it did: then the plan can be kept."""
+        self.printer: Backend | None = None
+        self.prints: list[Hashable | None] | None = []
+        """The fingerprints `holds` compares, with `printer`'s `fingerprints`: of each
+        fingerprinted parameter's array, gradient and state buffers, in order; None
+        where the plan cannot be kept (fingerprints from before the state existed, or
+        from two backends)."""
 
     def settled(self, buffers: tuple[str, ...]) -> _Plan:
         self.buffers = buffers
         self.items = [item for work in self.batches.values() for item in work]
         self.checks = []
+        prints: list[Hashable | None] | None = []
         for param, data, grad, state, checked, backend, at in self.entries:
-            kept = tuple((n, v) for n, v in state.items() if n != "step") if state is not None else ()
-            self.checks.append((param, data, grad, state, len(kept) + 1, kept, checked, backend, at))
+            names = tuple(n for n in state if n != "step") if state is not None else ()
+            kept = tuple(cast(Mapping[str, Any], state)[n] for n in names)
+            self.checks.append((param, data, grad, state, len(kept) + 1, names, kept, checked, backend, at))
+            if checked is not None and prints is not None:
+                if len(checked.prints) != 2 + len(kept) or self.printer not in (None, checked.backend):
+                    prints = None
+                else:
+                    self.printer = checked.backend
+                    prints += checked.prints
+        self.prints = prints
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
@@ -201,13 +210,14 @@ class _Plan:
         pass the checks: a fingerprinted one with the last one's fingerprint, another
         (a pyopencl array) checked afresh. The new ones are remembered for the next
         step. (One tight loop: it runs at every step, for every parameter.)"""
-        checks = self.checks
-        if params is not self.params or len(params) != len(checks) or buffers != self.buffers:
+        checks, prints = self.checks, self.prints
+        if params is not self.params or len(params) != len(checks) or buffers != self.buffers or prints is None:
             return False
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
         fresh: list[tuple[int, object]] = []
+        seen: list[object] = []  # the arrays whose fingerprints are compared at the end
         for k, param in enumerate(params):
-            known, data, grad, state, size, kept, checked, backend, at = checks[k]
+            known, data, grad, state, size, names, kept, checked, backend, at = checks[k]
             if param is not known:
                 return False
             now_data = param.data
@@ -226,14 +236,18 @@ class _Plan:
                 same = lookup(states, id(param)) is state
                 if not same or len(state) != size:
                     return False
-                for name, value in kept:
+                for name, value in zip(names, kept, strict=True):
                     if state.get(name) is not value:
                         return False
-                if checked is not None and not _same_prints(checked, now_data, now, kept):
-                    return False
+                if checked is not None:
+                    seen.append(now_data)
+                    seen.append(now)
+                    seen += kept
+        if seen and cast(Backend, self.printer).fingerprints(seen) != prints:
+            return False
         for k, now in fresh:
-            known, data, _, state, size, kept, checked, backend, at = checks[k]
-            checks[k] = (known, data, weak(now), state, size, kept, checked, backend, at)
+            known, data, _, state, size, names, kept, checked, backend, at = checks[k]
+            checks[k] = (known, data, weak(now), state, size, names, kept, checked, backend, at)
         return True
 
     def work(self) -> list[Work]:
