@@ -385,21 +385,27 @@ class Launcher:
                 # no new argument; another object may have rebound its buffer)
                 fixed = isinstance(grad, cl_array.Array) or getattr(grad, "fixed_binding", False)
                 refs[k] = weakref.ref(grad) if fixed else None
+                args[k * per_slot + 2] = grad.base_data
+                args[k * per_slot + 3] = grad.offset
                 self._mark(k * per_slot + 2)
                 self._mark(k * per_slot + 3)
-            args[k * per_slot + 2] = grad.base_data
-            args[k * per_slot + 3] = grad.offset
-        self._send()
+        self._send(grads)
 
-    def _send(self) -> None:
-        """Set the kernel's arguments that changed since the last time (all of them the
-        first time, or with a pyopencl without the calls that set several at once)."""
+    def _send(self, grads: Sequence[Any]) -> None:
+        """Set the kernel's arguments that changed since the last time: all of them the
+        first time, or with a pyopencl without the calls that set several at once (then
+        with every gradient of `grads`)."""
         dirty, args = self.dirty, self.args
+        if dirty is not None and not dirty:
+            return
         if dirty is None or not _SETS_SOME:
+            per_slot = self.fused.per_slot
+            for k in range(self.fused.slots):
+                grad = grads[k] if k < len(grads) else grads[0]
+                args[k * per_slot + 2] = grad.base_data
+                args[k * per_slot + 3] = grad.offset
             self.kernel.set_args(*args)
             self.dirty = set()
-            return
-        if not dirty:
             return
         buffers: list[Any] = []
         packed: list[Any] = []
