@@ -277,10 +277,11 @@ class Launcher:
     def __init__(self, fused: FusedKernel) -> None:
         self.fused = fused
         self.kernel = cl.Kernel(fused.program, fused.name)
-        self.kernel.set_scalar_arg_dtypes(self.kernel_dtypes(fused))
+        dtypes = self.kernel_dtypes(fused)
+        self.kernel.set_scalar_arg_dtypes(dtypes)
         self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 3)
         self.args[-2] = 0
-        self.packs: list[bytes | None] = [_pack_code(dtype) for dtype in self.kernel_dtypes(fused)]
+        self.packs: list[bytes | None] = [_pack_code(dtype) for dtype in dtypes]
         """Per argument, how `_send` sets it: None for a buffer, else a `struct` code."""
         self.dirty: set[int] | None = None
         """The arguments changed since they were last set; None: all of them."""
@@ -298,9 +299,10 @@ class Launcher:
         slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.keyed
         return slot * fused.slots + [fused.dtype] * fused.scalar_count + [None, np.int64, np.int64]
 
-    def _mark(self, index: int) -> None:
+    def _mark(self, first: int, count: int = 1) -> None:
+        """Note that the `count` arguments from `first` on changed."""
         if self.dirty is not None:
-            self.dirty.add(index)
+            self.dirty.update(range(first, first + count))
 
     def bind(self, members: Sequence[Member], counter: cl.Buffer) -> None:
         """Make the next runs update `members` (at most `slots`, each of size > 0;
@@ -321,8 +323,7 @@ class Launcher:
                     args[k * per_slot + 2 * j] = x.base_data
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
                     self.bound[k * fused.arrays + j] = known
-                    self._mark(k * per_slot + 2 * j)
-                    self._mark(k * per_slot + 2 * j + 1)
+                    self._mark(k * per_slot + 2 * j, 2)  # (the buffer and its offset)
             if args[k * per_slot + 2 * fused.arrays] != size:
                 args[k * per_slot + 2 * fused.arrays] = size
                 self._mark(k * per_slot + 2 * fused.arrays)
@@ -342,8 +343,7 @@ class Launcher:
             first = k * self.fused.per_slot + 2 * self.fused.arrays + 1
             self.args[first : first + len(values)] = values  # (pyopencl rounds them to the dtype)
             self.members[k] = values
-            if self.dirty is not None:
-                self.dirty.update(range(first, first + len(values)))
+            self._mark(first, len(values))
 
     def run(
         self,
@@ -371,8 +371,7 @@ class Launcher:
             first = fused.slots * fused.per_slot
             args[first : first + len(scalars)] = scalars
             self.scalars = scalars
-            if self.dirty is not None:
-                self.dirty.update(range(first, first + len(scalars)))
+            self._mark(first, len(scalars))
         if fused.keyed:
             for k, values in enumerate(keys):
                 self._set_member(k, values)
@@ -387,8 +386,7 @@ class Launcher:
                 refs[k] = weakref.ref(grad) if fixed else None
                 args[k * per_slot + 2] = grad.base_data
                 args[k * per_slot + 3] = grad.offset
-                self._mark(k * per_slot + 2)
-                self._mark(k * per_slot + 3)
+                self._mark(k * per_slot + 2, 2)
         self._send(grads)
 
     def _send(self, grads: Sequence[Any]) -> None:
