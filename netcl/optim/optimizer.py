@@ -110,8 +110,7 @@ def _passes(backend: Backend, data: object, grad: object, at: str) -> bool:
 def _fingerprints(
     backend: Backend, data: object, grad: object, state: Mapping[str, object]
 ) -> tuple[Hashable, ...] | None:
-    prints = [backend.fingerprint(data), backend.fingerprint(grad)]
-    prints += [backend.fingerprint(value) for name, value in state.items() if name != "step"]
+    prints = backend.fingerprints([data, grad, *(value for name, value in state.items() if name != "step")])
     return None if any(p is None for p in prints) else tuple(prints)
 
 
