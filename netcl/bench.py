@@ -393,9 +393,9 @@ def _time(
     (torch's OpenMP threads spin for tens of milliseconds after torch's step, and a CPU
     OpenCL device's threads then get less of the processor; measured in the Benchmarks
     page). `before`, where given, runs instead, once, with the contender's name: the
-    work that comes before the step in training (a torch model's backward pass, whose
-    threads the step then shares the processor with). The order of the turns is
-    shuffled every round.
+    work that comes before the step in training (a torch model's backward pass, which
+    brings new gradients and leaves the caches full of its own data). The order of the
+    turns is shuffled every round.
     """
     for fn in contenders.values():
         fn()  # warm up: builds, first-touch allocation
