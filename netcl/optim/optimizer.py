@@ -9,8 +9,11 @@ which state buffers it keeps, and its update (an
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
+from functools import partial
+from itertools import chain
 from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
@@ -138,6 +141,69 @@ _Check: TypeAlias = tuple[
 names of its buffers and the buffers after the array's state dict."""
 
 
+class _Same:
+    """A settled plan's objects laid out for `_Plan.holds`'s first comparison: whether
+    every parameter, array, gradient, state dict and state buffer is the very object it
+    was, each kind compared in one pass of C loops (`map`) rather than one Python loop
+    over the parameters. Where anything differs (a new gradient, torch's
+    `parameter.data`, a state dict changed), `_Plan.holds` compares as before, object
+    by object. Gradients are held weakly, as in the plan's checks."""
+
+    __slots__ = ("buffers", "datas", "getter", "grads", "owners", "params", "sizes", "spread", "states", "without")
+
+    def __init__(self, checks: list[_Check]) -> None:
+        self.params = [check[0] for check in checks]
+        self.datas = [check[1] for check in checks]
+        self.grads = [_none if check[2] is None else check[2] for check in checks]
+        self.without = self.grads.count(_none)
+        with_state = [check for check in checks if check[3] is not None]
+        self.owners = [check[0] for check in with_state]
+        self.states = [cast(Mapping[str, Any], check[3]) for check in with_state]
+        self.sizes = [check[4] for check in with_state]
+        names = {check[5] for check in with_state}
+        self.getter: Callable[[Any], Any] | None = None
+        """Reads a state dict's buffers, in the order `buffers` holds them (None where
+        the state dicts name different buffers, or none)."""
+        self.spread = False
+        """Whether `getter` gives a tuple of buffers, not one."""
+        self.buffers = [value for check in with_state for value in check[6]]
+        if len(names) == 1 and (only := next(iter(names))):
+            self.getter, self.spread = operator.itemgetter(*only), len(only) > 1
+
+    def holds(self, params: list[Any], states: dict[int, Any]) -> list[object] | None:
+        """The parameters' gradients, in order, if every object is the one it was; else
+        None."""
+        same = operator.is_
+        if self.getter is None or not all(map(same, params, self.params)):
+            return None
+        if not all(map(same, map(_DATA, params), self.datas)):
+            return None
+        grads = list(map(_GRAD, params))
+        known = list(map(operator.call, self.grads))
+        # (a dead reference gives None too: then more than the parameters without one)
+        if list(map(type, known)).count(_NONE_TYPE) != self.without or not all(map(same, grads, known)):
+            return None
+        # (the plain dict's `get`: ParameterState's also takes parameters)
+        if not all(map(same, map(partial(dict.get, states), map(id, self.owners)), self.states)):
+            return None
+        if list(map(len, self.states)) != self.sizes:
+            return None
+        found = map(self.getter, self.states)
+        try:
+            return grads if all(map(same, chain.from_iterable(found) if self.spread else found, self.buffers)) else None
+        except KeyError:  # (a buffer renamed: the sizes are the same)
+            return None
+
+
+_NONE_TYPE = type(None)
+_DATA = operator.attrgetter("data")
+_GRAD = operator.attrgetter("grad")
+
+
+def _none() -> None:
+    """What a parameter without a gradient had (`_Same.grads`)."""
+
+
 class _Plan:
     """One param group's work at a step, and what it was made from.
 
@@ -159,7 +225,10 @@ class _Plan:
         "items",
         "params",
         "printer",
+        "printed",
+        "printed_arrays",
         "prints",
+        "same",
         "stable",
     )
 
@@ -172,34 +241,49 @@ class _Plan:
         self.checks: list[_Check] = []
         """Per parameter, what `holds` compares (a new gradient is checked with the
         backend and where the parameter is)."""
+        self.same: _Same | None = None
+        """The objects of `checks`, for `holds`'s first comparison (once settled)."""
+        self.printed_arrays: list[object] = []
+        """The fingerprinted parameters' arrays and state buffers, in `prints`' order."""
+        self.printed: list[int] | None = None
+        """Where the fingerprinted parameters are in `checks` (None: all of them)."""
         self.items: list[Work] = []
         """Every `Work` of the plan, in order (what `work()` yields)."""
         self.stable = True
         """Whether every array of the plan cannot change what was checked of it, or has
         a fingerprint that shows when it did: then the plan can be kept."""
         self.printer: Backend | None = None
-        self.prints: list[Hashable | None] | None = []
+        self.prints: tuple[list[Hashable | None], list[Hashable | None]] | None = ([], [])
         """The fingerprints `holds` compares, with `printer`'s `fingerprints`: of each
-        fingerprinted parameter's array, gradient and state buffers, in order; None
-        where the plan cannot be kept (fingerprints from before the state existed, or
-        from two backends)."""
+        fingerprinted parameter's array and state buffers, in order, and of their
+        gradients; None where the plan cannot be kept (fingerprints from before the
+        state existed, or from two backends)."""
 
     def settled(self, buffers: tuple[str, ...]) -> _Plan:
         self.buffers = buffers
         self.items = [item for work in self.batches.values() for item in work]
         self.checks = []
-        prints: list[Hashable | None] | None = []
+        arrays: list[Hashable | None] = []
+        grads: list[Hashable | None] = []
+        kept_prints = True
         for param, data, grad, state, checked, backend, at in self.entries:
             names = tuple(n for n in state if n != "step") if state is not None else ()
             kept = tuple(cast(Mapping[str, Any], state)[n] for n in names)
             self.checks.append((param, data, grad, state, len(kept) + 1, names, kept, checked, backend, at))
-            if checked is not None and prints is not None:
+            if checked is not None and kept_prints:
                 if len(checked.prints) != 2 + len(kept) or self.printer not in (None, checked.backend):
-                    prints = None
+                    kept_prints = False
                 else:
                     self.printer = checked.backend
-                    prints += checked.prints
-        self.prints = prints
+                    arrays.append(checked.prints[0])
+                    arrays += checked.prints[2:]
+                    grads.append(checked.prints[1])
+        self.prints = (arrays, grads) if kept_prints else None
+        self.printed_arrays = [x for check in self.checks if check[7] is not None for x in (check[1], *check[6])]
+        self.printed = [k for k, check in enumerate(self.checks) if check[7] is not None]
+        if len(self.printed) == len(self.checks):
+            self.printed = None
+        self.same = _Same(self.checks)
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
@@ -208,13 +292,22 @@ class _Plan:
         can change what was checked of it, but gradients, which may be new objects that
         pass the checks: a fingerprinted one with the last one's fingerprint, another
         (a pyopencl array) checked afresh. The new ones are remembered for the next
-        step. (One tight loop: it runs at every step, for every parameter.)"""
+        step. (It runs at every step, for every parameter: `_Same` first, then one
+        tight loop.)"""
         checks, prints = self.checks, self.prints
         if params is not self.params or len(params) != len(checks) or buffers != self.buffers or prints is None:
             return False
+        same = self.same.holds(params, states) if self.same is not None else None
+        if same is not None:  # the very same objects: the fingerprinted ones' arrays as they were
+            if self.printer is None:
+                return True
+            printed = self.printed
+            grads = same if printed is None else [same[k] for k in printed]
+            return self._printed(self.printed_arrays, grads)
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
         fresh: list[tuple[int, object]] = []
         seen: list[object] = []  # the arrays whose fingerprints are compared at the end
+        seen_grads: list[object] = []
         for k, param in enumerate(params):
             known, data, grad, state, size, names, kept, checked, backend, at = checks[k]
             if param is not known:
@@ -232,22 +325,29 @@ class _Plan:
                     return False
                 fresh.append((k, now))  # (a fingerprinted one: by its fingerprint, below)
             if state is not None:
-                same = lookup(states, id(param)) is state
-                if not same or len(state) != size:
+                same_state = lookup(states, id(param)) is state
+                if not same_state or len(state) != size:
                     return False
                 for name, value in zip(names, kept, strict=True):
                     if state.get(name) is not value:
                         return False
                 if checked is not None:
                     seen.append(now_data)
-                    seen.append(now)
                     seen += kept
-        if seen and cast(Backend, self.printer).fingerprints(seen) != prints:
+                    seen_grads.append(now)
+        if (seen or seen_grads) and not self._printed(seen, seen_grads):
             return False
         for k, now in fresh:
             known, data, _, state, size, names, kept, checked, backend, at = checks[k]
             checks[k] = (known, data, weak(now), state, size, names, kept, checked, backend, at)
+        if fresh:
+            self.same = _Same(checks)
         return True
+
+    def _printed(self, arrays: list[object], grads: list[object]) -> bool:
+        """Whether `arrays` and `grads` have the fingerprints the plan recorded."""
+        printer, prints = cast(Backend, self.printer), cast("tuple[list[Hashable], list[Hashable]]", self.prints)
+        return printer.fingerprints(arrays) == prints[0] and printer.fingerprints(grads) == prints[1]
 
     def work(self) -> list[Work]:
         """Every `Work` of the plan, in order."""
