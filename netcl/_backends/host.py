@@ -24,7 +24,8 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Hashable, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import is_
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -438,6 +439,11 @@ def joined_runs(views: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
     return runs
 
 
+def _owner(g: _GradBuffer) -> object:
+    """The gradient `g` is over, or None once it was freed."""
+    return g.owner()
+
+
 def _address(x: npt.NDArray[Any]) -> int:
     address: int = x.__array_interface__["data"][0]
     return address
@@ -453,11 +459,14 @@ class _HostRun:
     joined: tuple[int, int] | None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _HostLaunch:
     launcher: Launcher
     runs: list[_HostRun]
     members: list[Member]
+    grads: list[_GradBuffer] = field(default_factory=list)
+    """The buffers over the last step's gradients, one per run, where each was a numpy
+    array kept alone (a run's own; see `_HostLaunches.run`)."""
 
 
 class _HostLaunches:
@@ -624,13 +633,28 @@ class _HostLaunches:
         place = 0
         try:
             for launch in self.launches:  # every launch's arguments first, then the launches
-                grads = []
-                for run in launch.runs:
-                    grad = self._grad(queue.context, run, place)
-                    if grad is None:
-                        return False
-                    grads.append(grad)
-                    place += 1
+                now = [run.items[0].grad for run in launch.runs]
+                kept = launch.grads
+                if (
+                    kept
+                    and list(map(type, now)).count(np.ndarray) == len(now)
+                    and all(map(is_, now, map(_owner, kept)))
+                ):
+                    # the very numpy arrays of the last step: the same buffers (a numpy
+                    # array's memory moves only with a fingerprint the plan checked)
+                    grads: list[Any] = kept
+                    place += len(kept)
+                else:
+                    grads = []
+                    for run in launch.runs:
+                        grad = self._grad(queue.context, run, place)
+                        if grad is None:
+                            return False
+                        grads.append(grad)
+                        place += 1
+                    numpy = list(map(type, now)).count(np.ndarray) == len(now)
+                    alone = all(run.joined is None for run in launch.runs)
+                    launch.grads = grads if numpy and alone and all(type(g) is _GradBuffer for g in grads) else []
                 if bind:  # (the members stay bound from one step to the next)
                     launch.launcher.bind(launch.members, counter)
                 keys = [run.items[0].member[shared:] for run in launch.runs] if step.kernel.stochastic else []
