@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, MutableMapping, Sequence
@@ -70,14 +71,21 @@ class JoinedGrads:
     run's gradients as one array, so it fits a later step only while each item has the
     gradient it was laid out with (other items' gradients may be new at any step)."""
 
-    __slots__ = ("grads",)
+    __slots__ = ("grads", "items")
 
     def __init__(self, items: Iterable[Work] = ()) -> None:
-        self.grads = [(item, weak(item.grad)) for item in items]
+        self.items = list(items)
+        self.grads = [weak(item.grad) for item in self.items]
 
     def hold(self) -> bool:
-        """Whether every item still has the gradient recorded for it."""
-        return all(item.grad is grad() for item, grad in self.grads)
+        """Whether every item still has the gradient recorded for it (a freed one's
+        reference gives None, which no item in a launch has)."""
+        now = list(map(_GRAD, self.items))
+        return _NONE_TYPE not in map(type, now) and all(map(operator.is_, now, map(operator.call, self.grads)))
+
+
+_GRAD = operator.attrgetter("grad")
+_NONE_TYPE = type(None)
 
 
 def describe(x: object) -> str:

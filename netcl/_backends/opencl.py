@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from collections.abc import Hashable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from math import prod
@@ -300,11 +301,11 @@ class OpenCLBackend(Backend):
         prepared = cache.get("prepared")
         # where neighbours' own scalars differ (step counts, stochastic rounding's keys),
         # a run must break
-        breaks = (
-            tuple(k for k in range(1, len(work)) if work[k].member != work[k - 1].member)
-            if step.kernel.member_scalar_count or step.kernel.stochastic
-            else ()
-        )
+        breaks: tuple[int, ...] = ()
+        if step.kernel.member_scalar_count or step.kernel.stochastic:
+            members = list(map(_MEMBER, work))
+            if members.count(members[0]) != len(members):  # (mostly: every count the same)
+                breaks = tuple(k for k in range(1, len(members)) if members[k] != members[k - 1])
         if (
             not isinstance(prepared, _Prepared)
             or prepared.work is not work
@@ -473,9 +474,16 @@ class _Prepared:
         shared = self.spec.member_scalar_count
         for launch in self.launches:
             grads = [work[k].grad for k in launch.places]
-            every = [work[k].grad for k in launch.members] if len(launch.members) > len(launch.places) else grads
-            arrays = [*launch.arrays, *(g for g in every if type(g) is cl_array.Array)]
-            others = [*launch.others, *(g for g in every if type(g) is not cl_array.Array)]
+            every = (
+                list(map(_GRAD, map(work.__getitem__, launch.members)))
+                if len(launch.members) > len(launch.places)
+                else grads
+            )
+            if list(map(type, every)).count(cl_array.Array) == len(every):  # (mostly)
+                arrays, others = [*launch.arrays, *every], launch.others
+            else:
+                arrays = [*launch.arrays, *(g for g in every if type(g) is cl_array.Array)]
+                others = [*launch.others, *(g for g in every if type(g) is not cl_array.Array)]
             # each event once: the arrays of a launch mostly wait for the same one, the
             # last launch's, which they share as one list (see below)
             waits: dict[cl.Event, None] = {}
@@ -502,6 +510,10 @@ class _Prepared:
                 x.events = recorded
             for x in others:
                 record_event(x, event)
+
+
+_MEMBER = operator.attrgetter("member")
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass(frozen=True)
