@@ -13,11 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
-import array_api_compat
 import numpy as np
 
 from netcl._kernels import KernelSpec, NonFinite
-from netcl._xp import ArrayNamespace, XArray
+from netcl._xp import ArrayNamespace, XArray, is_torch
 
 A = TypeVar("A", bound=XArray)
 
@@ -67,7 +66,7 @@ def sqrt(xp: ArrayNamespace, x: A) -> A:
     value, rounded to float32, is (53 >= 2 * 24 + 2 bits, so the double rounding is
     innocuous).
     """
-    if array_api_compat.is_torch_array(x) and x.dtype == xp.float32:
+    if is_torch(x) and x.dtype == xp.float32:
         return cast(A, xp.astype(xp.sqrt(xp.astype(x, xp.float64)), xp.float32))
     return xp.sqrt(x)
 

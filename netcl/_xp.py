@@ -11,7 +11,23 @@ from __future__ import annotations
 from types import EllipsisType
 from typing import Protocol, Self, TypeVar
 
-__all__ = ["ArrayNamespace", "XArray"]
+import array_api_compat
+
+__all__ = ["ArrayNamespace", "XArray", "is_torch"]
+
+
+_TORCH_TYPES: dict[type, bool] = {}
+
+
+def is_torch(x: object) -> bool:
+    """Whether `x` is a torch tensor: array_api_compat's test, remembered per type (it
+    runs for arrays at every step, and a type cannot become a tensor's later: torch's
+    classes exist only once it is imported)."""
+    kind = type(x)
+    found = _TORCH_TYPES.get(kind)
+    if found is None:
+        found = _TORCH_TYPES[kind] = array_api_compat.is_torch_array(x)
+    return found
 
 
 class XArray(Protocol):

@@ -32,7 +32,7 @@ from netcl._backends.base import (
 from netcl._backends.host import host_view, joined_runs, update_on_host
 from netcl._precision import BFLOAT16, FLOAT16, compute_dtype, is_half, round_half
 from netcl._update import MASTER, Step
-from netcl._xp import ArrayNamespace
+from netcl._xp import ArrayNamespace, is_torch
 
 __all__ = ["ARRAY_API", "ArrayAPIBackend", "is_array_api"]
 
@@ -55,7 +55,7 @@ def _strides(x: Any) -> tuple[tuple[int, ...], int] | None:
     """The strides of `x` and the size of one element in the same unit, where known."""
     if isinstance(x, np.ndarray):
         return tuple(x.strides), x.itemsize
-    if array_api_compat.is_torch_array(x):
+    if is_torch(x):
         return tuple(x.stride()), 1
     return None
 
@@ -76,7 +76,7 @@ def _overlaps(x: Any) -> bool:
 
 
 def _check_dense(x: Any, where: str) -> None:
-    layout = getattr(x, "layout", None) if array_api_compat.is_torch_array(x) else None
+    layout = getattr(x, "layout", None) if is_torch(x) else None
     if layout is not None and str(layout) != "torch.strided":
         raise TypeError(f"{where} is a torch tensor with layout {layout}; netcl needs dense (strided) tensors")
 
@@ -98,7 +98,7 @@ def _check_written_in_place(x: Any, where: str) -> None:
 def no_autograd(x: Any) -> contextlib.AbstractContextManager[object]:
     """torch's `no_grad()` for a torch tensor (as torch's own optimizers update
     parameters that require grad), else nothing."""
-    if array_api_compat.is_torch_array(x):
+    if is_torch(x):
         import torch
 
         return torch.no_grad()
@@ -119,7 +119,7 @@ class ArrayAPIBackend(Backend):
         # elements), dtype, device and writeability; for numpy and torch only
         if type(array) is np.ndarray:
             return _numpy_print(array)  # (four values: no torch tensor's)
-        if array_api_compat.is_torch_array(array):  # (torch.Size is a tuple)
+        if is_torch(array):  # (torch.Size is a tuple)
             return (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout)
         return None
 
@@ -133,8 +133,8 @@ class ArrayAPIBackend(Backend):
             return True
         # torch's `parameter.data`: a new tensor over the same memory at each access
         return (
-            array_api_compat.is_torch_array(array)
-            and array_api_compat.is_torch_array(other)
+            is_torch(array)
+            and is_torch(other)
             and array.data_ptr() == other.data_ptr()
             and array.device == other.device
         )
@@ -184,7 +184,7 @@ class ArrayAPIBackend(Backend):
         return out
 
     def to_host(self, array: Any) -> npt.NDArray[Any]:
-        if array_api_compat.is_torch_array(array) and str(array.dtype) == "torch.bfloat16":
+        if is_torch(array) and str(array.dtype) == "torch.bfloat16":
             import torch  # (DLPack has bfloat16, numpy has not: the bits, as ml_dtypes' bfloat16)
 
             bits = array.detach().to("cpu").view(torch.int16)
@@ -197,7 +197,7 @@ class ArrayAPIBackend(Backend):
     def from_host(self, host: npt.NDArray[Any], like: Any) -> Any:
         xp = _namespace(like)
         device = array_api_compat.device(like)
-        if host.dtype == BFLOAT16 and array_api_compat.is_torch_array(like):
+        if host.dtype == BFLOAT16 and is_torch(like):
             import torch  # (numpy knows bfloat16 only through ml_dtypes, torch not at all)
 
             bits = torch.from_numpy(np.ascontiguousarray(host).view(np.int16).copy())
@@ -301,7 +301,7 @@ _TORCH_DTYPES: dict[str, np.dtype[Any]] = {
 def _numpy_dtype(x: Any) -> np.dtype[Any] | None:
     """The numpy dtype of an array-API array netcl can update (float32, float64,
     float16, bfloat16: `ml_dtypes.bfloat16` for numpy), else None."""
-    if array_api_compat.is_torch_array(x):
+    if is_torch(x):
         return _TORCH_DTYPES.get(str(x.dtype))
     if isinstance(x, np.ndarray):
         return x.dtype if x.dtype in SUPPORTED_DTYPES else None

@@ -29,7 +29,6 @@ from operator import is_
 from types import SimpleNamespace
 from typing import Any, Literal
 
-import array_api_compat
 import numpy as np
 import numpy.typing as npt
 import pyopencl as cl
@@ -38,6 +37,7 @@ from netcl._backends.base import SUPPORTED_DTYPES, JoinedGrads, Tally, Work
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
 from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
+from netcl._xp import is_torch
 
 __all__ = ["PATH", "Costs", "host_queue", "update_on_host"]
 
@@ -107,7 +107,7 @@ def host_view(x: Any) -> npt.NDArray[Any] | None:
     """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
     if isinstance(x, np.ndarray):
         view = x
-    elif array_api_compat.is_torch_array(x) and str(x.dtype) == "torch.bfloat16":
+    elif is_torch(x) and str(x.dtype) == "torch.bfloat16":
         # (DLPack has bfloat16, numpy has not: the bits, seen as ml_dtypes' bfloat16)
         import torch
 
@@ -117,7 +117,7 @@ def host_view(x: Any) -> npt.NDArray[Any] | None:
             return None
     else:
         try:
-            view = np.from_dlpack(x.detach() if array_api_compat.is_torch_array(x) else x)
+            view = np.from_dlpack(x.detach() if is_torch(x) else x)
         except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
             return None
     if not (view.flags.writeable and view.flags.aligned and view.dtype in SUPPORTED_DTYPES):
@@ -184,7 +184,7 @@ def _torch_memory(x: Any) -> tuple[int, int] | None:
     elements, without a DLPack export; None for another array. A buffer over it fits a
     launch only for a gradient whose fingerprint (shape, strides, dtype, device) is the
     one of the gradient the launch was laid out with: its memory is then laid out alike."""
-    if not array_api_compat.is_torch_array(x):
+    if not is_torch(x):
         return None
     address, itemsize = int(x.data_ptr()), x.element_size()
     return (address, itemsize * x.numel()) if address % itemsize == 0 else None
