@@ -339,9 +339,10 @@ class _Plan:
             return False
         for k, now in fresh:
             known, data, _, state, size, names, kept, checked, backend, at = checks[k]
-            checks[k] = (known, data, weak(now), state, size, names, kept, checked, backend, at)
-        if fresh:
-            self.same = _Same(checks)
+            ref = weak(now)
+            checks[k] = (known, data, ref, state, size, names, kept, checked, backend, at)
+            if self.same is not None:
+                self.same.grads[k] = ref
         return True
 
     def _printed(self, arrays: list[object], grads: list[object]) -> bool:
