@@ -7,7 +7,8 @@ checkout. `kernel_source` looks in both places, in that order.
 `fused_kernel` builds one `pyopencl.elementwise.ElementwiseKernel` per (context, dtype,
 source, variant, number of parameters per launch) and memoizes it per context, so every
 optimizer instance shares it and a step never rebuilds anything. Hyperparameters are
-kernel arguments. One launch updates up to 16 parameters, each in its own buffer: the
+kernel arguments. One launch updates up to `MOST_SLOTS` parameters (as many as the
+device's bytes of kernel arguments hold: `max_slots`), each in its own buffer: the
 kernel takes each one's arrays as separate arguments, and each work-group finds its
 parameter by comparing its number with the running ends of their work-groups. The
 parameters of one launch share their own scalars (`KernelSpec.member_scalar_count`:
@@ -194,31 +195,33 @@ _BUILD_OPTIONS = (
     "-cl-fp32-correctly-rounded-divide-sqrt",
 )
 
-_SLOT_COUNTS = (1, 2, 4, 8, 10, 12, 16)
-"""The parameters a built kernel takes: powers of two, and the most that fit the
-arguments of Adam's kernel (12) and of those with five arrays (10) in 1,024 bytes."""
+MOST_SLOTS = 32
+"""The most parameters a kernel takes, whatever the device allows: on a GPU, every
+work-item picks its parameter among them (see `_build`)."""
 
 
-def slots_for(count: int) -> int:
-    """The kernel that takes `count` parameters (at most `max_slots`): the smallest of
-    the built slot counts that holds them, so few kernels are ever built."""
-    return next(n for n in _SLOT_COUNTS if n >= count)
+def slots_for(count: int, limit: int) -> int:
+    """The kernel that takes `count` parameters (at most `limit`, the `max_slots` of its
+    launches): `limit`, or the smallest power of two that holds them, so that a model's
+    launches build few kernels."""
+    return min(1 << (count - 1).bit_length(), limit)
 
 
 @functools.cache
 def max_slots(device: cl.Device, spec: KernelSpec) -> int:
-    """The most parameters one launch of `spec` can take on `device`.
+    """The most parameters one launch of `spec` can take on `device`: as many as its
+    arguments fit in the bytes the device allows (1024 on some drivers), at most
+    `MOST_SLOTS`.
 
-    Each parameter costs the kernel a (buffer, offset) pair per array, its size and its
-    key where it is rounded stochastically; the device bounds the bytes of a kernel's
-    arguments (1024 on some drivers).
+    Each parameter costs the kernel a (buffer, offset) pair per array and its key where
+    it is rounded stochastically; the parameters' sizes are in the launch's layout
+    buffer (see `Launcher.bind`).
     """
-    per_slot = (2 + len(spec.buffers)) * 16 + 8 + 8 * spec.stochastic
-    # the group's and members' scalars (8 bytes: a double's), the counter (buffer,
-    # offset) and ElementwiseKernel's n
-    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 16 + 8
-    fitting = [n for n in _SLOT_COUNTS if fixed + n * per_slot <= device.max_parameter_size]
-    return max(fitting, default=1)
+    per_slot = (2 + len(spec.buffers)) * 16 + 8 * spec.stochastic
+    # the group's and members' scalars (8 bytes: a double's), the counter and the
+    # layout buffer (buffer, offset each) and ElementwiseKernel's n
+    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 16 + 16 + 8
+    return max(1, min(MOST_SLOTS, (int(device.max_parameter_size) - fixed) // per_slot))
 
 
 @dataclass(frozen=True)
@@ -249,8 +252,8 @@ class FusedKernel:
 
     @property
     def per_slot(self) -> int:
-        """Kernel arguments per parameter: (buffer, offset) per array, size, key."""
-        return 2 * self.arrays + 1 + self.keyed
+        """Kernel arguments per parameter: (buffer, offset) per array, key."""
+        return 2 * self.arrays + self.keyed
 
     def launcher(self) -> Launcher:
         return Launcher(self)
@@ -279,8 +282,8 @@ class Launcher:
         self.kernel = cl.Kernel(fused.program, fused.name)
         dtypes = self.kernel_dtypes(fused)
         self.kernel.set_scalar_arg_dtypes(dtypes)
-        self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 3)
-        self.args[-2] = 0
+        self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 5)
+        self.args[-4] = self.args[-2] = 0  # (the counter's and the layout buffer's offsets)
         self.packs: list[bytes | None] = [_pack_code(dtype) for dtype in dtypes]
         """Per argument, how `_send` sets it: None for a buffer, else a `struct` code."""
         self.dirty: set[int] | None = None
@@ -290,14 +293,17 @@ class Launcher:
         self.members: list[tuple[float, ...] | None] = [None] * fused.slots
         self.scalars: tuple[float, ...] | None = None
         self.global_size = 0
+        self.sizes = np.zeros(0, np.int64)
+        """What the layout buffer (`args[-3]`) holds: each slot's parameter's size."""
 
     @staticmethod
     def kernel_dtypes(fused: FusedKernel) -> list[Any]:
         """The kernel's arguments' dtypes (None: a buffer): each slot's, the group's
-        scalars, the counter (buffer, offset) of skipped values, and the number of
-        work-items."""
-        slot: list[Any] = [None, np.int64] * fused.arrays + [np.int64] + [fused.dtype] * fused.keyed
-        return slot * fused.slots + [fused.dtype] * fused.scalar_count + [None, np.int64, np.int64]
+        scalars, the counter of skipped values and the layout buffer (buffer, offset
+        each), and the number of work-items."""
+        slot: list[Any] = [None, np.int64] * fused.arrays + [fused.dtype] * fused.keyed
+        tail = [None, np.int64, None, np.int64, np.int64]
+        return slot * fused.slots + [fused.dtype] * fused.scalar_count + tail
 
     def _mark(self, first: int, count: int = 1) -> None:
         """Note that the `count` arguments from `first` on changed."""
@@ -309,6 +315,7 @@ class Launcher:
         their gradients come with each run) and count skipped values in `counter`."""
         fused, args = self.fused, self.args
         per_slot = fused.per_slot
+        sizes = np.zeros(fused.slots, np.int64)
         groups = 0
         for k in range(fused.slots):
             member = members[k] if k < len(members) else None
@@ -324,23 +331,27 @@ class Launcher:
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
                     self.bound[k * fused.arrays + j] = known
                     self._mark(k * per_slot + 2 * j, 2)  # (the buffer and its offset)
-            if args[k * per_slot + 2 * fused.arrays] != size:
-                args[k * per_slot + 2 * fused.arrays] = size
-                self._mark(k * per_slot + 2 * fused.arrays)
+            sizes[k] = size
             if member is None:
                 self._set_member(k, (0.0,) * fused.keyed)
             groups += group_count(size, fused.geometry)
         self.global_size = groups * fused.geometry.local_size
-        if args[-3] is not counter:
-            args[-3] = counter
+        if not np.array_equal(sizes, self.sizes):
+            # (a new buffer: launches still queued read the old one)
+            flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
+            args[-3] = cl.Buffer(self.kernel.context, flags, hostbuf=sizes)
+            self.sizes = sizes
             self._mark(len(args) - 3)
+        if args[-5] is not counter:
+            args[-5] = counter
+            self._mark(len(args) - 5)
         if args[-1] != self.global_size:
             args[-1] = self.global_size
             self._mark(len(args) - 1)
 
     def _set_member(self, k: int, values: tuple[float, ...]) -> None:
         if values != self.members[k]:
-            first = k * self.fused.per_slot + 2 * self.fused.arrays + 1
+            first = k * self.fused.per_slot + 2 * self.fused.arrays
             self.args[first : first + len(values)] = values  # (pyopencl rounds them to the dtype)
             self.members[k] = values
             self._mark(first, len(values))
@@ -512,12 +523,10 @@ def _build(
         [
             decl
             for k in range(slots)
-            for decl in [f"{ctypes[name]} *{name}{k}" for name in arrays]
-            + [f"long size{k}"]
-            + [f"{real} {name}_{k}" for name in keys]
+            for decl in [f"{ctypes[name]} *{name}{k}" for name in arrays] + [f"{real} {name}_{k}" for name in keys]
         ]
         + [f"{real} {name}" for name in (*scalars, *own)]
-        + ["long *skipped"]
+        + ["long *skipped", "long *layout"]  # (layout: the parameters' sizes, see `Launcher.bind`)
     )
     text = kernel_source(spec.source)
     float32 = compute == np.float32
@@ -577,11 +586,12 @@ def _build(
         "const long group = get_group_id(0);",
         *(f"__global {ctypes[name]} *{name} = {name}0;" for name in arrays),
         *(f"{real} {name} = {name}_0;" for name in keys),
-        f"long size = size0, begin = 0, end = {groups('size0')};",
+        "long size = layout[0], begin = 0, end = " + groups("size") + ";",
     ]
     for k in range(1, slots):
         pick += [
             f"const bool later{k} = group >= end;",
+            f"const long size{k} = layout[{k}];",
             f"begin = later{k} ? end : begin;",
             f"end = later{k} ? end + {groups(f'size{k}')} : end;",
             f"size = later{k} ? size{k} : size;",

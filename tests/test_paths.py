@@ -80,6 +80,62 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(
     assert run("each optimizer") == together
 
 
+@pytest.mark.parametrize(
+    ("name", "flags"),
+    [
+        ("SGD", {}),
+        ("SGD", {"momentum": 0.9}),
+        ("RMSProp", {}),
+        ("RMSProp", {"momentum": 0.9, "centered": True}),
+        ("Adam", {}),
+        ("Adam", {"amsgrad": True}),
+    ],
+    ids=["sgd", "sgd-momentum", "rmsprop", "rmsprop-centered", "adam", "amsgrad"],
+)
+def test_a_launch_of_the_most_parameters_the_device_allows_agrees(
+    name: str, flags: dict[str, Any], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launch of `max_slots` parameters (as many as the device's bytes of kernel
+    arguments allow: the kernel at that limit builds and runs) and one of the rest give
+    the bits of a launch per parameter, on pyopencl arrays and on numpy arrays."""
+    from netcl import optim
+    from netcl._update import Step
+
+    cls = getattr(optim, name)
+    hyper = {n: cls.hyperparameters[n](n, v) for n, v in {**cls([Parameter(np.zeros(1))]).defaults, **flags}.items()}
+    limit = kernels.max_slots(queue.device, Step(cls.rule, hyper).kernel)
+    assert limit > 8  # (PoCL's 1,024 bytes: 11 to 29 parameters by the variant)
+    rng = np.random.default_rng(21)
+    sizes = [int(n) for n in rng.integers(1, 700, limit + 3)]
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(3)]
+    launches: list[int] = []
+    enqueue = cl.enqueue_nd_range_kernel
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        launches[-1] += 1
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(cl, "enqueue_nd_range_kernel", counted)
+
+    def run(kind: str) -> list[bytes]:
+        make, get = MAKERS[kind]
+        params = [Parameter(make(queue, s)) for s in starts]
+        opt = cls(params, lr=1e-2, **flags)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = make(queue, g)
+            launches.append(0)
+            opt.step()
+        return [get(p.data).tobytes() for p in params]
+
+    together = run("pyopencl")
+    assert launches == [2, 2, 2]
+    assert run("numpy") == together
+    monkeypatch.setattr(opencl_backend, "max_slots", lambda device, spec: 1)
+    assert run("pyopencl") == together
+
+
 def test_a_replaced_parameter_array_is_followed_or_refused(queue: cl.CommandQueue) -> None:
     param = Parameter(
         cl_array.to_device(queue, np.ones(5, np.float32)), cl_array.to_device(queue, np.ones(5, np.float32))

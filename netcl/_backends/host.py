@@ -556,7 +556,7 @@ class _HostLaunches:
                         owner = grad.base if grad.base is not None else grad
                         joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
                     host_runs.append(_HostRun(items, joined))
-                fused = fused_kernel(context, queue.device, dtype, step.kernel, slots_for(len(members)))
+                fused = fused_kernel(context, queue.device, dtype, step.kernel, slots_for(len(members), limit))
                 spare = launchers.get(id(fused))
                 launcher = spare.pop() if spare else fused.launcher()
                 self.launches.append(_HostLaunch(launcher, host_runs, members))

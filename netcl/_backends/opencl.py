@@ -440,7 +440,7 @@ class _Prepared:
             runs = _runs(members, breaks, (dtype.itemsize, dtype.itemsize) + (state_size,) * len(step.buffers))
             shared = step.kernel.member_scalar_count
             for n, chunk in enumerate(_launches(runs, [work[places[0]].member[:shared] for _, places in runs], limit)):
-                slots = slots_for(len(chunk))
+                slots = slots_for(len(chunk), limit)
                 key = (queue, dtype, step.kernel, slots, n)
                 launcher = old.get(key)
                 if launcher is None:
