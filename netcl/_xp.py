@@ -3,7 +3,8 @@
 `array_api_compat.array_namespace` returns a module, so to a type checker every call made
 through it would be untyped. netcl's stub of array-api-compat (`stubs/array_api_compat`)
 says that it returns an `ArrayNamespace`, and netcl's reference maths is written against
-`XArray`, so that path is type-checked like the rest.
+`XArray`, so that path is type-checked like the rest. `is_torch` is the test for torch
+tensors that the adapters run on arrays at every step.
 """
 
 from __future__ import annotations

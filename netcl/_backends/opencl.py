@@ -304,7 +304,7 @@ class OpenCLBackend(Backend):
         breaks: tuple[int, ...] = ()
         if step.kernel.member_scalar_count or step.kernel.stochastic:
             members = list(map(_MEMBER, work))
-            if members.count(members[0]) != len(members):  # (mostly: every count the same)
+            if members and members.count(members[0]) != len(members):  # (mostly: every count the same)
                 breaks = tuple(k for k in range(1, len(members)) if members[k] != members[k - 1])
         if (
             not isinstance(prepared, _Prepared)
