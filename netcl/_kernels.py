@@ -9,8 +9,9 @@ source, variant, number of parameters per launch) and memoizes it per context, s
 optimizer instance shares it and a step never rebuilds anything. Hyperparameters are
 kernel arguments. One launch updates up to `MOST_SLOTS` parameters (as many as the
 device's bytes of kernel arguments hold: `max_slots`), each in its own buffer: the
-kernel takes each one's arrays as separate arguments, and each work-group finds its
-parameter by comparing its number with the running ends of their work-groups. The
+kernel takes each one's arrays as separate arguments (but state buffers that are views
+of one buffer per name, which it takes once: `shares_state`), and each work-group finds
+its parameter by comparing its number with the running ends of their work-groups. The
 parameters of one launch share their own scalars (`KernelSpec.member_scalar_count`:
 those that depend on a parameter's step count, mostly the same for all). Every
 work-item updates one value (see `geometry` for why).
@@ -208,20 +209,40 @@ def slots_for(count: int, limit: int) -> int:
 
 
 @functools.cache
-def max_slots(device: cl.Device, spec: KernelSpec) -> int:
+def max_slots(device: cl.Device, spec: KernelSpec, shared: bool = False) -> int:
     """The most parameters one launch of `spec` can take on `device`: as many as its
     arguments fit in the bytes the device allows (1024 on some drivers), at most
-    `MOST_SLOTS`.
+    `MOST_SLOTS`; with `shared`, in a kernel that takes each state buffer once for all
+    its parameters (see `shares_state`).
 
-    Each parameter costs the kernel a (buffer, offset) pair per array and its key where
-    it is rounded stochastically; the parameters' sizes are in the launch's layout
-    buffer (see `Launcher.bind`).
+    Each parameter costs the kernel a (buffer, offset) pair per array it takes for it
+    and its key where it is rounded stochastically; the parameters' sizes (and with
+    `shared`, their state buffers' offsets) are in the launch's layout buffer (see
+    `Launcher.bind`).
     """
-    per_slot = (2 + len(spec.buffers)) * 16 + 8 * spec.stochastic
-    # the group's and members' scalars (8 bytes: a double's), the counter and the
-    # layout buffer (buffer, offset each) and ElementwiseKernel's n
-    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 16 + 16 + 8
+    state = len(spec.buffers)
+    per_slot = (2 + state * (not shared)) * 16 + 8 * spec.stochastic
+    # the group's and members' scalars (8 bytes: a double's), the shared state buffers,
+    # the counter and the layout buffer (buffer, offset each) and ElementwiseKernel's n
+    fixed = 8 * (spec.scalar_count + spec.member_scalar_count) + 16 * state * shared + 16 + 16 + 8
     return max(1, min(MOST_SLOTS, (int(device.max_parameter_size) - fixed) // per_slot))
+
+
+def shares_state(members: Sequence[Member], itemsize: int) -> bool:
+    """Whether each state buffer of every one of `members` is in one buffer, at an
+    offset that is a whole number of its elements of `itemsize` bytes (as the state a
+    param group's parameters get: views of one buffer per name, see
+    `Backend.zeros_for`): then a launch of them can take each state buffer once, and
+    more parameters (`max_slots`)."""
+    if not members or len(members[0].arrays) <= 2:
+        return False
+    for j in range(2, len(members[0].arrays)):
+        base = members[0].arrays[j].base_data
+        for member in members:
+            x = member.arrays[j]
+            if x.base_data is not base or int(x.offset) % itemsize:
+                return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -249,11 +270,25 @@ class FusedKernel:
     """Whether each member takes a key (stochastic rounding)."""
     dtype: np.dtype[Any]
     """The compute dtype: the state's and the scalar arguments' (`compute_dtype`)."""
+    shared: bool
+    """Whether the kernel takes each state buffer once for all its members (at their
+    offsets in the layout buffer), not per member (see `shares_state`)."""
+
+    @property
+    def own_arrays(self) -> int:
+        """The arrays the kernel takes per parameter: all, or without `shared` state."""
+        return 2 if self.shared else self.arrays
 
     @property
     def per_slot(self) -> int:
-        """Kernel arguments per parameter: (buffer, offset) per array, key."""
-        return 2 * self.arrays + self.keyed
+        """Kernel arguments per parameter: (buffer, offset) per own array, key."""
+        return 2 * self.own_arrays + self.keyed
+
+    @property
+    def stride(self) -> int:
+        """The layout buffer's values per parameter: its size, and with `shared` its
+        state buffers' offsets (in elements)."""
+        return 1 + (self.arrays - 2) * self.shared
 
     def launcher(self) -> Launcher:
         return Launcher(self)
@@ -282,7 +317,8 @@ class Launcher:
         self.kernel = cl.Kernel(fused.program, fused.name)
         dtypes = self.kernel_dtypes(fused)
         self.kernel.set_scalar_arg_dtypes(dtypes)
-        self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + 5)
+        shared = 2 * (fused.arrays - 2) * fused.shared  # (each shared state buffer's buffer and offset)
+        self.args: list[Any] = [None] * (fused.slots * fused.per_slot + fused.scalar_count + shared + 5)
         self.args[-4] = self.args[-2] = 0  # (the counter's and the layout buffer's offsets)
         self.packs: list[bytes | None] = [_pack_code(dtype) for dtype in dtypes]
         """Per argument, how `_send` sets it: None for a buffer, else a `struct` code."""
@@ -294,16 +330,18 @@ class Launcher:
         self.scalars: tuple[float, ...] | None = None
         self.global_size = 0
         self.sizes = np.zeros(0, np.int64)
-        """What the layout buffer (`args[-3]`) holds: each slot's parameter's size."""
+        """What the layout buffer (`args[-3]`) holds: per slot, its parameter's size and
+        where the kernel is `shared`, its state buffers' offsets."""
 
     @staticmethod
     def kernel_dtypes(fused: FusedKernel) -> list[Any]:
         """The kernel's arguments' dtypes (None: a buffer): each slot's, the group's
-        scalars, the counter of skipped values and the layout buffer (buffer, offset
-        each), and the number of work-items."""
-        slot: list[Any] = [None, np.int64] * fused.arrays + [fused.dtype] * fused.keyed
+        scalars, the shared state buffers, the counter of skipped values and the layout
+        buffer (buffer, offset each), and the number of work-items."""
+        slot: list[Any] = [None, np.int64] * fused.own_arrays + [fused.dtype] * fused.keyed
+        shared: list[Any] = [None, np.int64] * (fused.arrays - 2) * fused.shared
         tail = [None, np.int64, None, np.int64, np.int64]
-        return slot * fused.slots + [fused.dtype] * fused.scalar_count + tail
+        return slot * fused.slots + [fused.dtype] * fused.scalar_count + shared + tail
 
     def _mark(self, first: int, count: int = 1) -> None:
         """Note that the `count` arguments from `first` on changed."""
@@ -314,8 +352,8 @@ class Launcher:
         """Make the next runs update `members` (at most `slots`, each of size > 0;
         their gradients come with each run) and count skipped values in `counter`."""
         fused, args = self.fused, self.args
-        per_slot = fused.per_slot
-        sizes = np.zeros(fused.slots, np.int64)
+        per_slot, stride = fused.per_slot, fused.stride
+        sizes = np.zeros(fused.slots * stride, np.int64)
         groups = 0
         for k in range(fused.slots):
             member = members[k] if k < len(members) else None
@@ -324,6 +362,9 @@ class Launcher:
             for j, x in enumerate(arrays):
                 if j == 1:
                     continue  # the gradient: see run
+                if j >= fused.own_arrays:  # a shared state buffer's: its offset in it
+                    sizes[k * stride + j - 1] = int(x.offset) // fused.dtype.itemsize
+                    continue
                 # a pyopencl array keeps its buffer and offset; another object may not
                 known = x if isinstance(x, cl_array.Array) else (x.base_data, int(x.offset))
                 if not _same_binding(self.bound[k * fused.arrays + j], known):
@@ -331,7 +372,7 @@ class Launcher:
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
                     self.bound[k * fused.arrays + j] = known
                     self._mark(k * per_slot + 2 * j, 2)  # (the buffer and its offset)
-            sizes[k] = size
+            sizes[k * stride] = size
             if member is None:
                 self._set_member(k, (0.0,) * fused.keyed)
             groups += group_count(size, fused.geometry)
@@ -342,6 +383,11 @@ class Launcher:
             args[-3] = cl.Buffer(self.kernel.context, flags, hostbuf=sizes)
             self.sizes = sizes
             self._mark(len(args) - 3)
+        for i, x in enumerate(members[0].arrays[fused.own_arrays :]):  # (shared: each once)
+            index = fused.slots * per_slot + fused.scalar_count + 2 * i
+            if args[index] is not x.base_data:
+                args[index], args[index + 1] = x.base_data, 0
+                self._mark(index, 2)
         if args[-5] is not counter:
             args[-5] = counter
             self._mark(len(args) - 5)
@@ -351,7 +397,7 @@ class Launcher:
 
     def _set_member(self, k: int, values: tuple[float, ...]) -> None:
         if values != self.members[k]:
-            first = k * self.fused.per_slot + 2 * self.fused.arrays
+            first = k * self.fused.per_slot + 2 * self.fused.own_arrays
             self.args[first : first + len(values)] = values  # (pyopencl rounds them to the dtype)
             self.members[k] = values
             self._mark(first, len(values))
@@ -486,29 +532,38 @@ _build_lock = threading.Lock()
 
 
 def fused_kernel(
-    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
+    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int, shared: bool = False
 ) -> FusedKernel:
-    """The fused kernel of `spec` for `dtype` over `slots` parameters, built once per context."""
+    """The fused kernel of `spec` for `dtype` over `slots` parameters (with `shared`,
+    whose state buffers are each in one buffer: see `shares_state`), built once per
+    context."""
     with _build_lock:
-        return _fused_kernel(context, device, dtype, spec, slots)
+        return _fused_kernel(context, device, dtype, spec, slots, shared)
 
 
 @context_dependent_memoize
 def _fused_kernel(
-    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int
+    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int, shared: bool
 ) -> FusedKernel:
-    fused = _build(context, device, np.dtype(dtype), spec, slots, geometry(device))
+    fused = _build(context, device, np.dtype(dtype), spec, slots, geometry(device), shared)
     kernel = cl.Kernel(fused.program, fused.name)
     most = int(kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device))
     if most < fused.geometry.local_size:
         # a driver that cannot run this kernel in groups that large: the largest power
         # of two it can (the group size is part of the kernel's source)
-        fused = _build(context, device, dtype, spec, slots, Geometry(local_size=1 << (most.bit_length() - 1)))
+        geo = Geometry(local_size=1 << (most.bit_length() - 1))
+        fused = _build(context, device, dtype, spec, slots, geo, shared)
     return fused
 
 
 def _build(
-    context: cl.Context, device: cl.Device, dtype: np.dtype[Any], spec: KernelSpec, slots: int, geo: Geometry
+    context: cl.Context,
+    device: cl.Device,
+    dtype: np.dtype[Any],
+    spec: KernelSpec,
+    slots: int,
+    geo: Geometry,
+    shared: bool = False,
 ) -> FusedKernel:
     compute = compute_dtype(dtype)
     real = dtype_to_ctype(compute)
@@ -518,15 +573,24 @@ def _build(
     arrays = ("param", "grad", *spec.buffers)
     ctypes = {name: stored if name in ("param", "grad") else real for name in arrays}
     own = [f"t{j}" for j in range(spec.member_scalar_count)]  # the members' own, shared
+    own_arrays = 2 if shared else len(arrays)  # (the arrays taken per parameter)
+    stride = 1 + (len(arrays) - 2) * shared  # (the layout buffer's values per parameter)
+
+    def array_of(name: str, k: int) -> str:  # the array `name` of the k-th parameter
+        j = arrays.index(name)
+        return f"{name}{k}" if j < own_arrays else f"({name}_all + layout[{k * stride + j - 1}])"
+
     keys = ["key"] if spec.stochastic else []  # each member's
     arguments = ", ".join(
         [
             decl
             for k in range(slots)
-            for decl in [f"{ctypes[name]} *{name}{k}" for name in arrays] + [f"{real} {name}_{k}" for name in keys]
+            for decl in [f"{ctypes[name]} *{name}{k}" for name in arrays[:own_arrays]]
+            + [f"{real} {name}_{k}" for name in keys]
         ]
         + [f"{real} {name}" for name in (*scalars, *own)]
-        + ["long *skipped", "long *layout"]  # (layout: the parameters' sizes, see `Launcher.bind`)
+        + [f"{real} *{name}_all" for name in arrays[own_arrays:]]  # (shared: see `shares_state`)
+        + ["long *skipped", "long *layout"]  # (layout: see `Launcher.bind`)
     )
     text = kernel_source(spec.source)
     float32 = compute == np.float32
@@ -584,18 +648,18 @@ def _build(
 
     pick = [
         "const long group = get_group_id(0);",
-        *(f"__global {ctypes[name]} *{name} = {name}0;" for name in arrays),
+        *(f"__global {ctypes[name]} *{name} = {array_of(name, 0)};" for name in arrays),
         *(f"{real} {name} = {name}_0;" for name in keys),
         "long size = layout[0], begin = 0, end = " + groups("size") + ";",
     ]
     for k in range(1, slots):
         pick += [
             f"const bool later{k} = group >= end;",
-            f"const long size{k} = layout[{k}];",
+            f"const long size{k} = layout[{k * stride}];",
             f"begin = later{k} ? end : begin;",
             f"end = later{k} ? end + {groups(f'size{k}')} : end;",
             f"size = later{k} ? size{k} : size;",
-            *(f"{name} = later{k} ? {name}{k} : {name};" for name in arrays),
+            *(f"{name} = later{k} ? {array_of(name, k)} : {name};" for name in arrays),
             *(f"{name} = later{k} ? {name}_{k} : {name};" for name in keys),
         ]
     if slots > 1 and not chunked:
@@ -721,7 +785,7 @@ def _build(
         context,
         arguments,
         "\n".join(operation),
-        name=f"netcl_{spec.source}_{slots}",
+        name=f"netcl_{spec.source}_{slots}{'_shared' if shared else ''}",
         preamble="\n".join(preamble),
         loop_prep="\n".join(pick),
         options=list(_BUILD_OPTIONS),
@@ -736,4 +800,5 @@ def _build(
         scalar_count=spec.scalar_count + spec.member_scalar_count,
         keyed=spec.stochastic,
         dtype=compute,
+        shared=shared,
     )

@@ -13,6 +13,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
 
+import netcl._backends.host as host_backend
 import netcl._backends.opencl as opencl_backend
 import netcl._kernels as kernels
 from netcl import Parameter
@@ -75,7 +76,7 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(
         return [p.data.get().tobytes() for p in params]
 
     together = run("one launch")
-    monkeypatch.setattr(opencl_backend, "max_slots", lambda device, spec: 1)
+    monkeypatch.setattr(opencl_backend, "max_slots", lambda device, spec, shared=False: 1)
     assert run("a launch each") == together
     assert run("each optimizer") == together
 
@@ -92,23 +93,28 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(
     ],
     ids=["sgd", "sgd-momentum", "rmsprop", "rmsprop-centered", "adam", "amsgrad"],
 )
+@pytest.mark.parametrize("state", ["made", "loaded"])
 def test_a_launch_of_the_most_parameters_the_device_allows_agrees(
-    name: str, flags: dict[str, Any], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+    name: str, flags: dict[str, Any], state: str, queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A launch of `max_slots` parameters (as many as the device's bytes of kernel
     arguments allow: the kernel at that limit builds and runs) and one of the rest give
-    the bits of a launch per parameter, on pyopencl arrays and on numpy arrays."""
+    the bits of a launch per parameter and of the array-API path, on pyopencl arrays and
+    on numpy arrays: with the state netcl makes (one buffer per state name, which a launch takes once: more
+    parameters) and with state loaded from a checkpoint (a buffer per parameter)."""
     from netcl import optim
     from netcl._update import Step
 
     cls = getattr(optim, name)
     hyper = {n: cls.hyperparameters[n](n, v) for n, v in {**cls([Parameter(np.zeros(1))]).defaults, **flags}.items()}
-    limit = kernels.max_slots(queue.device, Step(cls.rule, hyper).kernel)
-    assert limit > 8  # (PoCL's 1,024 bytes: 11 to 29 parameters by the variant)
+    spec = Step(cls.rule, hyper).kernel
+    one_state = state == "made" and bool(spec.buffers)
+    limit = kernels.max_slots(queue.device, spec, one_state)
+    assert limit > 8  # (PoCL's 1,024 bytes: 11 to 32 parameters by the variant)
     rng = np.random.default_rng(21)
     sizes = [int(n) for n in rng.integers(1, 700, limit + 3)]
     starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
-    grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(3)]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(4)]
     launches: list[int] = []
     enqueue = cl.enqueue_nd_range_kernel
 
@@ -122,18 +128,24 @@ def test_a_launch_of_the_most_parameters_the_device_allows_agrees(
         make, get = MAKERS[kind]
         params = [Parameter(make(queue, s)) for s in starts]
         opt = cls(params, lr=1e-2, **flags)
-        for step in grads:
+        for k, step in enumerate(grads):
             for p, g in zip(params, step, strict=True):
                 p.grad = make(queue, g)
+            if k == 1 and state == "loaded":
+                opt.load_state_dict(opt.state_dict())  # (new state buffers, each its own)
             launches.append(0)
             opt.step()
         return [get(p.data).tobytes() for p in params]
 
     together = run("pyopencl")
-    assert launches == [2, 2, 2]
+    assert launches[2:] == [2, 2]
+    monkeypatch.setattr(host_backend, "PATH", "kernel")  # (numpy arrays: the fused kernel, launched alike)
     assert run("numpy") == together
-    monkeypatch.setattr(opencl_backend, "max_slots", lambda device, spec: 1)
+    assert launches[-2:] == [2, 2]
+    monkeypatch.setattr(opencl_backend, "max_slots", lambda device, spec, shared=False: 1)
     assert run("pyopencl") == together
+    monkeypatch.setattr(host_backend, "PATH", "array-api")  # (no kernel at all)
+    assert run("numpy") == together
 
 
 def test_a_replaced_parameter_array_is_followed_or_refused(queue: cl.CommandQueue) -> None:
@@ -353,7 +365,7 @@ def test_parameters_with_other_step_counts_take_launches_of_their_own(
     hyper = {
         name: Adam.hyperparameters[name](name, value) for name, value in Adam([Parameter(starts[0])]).defaults.items()
     }
-    limit = max_slots(queue.device, Step(Adam.rule, hyper).kernel)
+    limit = max_slots(queue.device, Step(Adam.rule, hyper).kernel, shared=True)  # (state made in one buffer per name)
 
     def needed(groups: list[int]) -> int:  # launches for groups of parameters of one count
         return sum(-(-n // limit) for n in groups)

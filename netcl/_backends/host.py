@@ -34,7 +34,7 @@ import numpy.typing as npt
 import pyopencl as cl
 
 from netcl._backends.base import SUPPORTED_DTYPES, JoinedGrads, Tally, Work
-from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
+from netcl._kernels import Launcher, Member, fused_kernel, max_slots, shares_state, slots_for
 from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
 from netcl._xp import is_torch
@@ -137,6 +137,15 @@ class _Wrapped:
         self.host = host
         self.base_data = cl.Buffer(context, flags, hostbuf=host)
         self.offset = 0
+
+
+@dataclass(frozen=True)
+class _InBuffer:
+    """A host array in the memory of a bigger one that has a buffer: that buffer, and
+    where in it the array starts (bytes)."""
+
+    base_data: cl.Buffer
+    offset: int
 
 
 class _GradBuffer:
@@ -539,31 +548,43 @@ class _HostLaunches:
         groups: dict[tuple[np.dtype[Any], tuple[float, ...]], Runs] = {}
         for items, views in runs:
             groups.setdefault((views[0].dtype, items[0].member[:shared]), []).append((items, views))
-        limit = max_slots(queue.device, step.kernel)
         context = queue.context
         joined_items: list[Work] = []
         for (dtype, _), group in groups.items():
-            for start in range(0, len(group), limit):
-                chunk = group[start : start + limit]
-                members, host_runs = [], []
-                for items, views in chunk:
-                    buffers = tuple(None if j == 1 else self._wrap(context, v, known) for j, v in enumerate(views))
-                    members.append(Member(buffers, views[0].size))
-                    joined = None
-                    if len(items) > 1:
-                        joined_items += items
-                        grad = views[1]
-                        owner = grad.base if grad.base is not None else grad
-                        joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
-                    host_runs.append(_HostRun(items, joined))
-                fused = fused_kernel(context, queue.device, dtype, step.kernel, slots_for(len(members), limit))
+            members, host_runs = [], []
+            for items, views in group:
+                buffers = tuple(None if j == 1 else self._wrap(context, v, known, j > 1) for j, v in enumerate(views))
+                members.append(Member(buffers, views[0].size))
+                joined = None
+                if len(items) > 1:
+                    joined_items += items
+                    grad = views[1]
+                    owner = grad.base if grad.base is not None else grad
+                    joined = ((_address(grad) - _address(owner)) // grad.itemsize, grad.size)
+                host_runs.append(_HostRun(items, joined))
+            # (the state netcl makes is in one numpy array per name: then each is passed once)
+            one_state = shares_state(members, compute_dtype(dtype).itemsize)
+            limit = max_slots(queue.device, step.kernel, one_state)
+            for start in range(0, len(members), limit):
+                chunk = members[start : start + limit]
+                slots = slots_for(len(chunk), limit)
+                fused = fused_kernel(context, queue.device, dtype, step.kernel, slots, one_state)
                 spare = launchers.get(id(fused))
                 launcher = spare.pop() if spare else fused.launcher()
-                self.launches.append(_HostLaunch(launcher, host_runs, members))
+                self.launches.append(_HostLaunch(launcher, host_runs[start : start + limit], chunk))
         self.joined = JoinedGrads(joined_items)
 
-    def _wrap(self, context: cl.Context, view: npt.NDArray[Any], known: dict[Hashable, _Wrapped]) -> _Wrapped:
-        """A buffer over `view` (a parameter's or a state buffer's memory)."""
+    def _wrap(
+        self, context: cl.Context, view: npt.NDArray[Any], known: dict[Hashable, _Wrapped], state: bool = False
+    ) -> _Wrapped | _InBuffer:
+        """A buffer over `view` (a parameter's or a state buffer's memory); for a state
+        buffer that is a view of a bigger numpy array (the state netcl makes, see
+        `zeros_for`), where buffers are kept, the buffer over that array, at the view's
+        offset: the state buffers of a launch are then in one buffer per name."""
+        owner = view.base
+        if state and self.kept and isinstance(owner, np.ndarray) and owner.flags.c_contiguous:
+            whole = self._wrap(context, owner, known)
+            return _InBuffer(whole.base_data, _address(view) - _address(owner))
         if not self.kept:
             made = _Wrapped(context, view)
             self.step_buffers.append(made)

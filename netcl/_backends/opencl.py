@@ -32,7 +32,7 @@ from netcl._backends.base import (
     check_same_shape,
     describe,
 )
-from netcl._kernels import Launcher, Member, fused_kernel, max_slots, slots_for
+from netcl._kernels import Launcher, Member, fused_kernel, max_slots, shares_state, slots_for
 from netcl._precision import compute_dtype
 from netcl._update import Step
 
@@ -435,16 +435,19 @@ class _Prepared:
         same work with a new gradient there needs its layout checked again."""
         for (queue, dtype), members in batches.items():
             facts = _queue_facts(queue)
-            limit = max_slots(facts.device, step.kernel)
             state_size = compute_dtype(dtype).itemsize
             runs = _runs(members, breaks, (dtype.itemsize, dtype.itemsize) + (state_size,) * len(step.buffers))
-            shared = step.kernel.member_scalar_count
-            for n, chunk in enumerate(_launches(runs, [work[places[0]].member[:shared] for _, places in runs], limit)):
+            # (the state netcl makes is in one buffer per name: then each is passed once)
+            one_state = shares_state([run for run, _ in runs], state_size)
+            limit = max_slots(facts.device, step.kernel, one_state)
+            common = step.kernel.member_scalar_count
+            for n, chunk in enumerate(_launches(runs, [work[places[0]].member[:common] for _, places in runs], limit)):
                 slots = slots_for(len(chunk), limit)
-                key = (queue, dtype, step.kernel, slots, n)
+                key = (queue, dtype, step.kernel, slots, one_state, n)
                 launcher = old.get(key)
                 if launcher is None:
-                    launcher = fused_kernel(facts.context, facts.device, dtype, step.kernel, slots).launcher()
+                    fused = fused_kernel(facts.context, facts.device, dtype, step.kernel, slots, one_state)
+                    launcher = fused.launcher()
                 launcher.bind([run for run, _ in chunk], tally.counter(queue))
                 self.launchers[key] = launcher
                 # the state buffers too where the queue does not order them: on an
