@@ -82,6 +82,11 @@ def _runs(
     return out
 
 
+def _address(x: Any) -> int:
+    address: int = x.__array_interface__["data"][0]
+    return address
+
+
 def _write(x: Any, value: Any) -> None:
     if isinstance(x, cl_array.Array):
         x.set(np.ascontiguousarray(value).reshape(x.shape))
@@ -233,6 +238,55 @@ def test_state_dicts_keep_the_per_parameter_layout(queue: cl.CommandQueue) -> No
     again = fresh.state_dict()
     for k in saved["state"]:
         assert again["state"][k]["exp_avg"].tobytes() == saved["state"][k]["exp_avg"].tobytes()
+
+
+@pytest.mark.parametrize("where", ["pyopencl", "numpy"])
+def test_a_loaded_checkpoint_keeps_one_buffer_per_state_name(where: str, queue: cl.CommandQueue) -> None:
+    """`load_state_dict` lays the state out as a step makes it: one buffer per state name,
+    each parameter's a view of it in order, so a flat model keeps its one launch after
+    resuming, with the bits of the optimizer it was saved from."""
+    rng = np.random.default_rng(17)
+    grads = [[rng.standard_normal(shape).astype(F32) for shape in SHAPES] for _ in range(3)]
+
+    def model() -> list[Parameter[Any]]:
+        params: list[Parameter[Any]] = (
+            list(flat_parameters(queue, SHAPES)) if where == "pyopencl" else list(flat_parameters(None, SHAPES))
+        )
+        for p, g in zip(params, grads[0], strict=True):
+            _write(p.data, g * 3)
+        return params
+
+    def step(opt: Adam, params: list[Parameter[Any]], k: int) -> None:
+        for p, g in zip(params, grads[k], strict=True):
+            assert p.grad is not None
+            _write(p.grad, g)
+        opt.step()
+
+    saved_params = model()
+    saved = Adam(saved_params, lr=1e-2)
+    step(saved, saved_params, 0)
+    params = model()
+    for p, q in zip(params, saved_params, strict=True):  # (the saved model as it is now)
+        _write(p.data, _get(q.data))
+    resumed = Adam(params, lr=1e-2)
+    resumed.load_state_dict(saved.state_dict())
+    datas: list[Any] = [p.data for p in params]
+    for name in ("exp_avg", "exp_avg_sq"):
+        views: list[Any] = [resumed.state[id(p)][name] for p in params]
+        if where == "pyopencl":
+            assert all(v.base_data is views[0].base_data for v in views)
+            assert [v.offset for v in views] == [d.offset for d in datas]
+        else:
+            assert all(v.base is views[0].base and v.base is not None for v in views)
+            assert [_address(v) - _address(views[0]) for v in views] == [
+                _address(d) - _address(datas[0]) for d in datas
+            ]
+    for k in (1, 2):
+        step(saved, saved_params, k)
+        step(resumed, params, k)
+    if where == "pyopencl":
+        assert _launches(resumed) == 1
+    assert [_get(p.data).tobytes() for p in params] == [_get(p.data).tobytes() for p in saved_params]
 
 
 def test_a_flat_numpy_model_takes_the_host_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:

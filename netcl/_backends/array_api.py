@@ -183,6 +183,18 @@ class ArrayAPIBackend(Backend):
                 start += datas[k].size
         return out
 
+    def from_host_for(self, hosts: Sequence[npt.NDArray[Any]], datas: Sequence[Any]) -> list[Any]:
+        """numpy arrays' as `zeros_for` lays them out; the others' each a copy."""
+        out = [
+            None if isinstance(data, np.ndarray) else self.from_host(host, data)
+            for host, data in zip(hosts, datas, strict=True)
+        ]
+        numpy = [k for k, data in enumerate(datas) if isinstance(data, np.ndarray)]
+        for k, buffer in zip(numpy, self.zeros_for([datas[k] for k in numpy]), strict=True):
+            np.copyto(buffer, hosts[k])
+            out[k] = buffer
+        return out
+
     def to_host(self, array: Any) -> npt.NDArray[Any]:
         if is_torch(array) and str(array.dtype) == "torch.bfloat16":
             import torch  # (DLPack has bfloat16, numpy has not: the bits, as ml_dtypes' bfloat16)

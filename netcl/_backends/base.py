@@ -250,6 +250,12 @@ class Backend(ABC):
         that parameters that follow each other in memory get state that does too."""
         return [self.zeros_like(data) for data in datas]
 
+    def from_host_for(self, hosts: Sequence[npt.NDArray[Any]], datas: Sequence[Any]) -> list[Any]:
+        """Copies of `hosts`, the values of one state name for each of `datas` (a param
+        group's parameters, in order), laid out as `zeros_for` lays out new state (a
+        checkpoint's state then takes the same launches as state made at a step)."""
+        return [self.from_host(host, data) for host, data in zip(hosts, datas, strict=True)]
+
     @abstractmethod
     def to_host(self, array: Any) -> npt.NDArray[Any]:
         """A numpy copy of `array` that shares no memory with it."""

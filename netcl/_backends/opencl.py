@@ -289,6 +289,12 @@ class OpenCLBackend(Backend):
                 start += size
         return out
 
+    def from_host_for(self, hosts: Sequence[npt.NDArray[Any]], datas: Sequence[Any]) -> list[cl_array.Array]:
+        out = self.zeros_for(datas)
+        for buffer, host, data in zip(out, hosts, datas, strict=True):
+            buffer.set(np.asarray(host, order=_layout(data) or "C"))
+        return out
+
     def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
         """Update `work` with as few launches as the kernel's slots allow.
 

@@ -834,14 +834,22 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         with self._lock:
             hypers, id_map, saved_state = self._check_state_dict(state_dict)
             new_state: dict[int, StateT] = {}
+            # per backend and state name, the parameters' values in order: restored as
+            # a step makes state (`from_host_for`: one buffer per name where it can)
+            wanted: dict[tuple[Backend, str], list[tuple[Any, npt.NDArray[Any], dict[str, Any]]]] = {}
             for index, entry in saved_state.items():
                 param = id_map[index]
                 backend = backend_for(param.data, f"parameter {index}")
                 restored: dict[str, Any] = {"step": entry.get("step", 0)}
                 for name in self.rule.saved_buffers:
                     if name in entry:
-                        restored[name] = backend.from_host(entry[name], param.data)
+                        restored[name] = None  # (in this order, filled below)
+                        wanted.setdefault((backend, name), []).append((param.data, entry[name], restored))
                 new_state[id(param)] = cast(StateT, restored)
+            for (backend, name), items in wanted.items():
+                buffers = backend.from_host_for([host for _, host, _ in items], [data for data, _, _ in items])
+                for (_, _, restored), buffer in zip(items, buffers, strict=True):
+                    restored[name] = buffer
             for group, hyper in zip(self.param_groups, hypers, strict=True):
                 cast(dict[str, Any], group).update(hyper)
             self.state.clear()
