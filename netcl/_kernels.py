@@ -329,7 +329,7 @@ class Launcher:
         self.members: list[tuple[float, ...] | None] = [None] * fused.slots
         self.scalars: tuple[float, ...] | None = None
         self.global_size = 0
-        self.sizes = np.zeros(0, np.int64)
+        self.layout = np.zeros(0, np.int64)
         """What the layout buffer (`args[-3]`) holds: per slot, its parameter's size and
         where the kernel is `shared`, its state buffers' offsets."""
 
@@ -353,7 +353,7 @@ class Launcher:
         their gradients come with each run) and count skipped values in `counter`."""
         fused, args = self.fused, self.args
         per_slot, stride = fused.per_slot, fused.stride
-        sizes = np.zeros(fused.slots * stride, np.int64)
+        layout = np.zeros(fused.slots * stride, np.int64)
         groups = 0
         for k in range(fused.slots):
             member = members[k] if k < len(members) else None
@@ -363,7 +363,7 @@ class Launcher:
                 if j == 1:
                     continue  # the gradient: see run
                 if j >= fused.own_arrays:  # a shared state buffer's: its offset in it
-                    sizes[k * stride + j - 1] = int(x.offset) // fused.dtype.itemsize
+                    layout[k * stride + j - 1] = int(x.offset) // fused.dtype.itemsize
                     continue
                 # a pyopencl array keeps its buffer and offset; another object may not
                 known = x if isinstance(x, cl_array.Array) else (x.base_data, int(x.offset))
@@ -372,16 +372,16 @@ class Launcher:
                     args[k * per_slot + 2 * j + 1] = int(x.offset)
                     self.bound[k * fused.arrays + j] = known
                     self._mark(k * per_slot + 2 * j, 2)  # (the buffer and its offset)
-            sizes[k * stride] = size
+            layout[k * stride] = size
             if member is None:
                 self._set_member(k, (0.0,) * fused.keyed)
             groups += group_count(size, fused.geometry)
         self.global_size = groups * fused.geometry.local_size
-        if not np.array_equal(sizes, self.sizes):
+        if not np.array_equal(layout, self.layout):
             # (a new buffer: launches still queued read the old one)
             flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
-            args[-3] = cl.Buffer(self.kernel.context, flags, hostbuf=sizes)
-            self.sizes = sizes
+            args[-3] = cl.Buffer(self.kernel.context, flags, hostbuf=layout)
+            self.layout = layout
             self._mark(len(args) - 3)
         for i, x in enumerate(members[0].arrays[fused.own_arrays :]):  # (shared: each once)
             index = fused.slots * per_slot + fused.scalar_count + 2 * i
