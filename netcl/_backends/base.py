@@ -21,6 +21,7 @@ from netcl._update import Step
 __all__ = [
     "Backend",
     "HostViews",
+    "NONE_TYPE",
     "JoinedGrads",
     "SUPPORTED_DTYPES",
     "Tally",
@@ -28,6 +29,7 @@ __all__ = [
     "check_dtype",
     "check_same_shape",
     "describe",
+    "grad_of",
     "weak",
 ]
 
@@ -80,12 +82,14 @@ class JoinedGrads:
     def hold(self) -> bool:
         """Whether every item still has the gradient recorded for it (a freed one's
         reference gives None, which no item in a launch has)."""
-        now = list(map(_GRAD, self.items))
-        return _NONE_TYPE not in map(type, now) and all(map(operator.is_, now, map(operator.call, self.grads)))
+        now = list(map(grad_of, self.items))
+        return NONE_TYPE not in map(type, now) and all(map(operator.is_, now, map(operator.call, self.grads)))
 
 
-_GRAD = operator.attrgetter("grad")
-_NONE_TYPE = type(None)
+grad_of = operator.attrgetter("grad")
+"""An item's or a parameter's gradient, for `map`."""
+
+NONE_TYPE = type(None)
 
 
 def describe(x: object) -> str:

@@ -656,11 +656,8 @@ class _HostLaunches:
             for launch in self.launches:  # every launch's arguments first, then the launches
                 now = [run.items[0].grad for run in launch.runs]
                 kept = launch.grads
-                if (
-                    kept
-                    and list(map(type, now)).count(np.ndarray) == len(now)
-                    and all(map(is_, now, map(_owner, kept)))
-                ):
+                numpy = list(map(type, now)).count(np.ndarray) == len(now)
+                if kept and numpy and all(map(is_, now, map(_owner, kept))):
                     # the very numpy arrays of the last step: the same buffers (a numpy
                     # array's memory moves only with a fingerprint the plan checked)
                     grads: list[Any] = kept
@@ -673,7 +670,6 @@ class _HostLaunches:
                             return False
                         grads.append(grad)
                         place += 1
-                    numpy = list(map(type, now)).count(np.ndarray) == len(now)
                     alone = all(run.joined is None for run in launch.runs)
                     launch.grads = grads if numpy and alone and all(type(g) is _GradBuffer for g in grads) else []
                 if bind:  # (the members stay bound from one step to the next)

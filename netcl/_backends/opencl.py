@@ -31,6 +31,7 @@ from netcl._backends.base import (
     check_dtype,
     check_same_shape,
     describe,
+    grad_of,
 )
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, shares_state, slots_for
 from netcl._precision import compute_dtype
@@ -484,7 +485,7 @@ class _Prepared:
         for launch in self.launches:
             grads = [work[k].grad for k in launch.places]
             every = (
-                list(map(_GRAD, map(work.__getitem__, launch.members)))
+                list(map(grad_of, map(work.__getitem__, launch.members)))
                 if len(launch.members) > len(launch.places)
                 else grads
             )
@@ -522,7 +523,6 @@ class _Prepared:
 
 
 _MEMBER = operator.attrgetter("member")
-_GRAD = operator.attrgetter("grad")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
-from netcl._backends.base import Tally, check_dtype, weak
+from netcl._backends.base import NONE_TYPE, Tally, check_dtype, grad_of, weak
 from netcl._kernels import NonFinite
 from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
@@ -178,10 +178,10 @@ class _Same:
             return None
         if not all(map(same, map(_DATA, params), self.datas)):
             return None
-        grads = list(map(_GRAD, params))
+        grads = list(map(grad_of, params))
         known = list(map(operator.call, self.grads))
         # (a dead reference gives None too: then more than the parameters without one)
-        if list(map(type, known)).count(_NONE_TYPE) != self.without or not all(map(same, grads, known)):
+        if list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
             return None
         # (the plain dict's `get`: ParameterState's also takes parameters)
         if not all(map(same, map(partial(dict.get, states), map(id, self.owners)), self.states)):
@@ -195,9 +195,7 @@ class _Same:
             return None
 
 
-_NONE_TYPE = type(None)
 _DATA = operator.attrgetter("data")
-_GRAD = operator.attrgetter("grad")
 
 
 def _none() -> None:
