@@ -81,6 +81,20 @@ def test_one_launch_a_launch_each_and_an_optimizer_each_agree(
     assert run("each optimizer") == together
 
 
+def _count_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list whose last number counts the kernels enqueued from now on (append a 0 to
+    start a new count)."""
+    launches: list[int] = []
+    enqueue = cl.enqueue_nd_range_kernel
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        launches[-1] += 1
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(cl, "enqueue_nd_range_kernel", counted)
+    return launches
+
+
 @pytest.mark.parametrize(
     ("name", "flags"),
     [
@@ -116,14 +130,7 @@ def test_a_launch_of_the_most_parameters_the_device_allows_agrees(
     sizes = [int(n) for n in rng.integers(1, 700, limit + 3)]
     starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(4)]
-    launches: list[int] = []
-    enqueue = cl.enqueue_nd_range_kernel
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        launches[-1] += 1
-        return enqueue(*args, **kwargs)
-
-    monkeypatch.setattr(cl, "enqueue_nd_range_kernel", counted)
+    launches = _count_launches(monkeypatch)
 
     def run(kind: str) -> list[bytes]:
         make, get = MAKERS[kind]
@@ -345,14 +352,7 @@ def test_parameters_with_other_step_counts_take_launches_of_their_own(
     sizes = [int(n) for n in rng.integers(1, 3000, 20)]
     starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     grads = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(4)]
-    launches: list[int] = []
-    enqueue = cl.enqueue_nd_range_kernel
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        launches[-1] += 1
-        return enqueue(*args, **kwargs)
-
-    monkeypatch.setattr(cl, "enqueue_nd_range_kernel", counted)
+    launches = _count_launches(monkeypatch)
 
     def run(together: bool) -> list[bytes]:
         params = [Parameter(cl_array.to_device(queue, s)) for s in starts]
