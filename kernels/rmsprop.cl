@@ -86,15 +86,16 @@ inline void update(
     const real mm = mh * mh;
     real variance = vh - mm;
     variance = (variance < (real)0) ? (real)(0) : variance;
-    const bool estimable = mm <= REAL_MAX;
-    variance = estimable ? variance : vh;
+    /* (the test written out twice rather than kept in a bool: `update` is also built
+       for vectors of values, see vector_half.cl) */
+    variance = (mm <= REAL_MAX) ? variance : vh;
 #if EPS_IN_SQRT
     real u = SAT(g / SQRT(variance + eps));
 #else
     real u = SAT(g / (SQRT(variance) + eps));
 #endif
     const real bounded = (u > clip) ? (real)(clip) : ((u < -clip) ? (real)(-clip) : u);
-    u = estimable ? u : bounded;
+    u = (mm <= REAL_MAX) ? u : bounded;
 #else
     /* u = g / (sqrt(v) + eps) */
 #if EPS_IN_SQRT
