@@ -87,7 +87,7 @@ inline void update(
     real variance = vh - mm;
     variance = (variance < (real)0) ? (real)(0) : variance;
     /* (the test written out twice rather than kept in a bool: `update` is also built
-       for vectors of values, see vector_half.cl) */
+       for vectors of values, see vector.cl) */
     variance = (mm <= REAL_MAX) ? variance : vh;
 #if EPS_IN_SQRT
     real u = SAT(g / SQRT(variance + eps));

@@ -14,9 +14,8 @@ of one buffer per name, which it takes once: `shares_state`), and each work-grou
 its parameter by comparing its number with the running ends of their work-groups. The
 parameters of one launch share their own scalars (`KernelSpec.member_scalar_count`:
 those that depend on a parameter's step count, mostly the same for all). On a GPU
-every work-item updates one value, on a CPU a run of values (see `geometry` for why), a
-float16 parameter's 8 at a time where the compiler targets x86's F16C
-(kernels/vector_half.cl).
+every work-item updates one value, on a CPU a run of values (see `geometry` for why), 8
+at a time where the compiler targets x86's AVX (kernels/vector.cl).
 """
 
 from __future__ import annotations
@@ -141,7 +140,9 @@ def geometry(device: cl.Device) -> Geometry:
     over the kernel's source; the same with only one parameter in use). With the loop the
     launch over several parameters runs at the one-parameter speed (0.5-0.6 ns). OpenCL
     vector types (float8, one vector per work-item) moved the same bytes at half the speed
-    on PoCL, and PoCL's reported vector width (16 for float) aborts its compiler on `sqrt`.
+    on PoCL, and PoCL's reported vector width (16 for float) aborts its compiler on `sqrt`;
+    the loop itself takes 8 values at a time where the compiler targets AVX (see
+    kernels/vector.cl).
     """
     if device.type & cl.device_type.CPU:
         return Geometry(local_size=1, per_item=CPU_VALUES_PER_ITEM)
@@ -630,21 +631,22 @@ def _build(
         ),
         text,
     ]
-    # A CPU's loop over a float16 parameter's values takes 8 at a time where the compiler
-    # targets F16C (kernels/vector_half.cl), rounding with it: not for stochastic
-    # rounding (its random bits are drawn per value) nor where the update must see
-    # float16 infinities and NaNs exactly as they are ("propagate": its loads keep
-    # signalling NaNs signalling, which the instruction quiets).
+    # A CPU's loop over values takes 8 at a time where the compiler targets AVX (and
+    # F16C for float16; kernels/vector.cl), for a float32 update; not for stochastic
+    # rounding (its random bits are drawn per value), nor with nonfinite="propagate" (a
+    # mode for torch's habits, left to the loop over single values, whose float16 loads
+    # keep a signalling NaN signalling where F16C would quiet it), nor where float16
+    # values must not load with F16C (`Geometry.hardware_half`).
     vector = (
         geo.per_item > 1
-        and geo.hardware_half
-        and dtype == FLOAT16
+        and float32
         and not spec.stochastic
         and spec.nonfinite != "propagate"
+        and (geo.hardware_half or dtype != FLOAT16)
     )
     if vector:
         undo = ["#undef update", "#undef SAT", "#undef SQRT", "#undef real", f"#define real {real}"]
-        preamble += [kernel_source("vector_half"), "#if VECTOR_HALF", text, *undo, "#endif"]
+        preamble += [kernel_source("vector"), "#if VECTOR", text, *undo, "#endif"]
 
     # Each parameter gets whole work-groups. Before the loop over indices, a work-group
     # picks its parameter's arrays: those of the last parameter whose first group is at
@@ -774,17 +776,17 @@ def _build(
         *write,
     ]
     vector_loop: list[str] = []
-    if vector:  # the same update, 8 values at a time (see kernels/vector_half.cl)
+    if vector:  # the same update, 8 values at a time (see kernels/vector.cl)
         finite8 = "LOADED_FINITE8(grad_v)" + (" & LOADED_FINITE8(param_old)" if half_param else "")
         vector_loop = [
-            "#if VECTOR_HALF",
+            "#if VECTOR",
             "for (; c + 8 <= last; c += 8) {",
-            # (512 values ahead in each array: 4 to 8% of a float16 Adam step from memory;
-            # a hint, which does not fault where that is past an array's end)
+            # (512 values ahead in each array: 6 to 15% of a float32 Adam step from
+            # memory; a hint, which does not fault where that is past an array's end)
             *(f"__builtin_prefetch({name} + c + 512);" for name in ("param", "grad", *spec.buffers)),
-            "const ushort8 param_raw = LOAD_HALF8(param, c);",
-            f"float8 param_v = {'LOAD8(master_param, c)' if spec.master else 'FROM_HALF8(param_raw)'};",
-            "const float8 grad_v = FROM_HALF8(LOAD_HALF8(grad, c));",
+            "const STORED8 param_raw = LOAD_STORED8(param, c);",
+            f"float8 param_v = {'LOAD8(master_param, c)' if spec.master else 'FROM_STORAGE8(param_raw)'};",
+            "const float8 grad_v = FROM_STORAGE8(LOAD_STORED8(grad, c));",
             *(
                 f"float8 {name}_v = {f'LOAD8({name}, c)' if name in spec.buffers else '0'};"
                 for name in spec.all_buffers
@@ -794,7 +796,7 @@ def _build(
             f"update8({', '.join(update_args)});",
             f"const int8 keep = {finite8};",  # (lanes of -1 where updated, else 0)
             *(f"{name}_v = keep ? {name}_v : {name}_old;" for name in kept),
-            "STORE_HALF8(param, c, convert_short8(keep) ? to_half8(param_v) : param_raw);",
+            "STORE_STORED8(param, c, SELECT_STORED(keep, TO_STORAGE8(param_v), param_raw));",
             *(["STORE8(master_param, c, keep ? param_v : param_old);"] if spec.master else []),
             *(f"STORE8({name}, c, {name}_v);" for name in kept),
             *(

@@ -387,8 +387,8 @@ GEOMETRY_CASES: list[tuple[str, dict[str, Any], str, str]] = [  # (optimizer, fl
     ("adam", {"amsgrad": True}, "count", "float32"),
     ("adamw", {}, "skip", "float64"),
     ("adam", {"stochastic_rounding": True}, "skip", "float16"),
-    # (float16 without stochastic rounding: a CPU's loop takes 8 values at a time where
-    # the compiler targets F16C, see kernels/vector_half.cl)
+    # (float16 without stochastic rounding, where a CPU's loop takes 8 values at a time
+    # with F16C's conversions, see kernels/vector.cl)
     ("rmsprop", {"momentum": 0.9, "centered": True}, "count", "float16"),
     ("adam", {"master_weights": True, "amsgrad": True}, "skip", "float16"),
     ("sgd", {"momentum": 0.9, "weight_decay": 0.1}, "count", "float16"),
