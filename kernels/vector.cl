@@ -13,7 +13,8 @@
  *   one instruction, which the compiler does not turn into SIMD code when it is called
  *   on the values of a loop over single values (that loop stayed scalar, 4x slower);
  * - a loop over vectors can prefetch (the builder's code: 512 values ahead in each
- *   array), which took a float32 Adam step from memory 6 to 15% faster; in the loop
+ *   array), which took a float32 Adam step from memory 9 to 13% faster (a throwaway
+ *   kernel, three runs); in the loop
  *   over single values it made the step slower.
  * The arrays are read and written through pointers to unaligned vector types: PoCL's
  * vload8 and vstore8 are calls into its library (2.2x slower).

@@ -631,22 +631,6 @@ def _build(
         ),
         text,
     ]
-    # A CPU's loop over values takes 8 at a time where the compiler targets AVX (and
-    # F16C for float16; kernels/vector.cl), for a float32 update; not for stochastic
-    # rounding (its random bits are drawn per value), nor with nonfinite="propagate" (a
-    # mode for torch's habits, left to the loop over single values, whose float16 loads
-    # keep a signalling NaN signalling where F16C would quiet it), nor where float16
-    # values must not load with F16C (`Geometry.hardware_half`).
-    vector = (
-        geo.per_item > 1
-        and float32
-        and not spec.stochastic
-        and spec.nonfinite != "propagate"
-        and (geo.hardware_half or dtype != FLOAT16)
-    )
-    if vector:
-        undo = ["#undef update", "#undef SAT", "#undef SQRT", "#undef real", f"#define real {real}"]
-        preamble += [kernel_source("vector"), "#if VECTOR", text, *undo, "#endif"]
 
     # Each parameter gets whole work-groups. Before the loop over indices, a work-group
     # picks its parameter's arrays: those of the last parameter whose first group is at
@@ -661,6 +645,22 @@ def _build(
     chunked = geo.per_item > 1
     if chunked and local != 1:
         raise ValueError(f"a geometry of {geo.per_item} values per work-item needs one work-item per group")
+    # A CPU's loop over values takes 8 at a time where the compiler targets AVX (and
+    # F16C for float16; kernels/vector.cl), for a float32 update; not for stochastic
+    # rounding (its random bits are drawn per value), nor with nonfinite="propagate" (a
+    # mode for torch's habits, left to the loop over single values, whose float16 loads
+    # keep a signalling NaN signalling where F16C would quiet it), nor where float16
+    # values must not load with F16C (`Geometry.hardware_half`).
+    vector = (
+        chunked
+        and float32
+        and not spec.stochastic
+        and spec.nonfinite != "propagate"
+        and (geo.hardware_half or dtype != FLOAT16)
+    )
+    if vector:
+        undo = ["#undef update", "#undef SAT", "#undef SQRT", "#undef real", f"#define real {real}"]
+        preamble += [kernel_source("vector"), "#if VECTOR", text, *undo, "#endif"]
 
     def groups(size: str) -> str:
         return f"(({size} + {span - 1}) / {span})"
@@ -781,7 +781,7 @@ def _build(
         vector_loop = [
             "#if VECTOR",
             "for (; c + 8 <= last; c += 8) {",
-            # (512 values ahead in each array: 6 to 15% of a float32 Adam step from
+            # (512 values ahead in each array: 9 to 13% of a float32 Adam step from
             # memory; a hint, which does not fault where that is past an array's end)
             *(f"__builtin_prefetch({name} + c + 512);" for name in ("param", "grad", *spec.buffers)),
             "const STORED8 param_raw = LOAD_STORED8(param, c);",
