@@ -8,10 +8,12 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
 
+from netcl.device import create_queue
+
 
 @pytest.fixture(scope="session")
 def context() -> cl.Context:
-    return cl.create_some_context(interactive=False)
+    return create_queue().context
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,18 @@ from typing import Any
 
 import array_api_strict
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cl_array
 import torch
 
 from netcl import Parameter
+from netcl.device import create_queue
 from netcl.optim import RMSProp
 from tests.reference import wide
 from tests.test_convergence import CASES as CONVERGENCE
 from tests.test_extreme import _adversarial
 
 F = Any
-QUEUE = cl.CommandQueue(cl.create_some_context(interactive=False))
+QUEUE = create_queue()
 BACKENDS: dict[str, tuple[Callable[[F], F], Callable[[F], F]]] = {
     "pyopencl": (lambda a: cl_array.to_device(QUEUE, a), lambda x: x.get()),
     "numpy": (lambda a: np.array(a, copy=True), lambda x: np.array(x, copy=True)),

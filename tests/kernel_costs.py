@@ -36,6 +36,7 @@ from netcl import Parameter
 from netcl._backends.opencl import _Launch, _Prepared
 from netcl._kernels import _BUILD_OPTIONS, geometry
 from netcl.bench import LR, VARIANTS, Floor, Variant, _bytes, _netcl_step, _time, many_sizes
+from netcl.device import create_queue
 from netcl.optim.optimizer import Optimizer
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--many", type=int, default=0, help="time launch costs over this many parameters")
     args = parser.parse_args(argv)
     size = int(args.size)
-    queue = cl.CommandQueue(cl.create_some_context(interactive=False))
+    queue = create_queue()
     if args.many:
         many(queue, args.many, args.rounds, VARIANTS[OPTIMIZERS[args.optimizer].variant])
         return

@@ -20,12 +20,12 @@ from typing import Any, cast
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
-import pyopencl as cl
 import pyopencl.array as cl_array
 import torch
 from mpi4py import MPI
 
 from netcl import Parameter, flat_parameters
+from netcl.device import create_queue
 from netcl.distributed import (
     DistributedOptimizer,
     ZeroRedundancyOptimizer,
@@ -38,7 +38,7 @@ from tests.kinds import KINDS, Kind
 F = npt.NDArray[Any]
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
-QUEUE = cl.CommandQueue(cl.create_some_context(interactive=False))
+QUEUE = create_queue()
 SHAPES = [(6, 5), (5,), (130,), (1,), (3, 4, 2)]
 STEPS = 21
 

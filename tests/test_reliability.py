@@ -18,6 +18,7 @@ import pyopencl.array as cl_array
 import pytest
 import torch
 
+import netcl.device
 from netcl import Parameter
 from netcl._backends import host
 from netcl.optim import SGD, Adam, AdamW, RMSProp
@@ -552,3 +553,74 @@ def test_torch_module_parameters_are_checked_once_while_nothing_changes(monkeypa
         opt.step()
     assert checks == [2, 2, 0, 1]  # (the second step checks the new state buffers)
     assert torch.all(layer.weight.detach() != 0)
+
+
+# --- 12. devices whose compiler cannot build ------------------------------------------------
+# (PoCL 3.0 with LLVM 14, as pyopencl's wheel bundles it, lists an AMD Zen 5 as a device
+# and answers every build with "unknown target CPU 'generic'")
+
+
+def test_the_probe_builds_on_the_tests_device(queue: cl.CommandQueue) -> None:
+    assert netcl.device.compile_failure(queue.device) is None
+
+
+class _Listing:
+    """A platform listing the same real device twice."""
+
+    def __init__(self, device: cl.Device) -> None:
+        self.device = device
+
+    def get_devices(self, device_type: int = cl.device_type.ALL) -> list[cl.Device]:
+        return [self.device, self.device]
+
+
+def test_the_default_device_is_the_first_whose_compiler_builds(
+    queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYOPENCL_CTX", raising=False)
+    monkeypatch.setattr(cl, "get_platforms", lambda: [_Listing(queue.device)])
+    answers = ["error: unknown target CPU 'generic'", None]
+    asked: list[cl.Device] = []
+
+    def probe(device: cl.Device) -> str | None:
+        asked.append(device)
+        return answers[len(asked) - 1]
+
+    monkeypatch.setattr(netcl.device, "compile_failure", probe)
+    chosen = netcl.device.create_queue()
+    assert len(asked) == 2 and chosen.device == queue.device
+    # without a device that builds: an error that names each device and the cure
+    answers[1] = "error: unknown target CPU 'generic'"
+    asked.clear()
+    with pytest.raises(RuntimeError, match=r"no OpenCL device here compiles a kernel: .*generic.*; .*newer PoCL"):
+        netcl.device.create_queue()
+
+
+def test_pyopencl_ctx_is_the_users_choice_and_is_not_probed(
+    queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    platforms = cl.get_platforms()
+    where = next(
+        f"{i}:{j}" for i, p in enumerate(platforms) for j, d in enumerate(p.get_devices()) if d == queue.device
+    )
+    monkeypatch.setenv("PYOPENCL_CTX", where)
+    monkeypatch.setattr(netcl.device, "compile_failure", lambda device: pytest.fail("probed"))
+    assert netcl.device.create_queue().device == queue.device
+
+
+def test_host_arrays_take_the_array_api_maths_where_no_cpu_device_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = [Parameter(np.full(LARGE, 2.0, F32), np.full(LARGE, 0.5, F32))]
+    RMSProp(expected, lr=0.01, momentum=0.9).step()  # (the fused kernel on the host device)
+    assert host.host_queue() is not None
+    failing = "error: unknown target CPU 'generic'"
+    monkeypatch.delenv("PYOPENCL_CTX", raising=False)
+    monkeypatch.setattr(netcl.device, "compile_failure", lambda device: failing)
+    monkeypatch.setattr(host, "compile_failure", lambda device: failing)
+    host.host_queue.cache_clear()
+    try:
+        assert host.host_queue() is None
+        params = [Parameter(np.full(LARGE, 2.0, F32), np.full(LARGE, 0.5, F32))]
+        RMSProp(params, lr=0.01, momentum=0.9).step()
+        np.testing.assert_array_equal(params[0].data, expected[0].data)  # (the paths agree bit for bit)
+    finally:
+        host.host_queue.cache_clear()

@@ -38,6 +38,7 @@ from netcl._kernels import Launcher, Member, fused_kernel, max_slots, shares_sta
 from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
 from netcl._xp import is_torch
+from netcl.device import compile_failure, create_queue
 
 __all__ = ["PATH", "Costs", "host_queue", "update_on_host"]
 
@@ -86,18 +87,23 @@ os.register_at_fork(after_in_child=_in_child)
 
 @functools.cache
 def host_queue() -> cl.CommandQueue | None:
-    """A queue on a CPU OpenCL device, or None when there is none.
+    """A queue on a CPU OpenCL device whose compiler builds kernels, or None.
 
-    The device is the one `pyopencl.create_some_context(interactive=False)` picks
-    (`PYOPENCL_CTX` chooses) when that is a CPU, else the first CPU device found.
+    The device is the one `netcl.device.create_queue()` picks (`PYOPENCL_CTX` chooses)
+    when that is a CPU, else the first CPU device found whose compiler builds a kernel.
+    Without one, host arrays take the array-API maths.
     """
     try:
-        default = cl.create_some_context(interactive=False)
-        if default.devices[0].type & cl.device_type.CPU:
-            return cl.CommandQueue(default)
+        default = create_queue()
+        if default.device.type & cl.device_type.CPU and compile_failure(default.device) is None:
+            return default
+    except (cl.Error, RuntimeError, ValueError):
+        pass
+    try:
         for platform in cl.get_platforms():
             for device in platform.get_devices(device_type=cl.device_type.CPU):
-                return cl.CommandQueue(cl.Context([device]))
+                if compile_failure(device) is None:
+                    return cl.CommandQueue(cl.Context([device]))
     except (cl.Error, RuntimeError, ValueError):
         return None
     return None
