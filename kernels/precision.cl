@@ -19,14 +19,17 @@
  * its stored bits back), as an element with a non-finite gradient is.
  */
 
-/* a 32-bit integer hash (lowbias32): the random bits of stochastic rounding */
+/* a 32-bit integer hash (lowbias32): the random bits of stochastic rounding (MIX's
+   statements also make vector.cl's mix8, for 8 values) */
+#define MIX(x) \
+    x ^= x >> 16; \
+    x *= 0x7feb352dU; \
+    x ^= x >> 15; \
+    x *= 0x846ca68bU; \
+    x ^= x >> 16
 inline uint mix(uint x)
 {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
+    MIX(x);
     return x;
 }
 

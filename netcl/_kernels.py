@@ -646,18 +646,12 @@ def _build(
     if chunked and local != 1:
         raise ValueError(f"a geometry of {geo.per_item} values per work-item needs one work-item per group")
     # A CPU's loop over values takes 8 at a time where the compiler targets AVX (and
-    # F16C for float16; kernels/vector.cl), for a float32 update; not for stochastic
-    # rounding (its random bits are drawn per value), nor with nonfinite="propagate" (a
+    # F16C for float16, and not AVX-512 for float32 and bfloat16: kernels/vector.cl),
+    # for a float32 update; not with nonfinite="propagate" (a
     # mode for torch's habits, left to the loop over single values, whose float16 loads
     # keep a signalling NaN signalling where F16C would quiet it), nor where float16
     # values must not load with F16C (`Geometry.hardware_half`).
-    vector = (
-        chunked
-        and float32
-        and not spec.stochastic
-        and spec.nonfinite != "propagate"
-        and (geo.hardware_half or dtype != FLOAT16)
-    )
+    vector = chunked and float32 and spec.nonfinite != "propagate" and (geo.hardware_half or dtype != FLOAT16)
     if vector:
         undo = ["#undef update", "#undef SAT", "#undef SQRT", "#undef real", f"#define real {real}"]
         preamble += [kernel_source("vector"), "#if VECTOR", text, *undo, "#endif"]
@@ -793,10 +787,11 @@ def _build(
             ),
             "const float8 param_old = param_v;",
             *(f"const float8 {name}_old = {name}_v;" for name in kept),
+            f"const uint8 random = {'RANDOM8(key, c)' if spec.stochastic else '(uint8)(0)'};",
             f"update8({', '.join(update_args)});",
             f"const int8 keep = {finite8};",  # (lanes of -1 where updated, else 0)
             *(f"{name}_v = keep ? {name}_v : {name}_old;" for name in kept),
-            "STORE_STORED8(param, c, SELECT_STORED(keep, TO_STORAGE8(param_v), param_raw));",
+            "STORE_STORED8(param, c, SELECT_STORED(keep, TO_STORAGE8(param_v, random), param_raw));",
             *(["STORE8(master_param, c, keep ? param_v : param_old);"] if spec.master else []),
             *(f"STORE8({name}, c, {name}_v);" for name in kept),
             *(

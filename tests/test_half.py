@@ -204,6 +204,27 @@ def test_stochastic_rounding_is_unbiased_at_every_scale(dtype: np.dtype[Any], qu
         assert _bits(param.data.get()) == _bits(expected)
 
 
+@pytest.mark.parametrize("dtype", HALVES, ids=HALF_IDS)
+def test_stochastic_rounding_of_mixed_scales_draws_the_same_bits_in_the_kernel(
+    dtype: np.dtype[Any], queue: cl.CommandQueue
+) -> None:
+    # neighbouring values of every scale (a CPU's kernel rounds 8 neighbours at once,
+    # with a shorter way where all 8 are float16 normals): the bits numpy's rounding gives
+    scales = np.array([1.0 + 2**-12, 7e-8, -3e-6, 2.5e-8, 1234.567, -1e-30, 6.1e-5, -0.3], F32)
+    n = 8 * 1000 + 5
+    values = np.resize(scales, n) * np.linspace(1.0, 1.5, n, dtype=F32)
+    normal = (np.arange(n) // 8) % 3 == 0  # (runs of 8 all normal, and runs that are not)
+    values[normal] = np.linspace(-2.0, 2.0, n, dtype=F32)[normal] + F32(2**-12)
+    param = Parameter(cl_array.zeros(queue, n, dtype), cl_array.zeros(queue, n, dtype))
+    opt = SGD([param], lr=1.0, master_weights=True, stochastic_rounding=True)
+    opt.step()
+    master: Any = opt.state[param]["master_param"]
+    master.set(values)
+    opt.step()
+    expected = round_half(values, dtype, stochastic_key(0, 2))
+    assert _bits(param.data.get()) == _bits(expected)
+
+
 def test_random_bits_are_uniform_and_differ_by_key() -> None:
     a, b = random_bits(1.0, 1 << 16), random_bits(2.0, 1 << 16)
     assert (a != b).mean() > 0.99

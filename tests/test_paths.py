@@ -387,12 +387,13 @@ GEOMETRY_CASES: list[tuple[str, dict[str, Any], str, str]] = [  # (optimizer, fl
     ("adam", {"amsgrad": True}, "count", "float32"),
     ("adamw", {}, "skip", "float64"),
     ("adam", {"stochastic_rounding": True}, "skip", "float16"),
-    # (float16 without stochastic rounding, where a CPU's loop takes 8 values at a time
-    # with F16C's conversions, see kernels/vector.cl)
+    # (half precision, where a CPU's loop takes 8 values at a time, float16 with F16C's
+    # conversions, see kernels/vector.cl)
     ("rmsprop", {"momentum": 0.9, "centered": True}, "count", "float16"),
     ("adam", {"master_weights": True, "amsgrad": True}, "skip", "float16"),
     ("sgd", {"momentum": 0.9, "weight_decay": 0.1}, "count", "float16"),
     ("adam", {"master_weights": True}, "count", "bfloat16"),
+    ("rmsprop", {"momentum": 0.9, "stochastic_rounding": True}, "count", "bfloat16"),
 ]
 
 
