@@ -117,6 +117,9 @@ class Geometry:
     """Whether float16 values may load with the processor's conversion instruction where
     the device's compiler targets one (x86's F16C): the same values as the formula that
     is used elsewhere (tests build both)."""
+    vector_width: int = 16
+    """The most values a CPU's loop takes at a time (kernels/vector.cl: 16 where the
+    compiler targets AVX-512, 8 where it targets AVX; tests build 8 on either)."""
 
     @property
     def span(self) -> int:
@@ -141,8 +144,8 @@ def geometry(device: cl.Device) -> Geometry:
     launch over several parameters runs at the one-parameter speed (0.5-0.6 ns). OpenCL
     vector types (float8, one vector per work-item) moved the same bytes at half the speed
     on PoCL, and PoCL's reported vector width (16 for float) aborts its compiler on `sqrt`;
-    the loop itself takes 8 values at a time where the compiler targets AVX (see
-    kernels/vector.cl).
+    the loop itself takes 16 values at a time where the compiler targets AVX-512, 8
+    where it targets AVX (see kernels/vector.cl).
     """
     if device.type & cl.device_type.CPU:
         return Geometry(local_size=1, per_item=CPU_VALUES_PER_ITEM)
@@ -645,16 +648,23 @@ def _build(
     chunked = geo.per_item > 1
     if chunked and local != 1:
         raise ValueError(f"a geometry of {geo.per_item} values per work-item needs one work-item per group")
-    # A CPU's loop over values takes 8 at a time where the compiler targets AVX (and
-    # F16C for float16, and not AVX-512 for float32 and bfloat16: kernels/vector.cl),
-    # for a float32 update; not with nonfinite="propagate" (a
+    # A CPU's loop over values takes 16 at a time where the compiler targets AVX-512, 8
+    # where it targets AVX (and F16C for float16; kernels/vector.cl), for a float32
+    # update; not with nonfinite="propagate" (a
     # mode for torch's habits, left to the loop over single values, whose float16 loads
     # keep a signalling NaN signalling where F16C would quiet it), nor where float16
     # values must not load with F16C (`Geometry.hardware_half`).
     vector = chunked and float32 and spec.nonfinite != "propagate" and (geo.hardware_half or dtype != FLOAT16)
     if vector:
         undo = ["#undef update", "#undef SAT", "#undef SQRT", "#undef real", f"#define real {real}"]
-        preamble += [kernel_source("vector"), "#if VECTOR", text, *undo, "#endif"]
+        preamble += [
+            f"#define MAX_WIDTH {geo.vector_width}",
+            kernel_source("vector"),
+            "#if VECTOR",
+            text,
+            *undo,
+            "#endif",
+        ]
 
     def groups(size: str) -> str:
         return f"(({size} + {span - 1}) / {span})"
@@ -770,38 +780,31 @@ def _build(
         *write,
     ]
     vector_loop: list[str] = []
-    if vector:  # the same update, 8 values at a time (see kernels/vector.cl)
-        finite8 = "LOADED_FINITE8(grad_v)" + (" & LOADED_FINITE8(param_old)" if half_param else "")
+    if vector:  # the same update, WIDTH values at a time (see kernels/vector.cl)
+        finite_v = "LOADED_FINITEV(grad_v)" + (" & LOADED_FINITEV(param_old)" if half_param else "")
         vector_loop = [
             "#if VECTOR",
-            "for (; c + 8 <= last; c += 8) {",
+            "for (; c + WIDTH <= last; c += WIDTH) {",
             # (512 values ahead in each array: 9 to 13% of a float32 Adam step from
             # memory; a hint, which does not fault where that is past an array's end)
             *(f"__builtin_prefetch({name} + c + 512);" for name in ("param", "grad", *spec.buffers)),
-            "const STORED8 param_raw = LOAD_STORED8(param, c);",
-            f"float8 param_v = {'LOAD8(master_param, c)' if spec.master else 'FROM_STORAGE8(param_raw)'};",
-            "const float8 grad_v = FROM_STORAGE8(LOAD_STORED8(grad, c));",
+            "const STOREDV param_raw = LOAD_STOREDV(param, c);",
+            f"V(float) param_v = {'LOADV(master_param, c)' if spec.master else 'FROM_STORAGEV(param_raw)'};",
+            "const V(float) grad_v = FROM_STORAGEV(LOAD_STOREDV(grad, c));",
             *(
-                f"float8 {name}_v = {f'LOAD8({name}, c)' if name in spec.buffers else '0'};"
+                f"V(float) {name}_v = {f'LOADV({name}, c)' if name in spec.buffers else '0'};"
                 for name in spec.all_buffers
             ),
-            "const float8 param_old = param_v;",
-            *(f"const float8 {name}_old = {name}_v;" for name in kept),
-            f"const uint8 random = {'RANDOM8(key, c)' if spec.stochastic else '(uint8)(0)'};",
-            f"update8({', '.join(update_args)});",
-            f"const int8 keep = {finite8};",  # (lanes of -1 where updated, else 0)
+            "const V(float) param_old = param_v;",
+            *(f"const V(float) {name}_old = {name}_v;" for name in kept),
+            f"const V(uint) random = {'RANDOMV(key, c)' if spec.stochastic else '(V(uint))(0)'};",
+            f"updatev({', '.join(update_args)});",
+            f"const V(int) keep = {finite_v};",  # (lanes of -1 where updated, else 0)
             *(f"{name}_v = keep ? {name}_v : {name}_old;" for name in kept),
-            "STORE_STORED8(param, c, SELECT_STORED(keep, TO_STORAGE8(param_v, random), param_raw));",
-            *(["STORE8(master_param, c, keep ? param_v : param_old);"] if spec.master else []),
-            *(f"STORE8({name}, c, {name}_v);" for name in kept),
-            *(
-                [
-                    "const int8 skip = keep + 1;",
-                    "s += skip.s0 + skip.s1 + skip.s2 + skip.s3 + skip.s4 + skip.s5 + skip.s6 + skip.s7;",
-                ]
-                if counts
-                else []
-            ),
+            "STORE_STOREDV(param, c, SELECT_STORED(keep, TO_STORAGEV(param_v, random), param_raw));",
+            *(["STOREV(master_param, c, keep ? param_v : param_old);"] if spec.master else []),
+            *(f"STOREV({name}, c, {name}_v);" for name in kept),
+            *(["s += lane_sum(keep + 1);"] if counts else []),  # (lanes not updated: 0 + 1)
             "}",
             "#endif",
         ]

@@ -429,6 +429,8 @@ def test_a_gpus_and_a_cpus_launch_geometry_give_the_same_bits(
     grads[2][4][2050] = np.inf
     results = []
     shapes = [kernels.Geometry(local_size=64), kernels.Geometry(local_size=1, per_item=256)]
+    # the CPU's loop 8 values at a time where the compiler would take 16 (AVX-512)
+    shapes.append(kernels.Geometry(local_size=1, per_item=256, vector_width=8))
     if dtype == "float16":  # and the CPU's float16 loads without F16C, as elsewhere
         shapes.append(kernels.Geometry(local_size=1, per_item=256, hardware_half=False))
     for geo in shapes:
