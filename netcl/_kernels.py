@@ -562,6 +562,58 @@ def _fused_kernel(
     return fused
 
 
+@dataclass(frozen=True)
+class _Spelling:
+    """How the kernel's update of one value, or of a vector of WIDTH values (see
+    kernels/vector.cl), is spelt: its types, and its loads and stores at index c."""
+
+    real: str
+    stored: str
+    mask: str
+    """The type of a condition per value."""
+    uint: str
+    suffix: str
+    """The suffix of precision.cl's and vector.cl's names (FROM_STORAGE, ...)."""
+    random: str
+    zero_bits: str
+
+    @classmethod
+    def single(cls, real: str, stored: str) -> _Spelling:
+        return cls(real, stored, "bool", "uint", "", "mix(mix((uint)key) + (uint)c)", "0")
+
+    @classmethod
+    def vector(cls) -> _Spelling:
+        return cls("V(float)", "STOREDV", "V(int)", "V(uint)", "V", "RANDOMV(key, c)", "(V(uint))(0)")
+
+    @property
+    def update(self) -> str:
+        return "update" + self.suffix.lower()
+
+    def load(self, array: str) -> str:
+        return f"LOADV({array}, c)" if self.suffix else f"{array}[c]"
+
+    def load_stored(self, array: str) -> str:
+        return f"LOAD_STOREDV({array}, c)" if self.suffix else f"{array}[c]"
+
+    def store(self, array: str, value: str) -> str:
+        return f"STOREV({array}, c, {value});" if self.suffix else f"{array}[c] = {value};"
+
+    def store_stored(self, array: str, value: str) -> str:
+        return f"STORE_STOREDV({array}, c, {value});" if self.suffix else f"{array}[c] = {value};"
+
+    def from_storage(self, value: str) -> str:
+        return f"FROM_STORAGE{self.suffix}({value})"
+
+    def loaded_finite(self, value: str) -> str:
+        return f"LOADED_FINITE{self.suffix}({value})"
+
+    def to_storage(self, value: str, bits: str) -> str:
+        return f"TO_STORAGE{self.suffix}({value}, {bits})"
+
+    def select_stored(self, keep: str, a: str, b: str) -> str:
+        return f"SELECT_STORED({keep}, {a}, {b})" if self.suffix else f"{keep} ? {a} : {b}"
+
+
 def _build(
     context: cl.Context,
     device: cl.Device,
@@ -705,7 +757,6 @@ def _build(
     # vector and mask cost a fifth of a plain float32 step from cache.
     if not chunked:
         pick.append(f"const bool full = (group - begin + 1) * {local} <= size;")
-    state = [f"{real} {name}_v = {name + '[c]' if name in spec.buffers else '0'};" for name in spec.all_buffers]
     update_args = ["&param_v", "grad_v", *(f"&{name}_v" for name in spec.all_buffers), *scalars, *own]
     # The parameter is loaded from its storage (`param_raw`; a half parameter converted
     # to float32) or from its master copy, and stored rounded (`TO_STORAGE`); the state
@@ -714,31 +765,47 @@ def _build(
     # or NaN half parameter is left as it is: see kernels/precision.cl).
     half_param = is_half(dtype) and not spec.master
     kept = [name for name in spec.buffers if name != "master_param"]
-    # (`&`, not `&&`: a branch would stop PoCL from vectorizing)
-    finite = "LOADED_FINITE(grad_v)" + (" & LOADED_FINITE(param_old)" if half_param else "")
-    state_stores = [f"{name}[c] = {name}_v;" for name in kept]
-    if spec.nonfinite == "propagate":
-        # every value is written; where the gradient is NaN or infinite the parameter
-        # becomes NaN, as it does in torch
-        param_ok = "LOADED_FINITE(param_old)" if half_param else "true"
-        write = [
-            f"param_v = LOADED_FINITE(grad_v) ? param_v : ({real})(NAN);",
-            f"param[c] = {param_ok} ? TO_STORAGE(param_v, random) : param_raw;",
-            *(["master_param[c] = param_v;"] if spec.master else []),
-            *state_stores,
+
+    def body(w: _Spelling) -> list[str]:
+        """The update of the value at index c of the parameter, or of the values from c
+        on, as `w` spells it."""
+        loaded = [
+            f"const {w.stored} param_raw = {w.load_stored('param')};",
+            f"{w.real} param_v = {w.load('master_param') if spec.master else w.from_storage('param_raw')};",
+            f"const {w.real} grad_v = {w.from_storage(w.load_stored('grad'))};",
+            *(f"{w.real} {name}_v = {w.load(name) if name in spec.buffers else '0'};" for name in spec.all_buffers),
+            f"const {w.real} param_old = param_v;",
+            *([f"const {w.real} {name}_old = {name}_v;" for name in kept] if spec.nonfinite != "propagate" else []),
+            f"const {w.uint} random = {w.random if spec.stochastic else w.zero_bits};",
+            f"{w.update}({', '.join(update_args)});",
         ]
-    else:
-        # where the element is not updated, the old values are written back: a blend and
-        # a plain store, which PoCL vectorizes on every x86 CPU (a store under a mask is
-        # a tenth faster with AVX-512 but a third slower with AVX2's masked moves, and
-        # code in an else branch, such as the counting below, costs as much again)
-        write = [
-            f"const bool keep = {finite};",
+        state_stores = [w.store(name, f"{name}_v") for name in kept]
+        if spec.nonfinite == "propagate":
+            # every value is written; where the gradient is NaN or infinite the
+            # parameter becomes NaN, as it does in torch (single values only)
+            param_ok = "LOADED_FINITE(param_old)" if half_param else "true"
+            return [
+                *loaded,
+                f"param_v = LOADED_FINITE(grad_v) ? param_v : ({real})(NAN);",
+                f"param[c] = {param_ok} ? TO_STORAGE(param_v, random) : param_raw;",
+                *(["master_param[c] = param_v;"] if spec.master else []),
+                *state_stores,
+            ]
+        # where the element is not updated, the old values are written back: a blend
+        # and a plain store, which PoCL vectorizes on every x86 CPU (a store under a mask
+        # is a tenth faster with AVX-512 but a third slower with AVX2's masked moves,
+        # and code in an else branch, such as the counting below, costs as much again;
+        # `&`, not `&&`: a branch would stop PoCL from vectorizing)
+        finite = w.loaded_finite("grad_v") + (f" & {w.loaded_finite('param_old')}" if half_param else "")
+        return [
+            *loaded,
+            f"const {w.mask} keep = {finite};",
             *(f"{name}_v = keep ? {name}_v : {name}_old;" for name in kept),
-            "param[c] = keep ? TO_STORAGE(param_v, random) : param_raw;",
-            *(["master_param[c] = keep ? param_v : param_old;"] if spec.master else []),
+            w.store_stored("param", w.select_stored("keep", w.to_storage("param_v", "random"), "param_raw")),
+            *([w.store("master_param", "keep ? param_v : param_old")] if spec.master else []),
             *state_stores,
         ]
+
     counting: list[str] = []
     counts = spec.nonfinite == "count"
     add = "atom_add(skipped, (long)s);" if int64_atomics else "atomic_add((volatile __global uint *)skipped, s);"
@@ -768,42 +835,16 @@ def _build(
             "}",
             "}",
         ]
-    element = [  # the update of the value at index c of the parameter
-        f"const {stored} param_raw = param[c];",
-        f"{real} param_v = {'master_param[c]' if spec.master else 'FROM_STORAGE(param_raw)'};",
-        f"const {real} grad_v = FROM_STORAGE(grad[c]);",
-        *state,
-        f"const {real} param_old = param_v;",
-        *([f"const {real} {name}_old = {name}_v;" for name in kept] if spec.nonfinite != "propagate" else []),
-        f"const uint random = {'mix(mix((uint)key) + (uint)c)' if spec.stochastic else '0'};",
-        f"update({', '.join(update_args)});",
-        *write,
-    ]
+    element = body(_Spelling.single(real, stored))
     vector_loop: list[str] = []
     if vector:  # the same update, WIDTH values at a time (see kernels/vector.cl)
-        finite_v = "LOADED_FINITEV(grad_v)" + (" & LOADED_FINITEV(param_old)" if half_param else "")
         vector_loop = [
             "#if VECTOR",
             "for (; c + WIDTH <= last; c += WIDTH) {",
             # (512 values ahead in each array: 9 to 13% of a float32 Adam step from
             # memory; a hint, which does not fault where that is past an array's end)
             *(f"__builtin_prefetch({name} + c + 512);" for name in ("param", "grad", *spec.buffers)),
-            "const STOREDV param_raw = LOAD_STOREDV(param, c);",
-            f"V(float) param_v = {'LOADV(master_param, c)' if spec.master else 'FROM_STORAGEV(param_raw)'};",
-            "const V(float) grad_v = FROM_STORAGEV(LOAD_STOREDV(grad, c));",
-            *(
-                f"V(float) {name}_v = {f'LOADV({name}, c)' if name in spec.buffers else '0'};"
-                for name in spec.all_buffers
-            ),
-            "const V(float) param_old = param_v;",
-            *(f"const V(float) {name}_old = {name}_v;" for name in kept),
-            f"const V(uint) random = {'RANDOMV(key, c)' if spec.stochastic else '(V(uint))(0)'};",
-            f"updatev({', '.join(update_args)});",
-            f"const V(int) keep = {finite_v};",  # (lanes of -1 where updated, else 0)
-            *(f"{name}_v = keep ? {name}_v : {name}_old;" for name in kept),
-            "STORE_STOREDV(param, c, SELECT_STORED(keep, TO_STORAGEV(param_v, random), param_raw));",
-            *(["STOREV(master_param, c, keep ? param_v : param_old);"] if spec.master else []),
-            *(f"STOREV({name}, c, {name}_v);" for name in kept),
+            *body(_Spelling.vector()),
             *(["s += lane_sum(keep + 1);"] if counts else []),  # (lanes not updated: 0 + 1)
             "}",
             "#endif",
