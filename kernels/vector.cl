@@ -179,18 +179,11 @@ inline V(uint) mixv(V(uint) x)
 /* ((uint)(c + k) is (uint)c + k, modulo 2**32) */
 #define RANDOMV(key, c) mixv(mix((uint)(key)) + ((uint)(c) + LANES))
 
-/* SAT for vectors (see the builder's preamble) */
-inline V(float) SATV(V(float) x)
-{
-    x = (x > (V(float))(REAL_MAX)) ? (V(float))(REAL_MAX) : x;
-    x = (x < (V(float))(-REAL_MAX)) ? (V(float))(-REAL_MAX) : x;
-    return x;
-}
-
 /* the optimizer's source again, as updatev over V(float) (the builder puts it after this
-   file, then undoes these names) */
+   file, then undoes these names), with SAT for vectors (see the builder's preamble) */
 #undef real
 #define real V(float)
+DEFINE_SAT(SATV)
 #define update updatev
 #define SAT SATV
 #undef SQRT

@@ -661,12 +661,15 @@ def _build(
         f"#define REAL_MAX {'FLT_MAX' if float32 else 'DBL_MAX'}",
         # SAT(x): x, or the largest finite value of its sign where x overflowed; NaN stays
         # NaN (selects, not fmin/fmax, whose NaN rules cost a third of a step on PoCL).
-        "inline real SAT(real x) {",
+        # DEFINE_SAT defines it over `real` as it is where it is used (kernels/vector.cl
+        # defines SATV over vectors with it).
+        "#define DEFINE_SAT(name) inline real name(real x) { \\",
         # (each test is false for NaN, which is then kept)
-        "    x = (x > (real)(REAL_MAX)) ? (real)(REAL_MAX) : x;",
-        "    x = (x < (real)(-REAL_MAX)) ? (real)(-REAL_MAX) : x;",
-        "    return x;",
+        "    x = (x > (real)(REAL_MAX)) ? (real)(REAL_MAX) : x; \\",
+        "    x = (x < (real)(-REAL_MAX)) ? (real)(-REAL_MAX) : x; \\",
+        "    return x; \\",
         "}",
+        "DEFINE_SAT(SAT)",
         # SQRT(x): the correctly rounded square root (the build options ask for it).
         # Where the compiler has clang's builtin, that one: PoCL's CPU compiler turns
         # it into SIMD instructions across work-items, but not its library's `sqrt`,

@@ -315,7 +315,7 @@ def test_flat_half_parameters_step_as_one_run_with_the_same_bits(dtype: np.dtype
 @pytest.mark.parametrize("kind", HALF_KINDS, ids=HALF_KIND_IDS)
 def test_float16_overflow_saturates_and_nonfinite_gradients_are_skipped(kind: Kind, queue: cl.CommandQueue) -> None:
     largest = float(np.finfo(np.float16).max)
-    # (5 times over: 20 values, which a CPU's kernel takes 8 at a time, then one by one)
+    # (5 times over: 20 values, which a CPU's kernel takes 8 or 16 at a time, then one by one)
     start = np.tile(np.array([60000.0, -60000.0, 1.0, 2.0], np.float16), 5)
     param = Parameter(kind.make(queue, start))
     opt = SGD([param], lr=10.0)

@@ -387,7 +387,7 @@ GEOMETRY_CASES: list[tuple[str, dict[str, Any], str, str]] = [  # (optimizer, fl
     ("adam", {"amsgrad": True}, "count", "float32"),
     ("adamw", {}, "skip", "float64"),
     ("adam", {"stochastic_rounding": True}, "skip", "float16"),
-    # (half precision, where a CPU's loop takes 8 values at a time, float16 with F16C's
+    # (half precision, where a CPU's loop takes 8 or 16 values at a time, float16 with x86's
     # conversions, see kernels/vector.cl)
     ("rmsprop", {"momentum": 0.9, "centered": True}, "count", "float16"),
     ("adam", {"master_weights": True, "amsgrad": True}, "skip", "float16"),
