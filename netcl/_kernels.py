@@ -14,8 +14,9 @@ of one buffer per name, which it takes once: `shares_state`), and each work-grou
 its parameter by comparing its number with the running ends of their work-groups. The
 parameters of one launch share their own scalars (`KernelSpec.member_scalar_count`:
 those that depend on a parameter's step count, mostly the same for all). On a GPU
-every work-item updates one value, on a CPU a run of values (see `geometry` for why), 8
-at a time where the compiler targets x86's AVX (kernels/vector.cl).
+every work-item updates one value, on a CPU a run of values (see `geometry` for why), 16
+at a time where the compiler targets x86's AVX-512, 8 where it targets AVX
+(kernels/vector.cl).
 """
 
 from __future__ import annotations
@@ -705,10 +706,10 @@ def _build(
         raise ValueError(f"a geometry of {geo.per_item} values per work-item needs one work-item per group")
     # A CPU's loop over values takes 16 at a time where the compiler targets AVX-512, 8
     # where it targets AVX (and F16C for float16; kernels/vector.cl), for a float32
-    # update; not with nonfinite="propagate" (a
-    # mode for torch's habits, left to the loop over single values, whose float16 loads
-    # keep a signalling NaN signalling where F16C would quiet it), nor where float16
-    # values must not load with F16C (`Geometry.hardware_half`).
+    # update; not with nonfinite="propagate" (a mode for torch's habits, left to the
+    # loop over single values, whose float16 loads keep a signalling NaN signalling
+    # where F16C would quiet it), nor where float16 values must not load with F16C
+    # (`Geometry.hardware_half`).
     vector = chunked and float32 and spec.nonfinite != "propagate" and (geo.hardware_half or dtype != FLOAT16)
     if vector:
         undo = ["#undef update", "#undef SAT", "#undef SQRT", "#undef real", f"#define real {real}"]

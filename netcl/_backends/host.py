@@ -89,16 +89,18 @@ os.register_at_fork(after_in_child=_in_child)
 def host_queue() -> cl.CommandQueue | None:
     """A queue on a CPU OpenCL device whose compiler builds kernels, or None.
 
-    The device is the one `netcl.device.create_queue()` picks (`PYOPENCL_CTX` chooses)
-    when that is a CPU, else the first CPU device found whose compiler builds a kernel.
-    Without one, host arrays take the array-API maths.
+    The device is the one `PYOPENCL_CTX` names when that is a CPU whose compiler builds
+    a kernel, else the first CPU device found whose compiler does (which is what
+    `netcl.device.create_queue()` picks too, where that is a CPU). Without one, host
+    arrays take the array-API maths.
     """
-    try:
-        default = create_queue()
-        if default.device.type & cl.device_type.CPU and compile_failure(default.device) is None:
-            return default
-    except (cl.Error, RuntimeError, ValueError):
-        pass
+    if os.environ.get("PYOPENCL_CTX"):
+        try:
+            named = create_queue()
+            if named.device.type & cl.device_type.CPU and compile_failure(named.device) is None:
+                return named
+        except (cl.Error, RuntimeError, ValueError):
+            pass
     try:
         for platform in cl.get_platforms():
             for device in platform.get_devices(device_type=cl.device_type.CPU):
