@@ -5,7 +5,7 @@ launch per parameter, one optimizer per parameter."""
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 import array_api_strict
 import numpy as np
@@ -262,6 +262,91 @@ def _adam_run(kind: str, queue: cl.CommandQueue) -> list[bytes]:
         opt.step()
         out += [get(p.data).tobytes() for p in params]
     return out
+
+
+def _replace_entry(opt: Any, param: Any, x: Any) -> None:
+    opt.state[param] = {"step": opt.state[param]["step"], "square_avg": x}
+
+
+# every way a state dict (or the optimizer's `state`) can change between steps: each
+# leaves the third parameter with the buffer `x` (None: with no state, so a step makes
+# new zeros)
+_STATE_CHANGES: dict[str, Any] = {
+    "entry[name] = x": lambda opt, p, x: opt.state[p].__setitem__("square_avg", x),
+    "entry.update": lambda opt, p, x: opt.state[p].update(square_avg=x),
+    "entry |= ": lambda opt, p, x: opt.state[p].__ior__({"square_avg": x}),
+    "entry.pop, setdefault": lambda opt, p, x: (
+        opt.state[p].pop("square_avg"),
+        opt.state[p].setdefault("square_avg", x),
+    ),
+    "del entry[name]": lambda opt, p, x: opt.state[p].__delitem__("square_avg"),
+    "entry.popitem": lambda opt, p, x: opt.state[p].popitem(),
+    "entry.clear": lambda opt, p, x: opt.state[p].clear(),
+    "state[param] = dict": _replace_entry,
+    "state.update": lambda opt, p, x: opt.state.update({id(p): {"step": 2, "square_avg": x}}),
+    "state |= ": lambda opt, p, x: opt.state.__ior__({id(p): {"step": 2, "square_avg": x}}),
+    "state.pop": lambda opt, p, x: opt.state.pop(p),
+    "del state[param]": lambda opt, p, x: opt.state.__delitem__(p),
+    "state.popitem": lambda opt, p, x: opt.state.popitem(),
+    "state.clear": lambda opt, p, x: opt.state.clear(),
+}
+_STATE_KEEPS_X = {
+    "entry[name] = x",
+    "entry.update",
+    "entry |= ",
+    "entry.pop, setdefault",
+    "state[param] = dict",
+    "state.update",
+    "state |= ",
+}
+
+
+@pytest.mark.parametrize("change", list(_STATE_CHANGES))
+def test_a_step_sees_every_change_to_the_state_dicts(change: str, queue: cl.CommandQueue) -> None:
+    """A plan whose state dicts are unchanged skips comparing them buffer by buffer;
+    each way of changing them between two steps is seen: the step updates the buffer
+    the state holds now (or, with none, new zeros), never the one it held before."""
+    rng = np.random.default_rng(21)
+    params = [Parameter(cl_array.to_device(queue, rng.standard_normal(n).astype(np.float32))) for n in (5, 300, 7)]
+    for p in params:
+        p.grad = cl_array.to_device(queue, rng.standard_normal(p.data.shape).astype(np.float32))
+    opt = RMSProp(params, lr=1e-2)
+    opt.step()
+    opt.step()  # the same objects: the last step's plan, its state dicts compared and the same
+    third = params[2]
+    old = cast(cl_array.Array, opt.state[third]["square_avg"])
+    before = old.get()
+    x = cl_array.to_device(queue, np.full(7, 5.0, np.float32))
+    _STATE_CHANGES[change](opt, third, x)
+    opt.step()
+    g = cast(cl_array.Array, third.grad).get().astype(np.float64)
+    if change in _STATE_KEEPS_X:
+        assert opt.state[third]["square_avg"] is x
+        expected = 0.99 * 5.0 + 0.01 * g * g
+    else:  # no state left for it: the step starts it from zeros, in a buffer of its own
+        assert opt.state[third]["square_avg"] is not old
+        expected = 0.01 * g * g
+    # (the float32 update against float64 arithmetic: a few float32 ulps; the outcomes
+    # this tells apart are far apart: 5.0 left in `x`, 4.95 + 0.01 g^2, or 0.01 g^2)
+    np.testing.assert_allclose(cast(cl_array.Array, opt.state[third]["square_avg"]).get(), expected, rtol=5e-7)
+    if change not in ("state.popitem", "state.clear"):  # (which also drop others' state)
+        assert np.array_equal(old.get(), before) or opt.state[third]["square_avg"] is old
+
+
+def test_a_state_that_lost_its_step_count_is_refused_and_nothing_changes(queue: cl.CommandQueue) -> None:
+    """A state dict with buffers but no `step` cannot be continued (the count steers the
+    update): the step raises ValueError naming it, and writes nothing."""
+    params = [Parameter(cl_array.to_device(queue, np.ones(n, np.float32))) for n in (5, 7)]
+    for p in params:
+        p.grad = cl_array.to_device(queue, np.full(p.data.shape, 0.5, np.float32))
+    opt = RMSProp(params, lr=1e-2)
+    opt.step()
+    del cast(dict[str, Any], opt.state[params[1]])["step"]
+    before = [p.data.get() for p in params]
+    with pytest.raises(ValueError, match=r"state of param_groups\[0\]\['params'\]\[1\] has no 'step'"):
+        opt.step()
+    assert all(np.array_equal(p.data.get(), b) for p, b in zip(params, before, strict=True))
+    assert opt.state[params[0]]["step"] == 1
 
 
 @pytest.mark.parametrize("mode", ["all", "int64 alone"])

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import operator
 import threading
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from functools import partial
-from itertools import chain
-from typing import Any, ClassVar, Generic, TypeAlias, TypeGuard, TypeVar, cast, overload
+from itertools import chain, count, repeat
+from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -149,9 +150,22 @@ class _Same:
     `parameter.data`, a state dict changed), `_Plan.holds` compares as before, object
     by object. Gradients are held weakly, as in the plan's checks."""
 
-    __slots__ = ("buffers", "datas", "getter", "grads", "owners", "params", "sizes", "spread", "states", "without")
+    __slots__ = (
+        "buffers",
+        "datas",
+        "getter",
+        "grads",
+        "owners",
+        "params",
+        "sizes",
+        "spread",
+        "state_map",
+        "states",
+        "token",
+        "without",
+    )
 
-    def __init__(self, checks: list[_Check]) -> None:
+    def __init__(self, checks: list[_Check], state_map: Mapping[int, Any]) -> None:
         self.params = [check[0] for check in checks]
         self.datas = [check[1] for check in checks]
         self.grads = [_none if check[2] is None else check[2] for check in checks]
@@ -169,6 +183,13 @@ class _Same:
         self.buffers = [value for check in with_state for value in check[6]]
         if len(names) == 1 and (only := next(iter(names))):
             self.getter, self.spread = operator.itemgetter(*only), len(only) > 1
+        self.state_map = state_map
+        self.token: int | None = None
+        """The last write token (`_LAST_WRITE`) at which the state dicts were compared
+        and were the same; None where a change to them might not note one (a state dict
+        or an `Optimizer.state` that is not netcl's own type)."""
+        if type(state_map) is ParameterState and all(type(state) is _StateEntry for state in self.states):
+            self.token = -1  # (compared at the next step)
 
     def holds(self, params: list[Any], states: dict[int, Any]) -> list[object] | None:
         """The parameters' gradients, in order, if every object is the one it was; else
@@ -183,6 +204,9 @@ class _Same:
         # (a dead reference gives None too: then more than the parameters without one)
         if list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
             return None
+        token = _LAST_WRITE[0]
+        if token == self.token and states is self.state_map:
+            return grads  # no state dict changed since they were last compared
         # (the plain dict's `get`: ParameterState's also takes parameters)
         if not all(map(same, map(partial(dict.get, states), map(id, self.owners)), self.states)):
             return None
@@ -190,12 +214,17 @@ class _Same:
             return None
         found = map(self.getter, self.states)
         try:
-            return grads if all(map(same, chain.from_iterable(found) if self.spread else found, self.buffers)) else None
+            if not all(map(same, chain.from_iterable(found) if self.spread else found, self.buffers)):
+                return None
         except KeyError:  # (a buffer renamed: the sizes are the same)
             return None
+        if self.token is not None and states is self.state_map:
+            self.token = token
+        return grads
 
 
 _DATA = operator.attrgetter("data")
+_STEP = operator.itemgetter("step")
 
 
 def _none() -> None:
@@ -218,8 +247,10 @@ class _Plan:
         "batches",
         "buffers",
         "checks",
+        "count",
         "dtypes",
         "entries",
+        "entries_only",
         "items",
         "params",
         "printer",
@@ -228,6 +259,7 @@ class _Plan:
         "prints",
         "same",
         "stable",
+        "states",
     )
 
     def __init__(self, params: list[Any]) -> None:
@@ -247,6 +279,13 @@ class _Plan:
         """Where the fingerprinted parameters are in `checks` (None: all of them)."""
         self.items: list[Work] = []
         """Every `Work` of the plan, in order (what `work()` yields)."""
+        self.states: list[MutableMapping[str, Any]] = []
+        """The state dict of each of `items` (once settled)."""
+        self.entries_only = False
+        """Whether each of `states` is a `_StateEntry`."""
+        self.count: int | None = None
+        """During a step of a settled plan: the step count of every parameter after it,
+        where they all have the same (else each `Work` has its own)."""
         self.stable = True
         """Whether every array of the plan cannot change what was checked of it, or has
         a fingerprint that shows when it did: then the plan can be kept."""
@@ -257,9 +296,11 @@ class _Plan:
         gradients; None where the plan cannot be kept (fingerprints from before the
         state existed, or from two backends)."""
 
-    def settled(self, buffers: tuple[str, ...]) -> _Plan:
+    def settled(self, buffers: tuple[str, ...], state_map: Mapping[int, Any]) -> _Plan:
         self.buffers = buffers
         self.items = [item for work in self.batches.values() for item in work]
+        self.states = [item.state for item in self.items]
+        self.entries_only = all(type(state) is _StateEntry for state in self.states)
         self.checks = []
         arrays: list[Hashable | None] = []
         grads: list[Hashable | None] = []
@@ -281,7 +322,7 @@ class _Plan:
         self.printed = [k for k, check in enumerate(self.checks) if check[7] is not None]
         if len(self.printed) == len(self.checks):
             self.printed = None
-        self.same = _Same(self.checks)
+        self.same = _Same(self.checks, state_map)
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
@@ -357,7 +398,78 @@ def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
     return hasattr(x, "data") and hasattr(x, "grad")
 
 
-class ParameterState(dict[int, StateT]):
+_TOKENS = count(1)
+_LAST_WRITE = [0]
+"""The token of the last change to any optimizer's `ParameterState` or to a parameter's
+state dict that netcl made (`_StateEntry`): a new number from `_TOKENS` at each change,
+so that a step whose plan recorded the token can tell, in one comparison, that no state
+dict and no state buffer in one has been replaced, added or removed since (netcl's own
+writes of `step` are not changes: a step reads the counts anyway)."""
+
+
+def _note_write() -> None:
+    _LAST_WRITE[0] = next(_TOKENS)  # (unique: a write after a plan recorded the token shows)
+
+
+KeyT = TypeVar("KeyT")
+ValueT = TypeVar("ValueT")
+
+
+class _NotesWrites(dict[KeyT, ValueT]):
+    """A dict that notes every change made to it through its methods (`_note_write`)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key: KeyT, value: ValueT) -> None:
+        """Set `key` to `value`."""
+        super().__setitem__(key, value)
+        _note_write()
+
+    def __delitem__(self, key: KeyT) -> None:
+        """Remove `key`."""
+        super().__delitem__(key)
+        _note_write()
+
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
+        """Update from `other` (`|=`)."""
+        super().__ior__(other)
+        _note_write()
+        return self
+
+    def pop(self, *args: Any) -> Any:
+        """Remove a key and return its value (or the default given)."""
+        _note_write()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[KeyT, ValueT]:
+        """Remove and return the last (key, value) pair."""
+        _note_write()
+        return super().popitem()
+
+    def clear(self) -> None:
+        """Remove everything."""
+        super().clear()
+        _note_write()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Update from a mapping or pairs, and keywords, as `dict.update`."""
+        super().update(*args, **kwargs)
+        _note_write()
+
+    def setdefault(self, key: KeyT, default: Any = None) -> Any:
+        """The value of `key`, set to `default` first where it has none."""
+        _note_write()
+        return super().setdefault(key, default)
+
+
+class _StateEntry(_NotesWrites[str, Any]):
+    """A parameter's state dict as netcl makes it: a plain dict to its users (torch's
+    `optimizer.state[param]`), which notes every change."""
+
+    __slots__ = ()
+
+
+class ParameterState(_NotesWrites[int, StateT]):
     """`Optimizer.state`: each parameter's state, keyed on `id(parameter)`, as the
     concept page says; the parameter object itself is accepted as a key too (torch's
     habit, `optimizer.state[param]`), and stands for its `id()`."""
@@ -579,10 +691,21 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                         if name == MASTER:  # the master copy starts as the parameter
                             backend.upcast_into(buffer, item.data)
                         item.buffers[name] = buffer
+        stochastic = step.stochastic
+        plan.count = None
+        if known and not stochastic:  # mostly, every parameter has the same count
+            counts = list(map(_STEP, plan.states))
+            first = counts[0] if counts else 0
+            if counts.count(first) == len(counts) and list(map(type, counts)).count(int) == len(counts) and first >= 0:
+                plan.count = first + 1
+                if member_scalars is not None:
+                    own = member_scalars(step.hyper, first + 1, frozenset())
+                    for item in plan.items:
+                        item.member = own
+                return
         made: dict[tuple[int, frozenset[str]], tuple[float, ...]] = {}  # parameters mostly share a count
         fresh: frozenset[str] = frozenset()
         last, own = -1, cast("tuple[float, ...]", ())
-        stochastic = step.stochastic
         for item in plan.work():
             count = item.state["step"]
             if type(count) is not int or count < 0:  # noqa: E721 (bool and numpy ints are not counts here)
@@ -608,8 +731,22 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         rebuilt = False
         for index, (step, plan, known) in enumerate(plans):
             if known:  # the same state dicts and buffers
-                for item in plan.work():
-                    item.state["step"] = item.count
+                count = plan.count
+                if count is not None and plan.entries_only:  # (a count is no change to note)
+                    # (dict's own update: a C loop, and no write noted)
+                    deque(
+                        map(dict.update, cast("list[dict[str, Any]]", plan.states), repeat({"step": count})), maxlen=0
+                    )
+                elif count is not None:
+                    for state in plan.states:
+                        state["step"] = count
+                else:
+                    for item in plan.work():
+                        state = item.state
+                        if type(state) is _StateEntry:
+                            dict.__setitem__(state, "step", item.count)
+                        else:
+                            state["step"] = item.count
                 continue
             for item in plan.work():
                 state = item.state
@@ -621,7 +758,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     self._owners[key] = item.param
             rebuilt = True
             if plan.stable:
-                self._plans[index] = plan.settled(step.buffers)
+                self._plans[index] = plan.settled(step.buffers, self.state)
             else:
                 self._plans.pop(index, None)
         if rebuilt or self._group_count != len(self.param_groups):
@@ -703,9 +840,14 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 plan.entries.append((param, data, None, None, None, None, ""))
                 continue
             state = cast("MutableMapping[str, Any] | None", dict.get(self.state, id(param)))
-            if state is None:
-                state = {"step": 0}
             at = f"param_groups[{index}]['params'][{k}]"
+            if not state:  # (none yet, or emptied: torch starts an empty state afresh)
+                state = _StateEntry(step=0)
+            elif "step" not in state:
+                raise ValueError(
+                    f"state of {at} has no 'step' (it has {sorted(map(str, state))}); a state holds its "
+                    "step count with its buffers, or is empty to start afresh"
+                )
             checked = self._checked.get(id(param))
             if checked is not None and checked.holds(data, grad, state):
                 backend = checked.backend
@@ -838,7 +980,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             for index, entry in saved_state.items():
                 param = id_map[index]
                 backend = backend_for(param.data, f"parameter {index}")
-                restored: dict[str, Any] = {"step": entry.get("step", 0)}
+                restored = _StateEntry(step=entry.get("step", 0))
                 for name in self.rule.saved_buffers:
                     if name in entry:
                         restored[name] = None  # (in this order, filled below)
@@ -846,8 +988,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 new_state[id(param)] = cast(StateT, restored)
             for (backend, name), items in wanted.items():
                 buffers = backend.from_host_for([host for _, host, _ in items], [data for data, _, _ in items])
-                for (_, _, restored), buffer in zip(items, buffers, strict=True):
-                    restored[name] = buffer
+                for (_, _, target), buffer in zip(items, buffers, strict=True):
+                    target[name] = buffer
             for group, hyper in zip(self.param_groups, hypers, strict=True):
                 cast(dict[str, Any], group).update(hyper)
             self.state.clear()
