@@ -11,7 +11,8 @@ import contextlib
 import functools
 import operator
 from collections.abc import Hashable, Iterator, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import repeat
 from math import prod
 from typing import Any, Literal, cast
 
@@ -494,38 +495,46 @@ class _Prepared:
             else:
                 arrays = [*launch.arrays, *(g for g in every if type(g) is cl_array.Array)]
                 others = [*launch.others, *(g for g in every if type(g) is not cl_array.Array)]
-            # each event once: the arrays of a launch mostly wait for the same one, the
-            # last launch's, which they share as one list (see below)
-            waits: dict[cl.Event, None] = {}
-            seen: list[cl.Event] | None = None
-            for x in arrays:
-                events = x.events
-                if events is not seen:
-                    seen = events
-                    for pending in events:
-                        waits[pending] = None
-            for x in others:
-                for pending in pending_events(x):
-                    waits[pending] = None
             first = work[launch.places[0]].member
             keys = [work[k].member[shared:] for k in launch.places] if launch.launcher.fused.keyed else ()
-            event = launch.launcher.run(launch.queue, scalars + first[:shared], keys, grads, list(waits))
+            # one list for every array: it holds the only event they wait for after a
+            # launch (which waited for all the others). pyopencl may add to it or clear
+            # it through any of them (as it does for the views of one array, which
+            # share their list); the others then wait for more, or for events that are
+            # done, never for less than they need.
+            recorded = launch.recorded
+            if not others and all(map(operator.is_, map(_EVENTS, arrays), repeat(recorded))):
+                # every array still holds the list the last run gave them: its events
+                # are what they wait for, and the new event replaces them in place
+                event = launch.launcher.run(launch.queue, scalars + first[:shared], keys, grads, list(recorded))
+                recorded[:] = [event]
+            else:
+                # each event once: the arrays mostly wait for the same ones, in one list
+                waits: dict[cl.Event, None] = {}
+                seen: list[cl.Event] | None = None
+                for x in arrays:
+                    events = x.events
+                    if events is not seen:
+                        seen = events
+                        for pending in events:
+                            waits[pending] = None
+                for x in others:
+                    for pending in pending_events(x):
+                        waits[pending] = None
+                event = launch.launcher.run(launch.queue, scalars + first[:shared], keys, grads, list(waits))
+                recorded = launch.recorded = [event]
+                for x in arrays:
+                    x.events = recorded
+                for x in others:
+                    record_event(x, event)
             tally.launched(launch.queue, event)
-            # one list for every array: it holds the only event they wait for now (the
-            # launch waited for all the others). pyopencl may add to it or clear it
-            # through any of them; the others then wait for more, or for events that
-            # are done, never for less than they need.
-            recorded = [event]
-            for x in arrays:
-                x.events = recorded
-            for x in others:
-                record_event(x, event)
 
 
 _MEMBER = operator.attrgetter("member")
+_EVENTS = operator.attrgetter("events")
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Launch:
     """One enqueue of a step: its kernel and the arrays (but the gradients) whose events
     it waits for and records its own on (pyopencl arrays, and other objects exposing
@@ -541,6 +550,8 @@ class _Launch:
     """Where every parameter of the launch is in the step's work."""
     joined: list[int]
     """Where the parameters of its runs of several are in the step's work."""
+    recorded: list[cl.Event] = field(default_factory=list)
+    """The event list its last run gave every array it touched (see `_Prepared.run`)."""
 
 
 def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None:
