@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import array_api_strict
 import numpy as np
@@ -14,9 +14,9 @@ import pytest
 
 import netcl._backends.array_api as array_api_backend
 import netcl._kernels
-from netcl import Parameter
+from netcl import Parameter, flat_parameters
 from netcl._update import Step
-from netcl.optim import RMSProp, RMSPropParamGroupInput
+from netcl.optim import Adam, RMSProp, RMSPropParamGroupInput
 from tests.kinds import KIND_IDS, KINDS, Kind
 
 
@@ -206,6 +206,44 @@ def test_opencl_step_waits_for_events_and_never_blocks(queue: cl.CommandQueue) -
     producer.finish()
     # g = 0.5 everywhere: v = 0.0025, update = lr * 0.5 / (0.05 + 1e-8) = 0.1
     np.testing.assert_allclose(p.data.get(), 1.0 - 0.01 * 0.5 / (0.05 + 1e-8), rtol=1e-6)
+
+
+def test_a_kept_gradient_refilled_on_another_queue_is_waited_for(queue: cl.CommandQueue) -> None:
+    """Flat storage's gradients are the same arrays at every step (their launch then
+    hands its event on in place): a fill of one on the user's own queue, gated on an
+    event, is waited for by the next step on the device, not on the host."""
+    context = queue.context
+    producer = cl.CommandQueue(context)
+    params = flat_parameters(queue, [(300,), (5,)])
+    for p in params:
+        p.data.fill(1.0)
+        cast(cl_array.Array, p.grad).fill(0.25)
+    twin = flat_parameters(queue, [(300,), (5,)])
+    for p in twin:
+        p.data.fill(1.0)
+        cast(cl_array.Array, p.grad).fill(0.25)
+    opt, twin_opt = Adam(params, lr=0.1), Adam(twin, lr=0.1)
+    for _ in range(3):  # the same arrays: the last steps' launch
+        opt.step()
+        twin_opt.step()
+    gate = cl.UserEvent(context)
+    grad = cast(cl_array.Array, params[1].grad).with_queue(producer)
+    grad.fill(-2.0, wait_for=[gate])  # (pyopencl adds its event to the list `params[1].grad` shares)
+    cast(cl_array.Array, twin[1].grad).fill(-2.0)
+    stepper = threading.Thread(target=opt.step)
+    stepper.start()
+    stepper.join(timeout=20)
+    if stepper.is_alive():  # step() waited on the host: release it, then fail
+        gate.set_status(cl.command_execution_status.COMPLETE)
+        stepper.join()
+        pytest.fail("step() blocked on the host until the gradient was ready")
+    twin_opt.step()
+    gate.set_status(cl.command_execution_status.COMPLETE)
+    queue.finish()
+    producer.finish()
+    for p, t in zip(params, twin, strict=True):
+        np.testing.assert_array_equal(p.data.get(), t.data.get())
+    assert not np.array_equal(params[1].data.get(), params[0].data.get()[:5])  # (the fill was seen)
 
 
 def test_out_of_order_queue_matches_in_order(
