@@ -266,6 +266,46 @@ def test_new_gradients_at_every_step_keep_the_launches(kind: str, monkeypatch: p
     assert results[0] == results[1]
 
 
+def test_new_torch_gradients_in_memory_used_before_take_the_buffers_made_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch's allocator hands a training loop's new gradients the memory the last ones
+    # had, mostly: the buffers over that memory are taken again for the new tensors (no
+    # buffer made once each place has been seen), and the bits are the array-API path's
+    from netcl.optim import Adam
+
+    rng = np.random.default_rng(11)
+    sizes = (3000, 40, 500)
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    pools = [[torch.zeros(n) for n in sizes] for _ in range(2)]  # the memory the gradients come in
+    values = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(6)]
+    made: list[int] = []
+    original = host._GradBuffer.__init__
+
+    def counting(self: Any, *args: Any) -> None:
+        made[-1] += 1
+        original(self, *args)
+
+    monkeypatch.setattr(host._GradBuffer, "__init__", counting)
+    results = []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = [Parameter(torch.tensor(x)) for x in starts]
+        opt = Adam(params, lr=1e-2)
+        made.clear()
+        for k, step in enumerate(values):
+            opt.zero_grad()
+            for p, pool, g in zip(params, pools[k % 2], step, strict=True):
+                pool.copy_(torch.from_numpy(g))
+                p.grad = pool.view(pool.shape)  # a new tensor object over memory used before
+            made.append(0)
+            opt.step()
+        results.append([np.asarray(p.data).tobytes() for p in params])
+        if path == "kernel":
+            assert made == [3, 3, 3, 0, 0, 0]  # (the first step lays out; then each pool's memory once)
+    assert results[0] == results[1]
+
+
 def test_a_new_gradient_without_a_host_view_takes_the_array_api_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # a new numpy gradient with the last one's shape, strides and dtype but memory off
     # its dtype's alignment: the kernel cannot take it, the kept launches are laid out

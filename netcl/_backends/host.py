@@ -159,10 +159,9 @@ class _InBuffer:
 class _GradBuffer:
     """A buffer over a gradient's memory that does not hold the gradient, kept from one
     step to the next on a device that works in host memory: it is over the memory itself
-    (a ctypes view of its address), and a weak reference to the gradient releases it
-    when the gradient is freed, so that a gradient the user drops is freed as before.
-    A step takes it again only for the very gradient it was made for, at the same
-    address and size."""
+    (a ctypes view of its address), so that a gradient the user drops is freed as before.
+    A step takes it again for the very gradient it was made for (`owner`) at the same
+    address and size, or (`reuse`) for a new gradient in that memory."""
 
     __slots__ = ("__weakref__", "address", "base_data", "live", "nbytes", "offset", "owner")
     fixed_binding = True
@@ -170,10 +169,15 @@ class _GradBuffer:
 
     def __init__(self, context: cl.Context, address: int, nbytes: int, owner: object) -> None:
         self.address, self.nbytes, self.offset = address, nbytes, 0
+        self.owner = weakref.ref(owner)  # (first: an array that takes no weak reference makes nothing)
         memory = (ctypes.c_char * nbytes).from_address(address)
         self.base_data = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=memory)
-        live = self.live = [self.base_data]  # (released once: by the reference or by `release`)
-        self.owner = weakref.ref(owner, lambda _: _release_once(live))
+        self.live = [self.base_data]  # (released once)
+
+    def reuse(self, owner: object) -> _GradBuffer:
+        """This buffer, now for `owner`: a gradient in the very memory it is over."""
+        self.owner = weakref.ref(owner)
+        return self
 
     def holds(self, view: npt.NDArray[Any], owner: object) -> bool:
         return self.owner() is owner and (_address(view), view.nbytes) == self.memory
@@ -205,6 +209,11 @@ def _torch_memory(x: Any) -> tuple[int, int] | None:
         return None
     address, itemsize = int(x.data_ptr()), x.element_size()
     return (address, itemsize * x.numel()) if address % itemsize == 0 else None
+
+
+SPARE_GRAD_BUFFERS = 32
+"""How many buffers over the memory of earlier gradients a step's launches keep for the
+next gradients (a few per parameter of a small model; each holds no memory of its own)."""
 
 
 def _release_once(live: list[cl.Buffer]) -> None:
@@ -520,8 +529,11 @@ class _HostLaunches:
         self.step_buffers: list[_Wrapped] = []
         """Buffers made for the step that runs now (all, where none are kept)."""
         self.grads: dict[int, _GradBuffer] = {}
-        """Where buffers are kept: the gradients' of each run (by its place), while the
-        gradient lives."""
+        """Where buffers are kept: the gradients' of each run (by its place), until a
+        gradient in other memory takes the place (then in `spare`)."""
+        self.spare: dict[tuple[int, int], _GradBuffer] = {}
+        """Buffers over gradients' memory that the last steps used, by address and size,
+        for the next gradients there (the most recent `SPARE_GRAD_BUFFERS`)."""
         self.counter: cl.Buffer | None = None
         """The counter the launches are bound to count skipped values in."""
         self.joined = JoinedGrads()
@@ -539,9 +551,9 @@ class _HostLaunches:
                     buffer.base_data.release()
             if old is not None:
                 old.buffers = {}
-                for g in old.grads.values():  # (the new launches' runs are others)
+                for g in [*old.grads.values(), *old.spare.values()]:  # (the new launches' runs are others)
                     g.release()
-                old.grads = {}
+                old.grads, old.spare = {}, {}
 
     def _lay_out(
         self,
@@ -632,8 +644,7 @@ class _HostLaunches:
                 return known  # (without a host view: a torch tensor's costs a DLPack export)
             memory = _torch_memory(grad)
             if memory is not None:  # (a new tensor: a training loop's next gradient)
-                made_new = self.grads[place] = _GradBuffer(context, *memory, grad)
-                return made_new
+                return self._kept_grad(context, place, memory, grad)
         view = host_view(grad)
         if view is None:
             return None
@@ -645,13 +656,29 @@ class _HostLaunches:
             if known is not None and known.holds(view, grad):
                 return known
             try:
-                made_kept = self.grads[place] = _GradBuffer(context, _address(view), view.nbytes, grad)
-                return made_kept
+                return self._kept_grad(context, place, (_address(view), view.nbytes), grad)
             except TypeError:  # (an array that takes no weak reference)
                 self.grads.pop(place, None)
         made = _Wrapped(context, view)
         self.step_buffers.append(made)
         return made
+
+    def _kept_grad(self, context: cl.Context, place: int, memory: tuple[int, int], grad: object) -> _GradBuffer:
+        """The kept buffer for a new gradient of the `place`-th run, in `memory` (address,
+        size): a training loop's allocator mostly hands its gradients the few places it
+        handed the last ones, so the buffers over those are kept (`spare`), and taken
+        again for a gradient in the same memory."""
+        known = self.grads.get(place)
+        if known is not None and known.memory == memory and known.live:
+            return known.reuse(grad)
+        found = self.spare.pop(memory, None)
+        buffer = found.reuse(grad) if found is not None and found.live else _GradBuffer(context, *memory, grad)
+        if known is not None and known.live:
+            self.spare[known.memory] = known
+            while len(self.spare) > SPARE_GRAD_BUFFERS:
+                self.spare.pop(next(iter(self.spare))).release()
+        self.grads[place] = buffer
+        return buffer
 
     def run(self, queue: cl.CommandQueue, step: Step, tally: Tally) -> bool:
         """Enqueue every launch with this step's gradients and scalars, and wait for them;
@@ -715,6 +742,6 @@ class _HostLaunches:
         for w in self.buffers.values():
             w.base_data.release()
         self.buffers = {}
-        for g in self.grads.values():
+        for g in [*self.grads.values(), *self.spare.values()]:
             g.release()
-        self.grads = {}
+        self.grads, self.spare = {}, {}
