@@ -1,0 +1,124 @@
+"""What a step costs in Python alone: netcl's checks, staging and launch bookkeeping.
+
+    python -m tests.step_costs [--rounds 15] [--steps 100]
+
+Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 values: with
+`flat_parameters`, in their own pyopencl buffers, as numpy arrays) and its torch LSTM,
+with netcl's kernel launches replaced by an event that is already complete, so that
+nothing runs on the device and the time is the host's work per step. Prints the best
+round's microseconds per step (the least disturbed by the machine's other work: these
+figures are compared between versions of netcl, not with other contenders). The LSTM's
+steps each come after the model's backward pass, as in training (new gradient tensors,
+caches full of the backward pass's data), and only the step is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cl_array
+
+from netcl import Parameter, _kernels, flat_parameters
+from netcl._backends.host import host_queue
+from netcl.bench import many_sizes
+from netcl.device import create_queue
+from netcl.optim import Adam, RMSProp
+
+
+@contextmanager
+def launches_stubbed(context: cl.Context) -> Iterator[None]:
+    """Within it, every launch of netcl's kernel returns a completed event at once."""
+    done = cl.UserEvent(context)
+    done.set_status(cl.command_execution_status.COMPLETE)
+    original = _kernels.Launcher.enqueue
+    _kernels.Launcher.enqueue = lambda self, queue, wait_for: done  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _kernels.Launcher.enqueue = original  # type: ignore[method-assign]
+
+
+def best_microseconds(
+    step: Callable[[], object], rounds: int, steps: int, before: Callable[[], object] | None
+) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        total = 0.0
+        for _ in range(steps):
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            step()
+            total += time.perf_counter() - start
+        best = min(best, total / steps)
+    return best * 1e6
+
+
+def lstm() -> tuple[list[Any], Callable[[], None]] | None:
+    """The benchmark's model: its parameters and its backward pass (None without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    embed, lstm, head = torch.nn.Embedding(100, 64), torch.nn.LSTM(64, 128), torch.nn.Linear(128, 90)
+    tokens = torch.randint(0, 100, (20, 8))
+    params = [*embed.parameters(), *lstm.parameters(), *head.parameters()]
+
+    def backward() -> None:
+        for p in params:
+            p.grad = None
+        out, _ = lstm(embed(tokens))
+        loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
+        torch.autograd.backward([loss])
+
+    backward()
+    return params, backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    queue = create_queue()
+    rng = np.random.default_rng(0)
+    sizes = many_sizes(160)
+    cases: list[tuple[str, Callable[[], object], cl.Context, Callable[[], object] | None]] = []
+    for name, cls in (("adam", Adam), ("rmsprop", RMSProp)):
+        flat = flat_parameters(queue, [(n,) for n in sizes])
+        cases.append((f"flat {name}", cls(flat, lr=1e-3).step, queue.context, None))
+    separate = [
+        Parameter(
+            cl_array.to_device(queue, rng.random(n, np.float32)), cl_array.to_device(queue, rng.random(n, np.float32))
+        )
+        for n in sizes
+    ]
+    cases.append(("many adam", Adam(separate, lr=1e-3).step, queue.context, None))
+    host = host_queue()
+    if host is not None:
+        arrays = [Parameter(rng.random(n, np.float32), rng.random(n, np.float32)) for n in sizes]
+        cases.append(("numpy-many adam", Adam(arrays, lr=1e-3).step, host.context, None))
+        model = lstm()
+        if model is not None:
+            params, backward = model
+            cases.append(("lstm rmsprop", RMSProp(params, lr=1e-3).step, host.context, backward))
+    for name, step, context, before in cases:
+        for _ in range(2):  # the first steps make the state and the launches
+            if before is not None:
+                before()
+            step()
+        queue.finish()
+        with launches_stubbed(context):
+            micro = best_microseconds(step, args.rounds, args.steps, before)
+        print(f"{name:16s} {micro:7.1f} us per step")
+
+
+if __name__ == "__main__":
+    main()
