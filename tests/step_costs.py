@@ -7,7 +7,8 @@ Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 value
 with netcl's kernel launches replaced by an event that is already complete, so that
 nothing runs on the device and the time is the host's work per step. Prints the best
 round's microseconds per step (the least disturbed by the machine's other work: these
-figures are compared between versions of netcl, not with other contenders). The LSTM's
+figures are compared between versions of netcl, not with other contenders), and how many
+buffers over gradients host launches made per step. The LSTM's
 steps each come after the model's backward pass, as in training (new gradient tensors,
 caches full of the backward pass's data), and only the step is timed.
 """
@@ -25,7 +26,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from netcl import Parameter, _kernels, flat_parameters
-from netcl._backends.host import host_queue
+from netcl._backends.host import _GradBuffer, host_queue
 from netcl.bench import many_sizes
 from netcl.device import create_queue
 from netcl.optim import Adam, RMSProp
@@ -42,6 +43,23 @@ def launches_stubbed(context: cl.Context) -> Iterator[None]:
         yield
     finally:
         _kernels.Launcher.enqueue = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def counting_grad_buffers() -> Iterator[list[int]]:
+    """Within it, the list it gives counts the buffers host launches make over gradients."""
+    made = [0]
+    original = _GradBuffer.__init__
+
+    def counting(self: _GradBuffer, *args: Any) -> None:
+        made[0] += 1
+        original(self, *args)
+
+    _GradBuffer.__init__ = counting  # type: ignore[method-assign,assignment]
+    try:
+        yield made
+    finally:
+        _GradBuffer.__init__ = original  # type: ignore[method-assign]
 
 
 def best_microseconds(
@@ -115,9 +133,9 @@ def main() -> None:
                 before()
             step()
         queue.finish()
-        with launches_stubbed(context):
+        with launches_stubbed(context), counting_grad_buffers() as made:
             micro = best_microseconds(step, args.rounds, args.steps, before)
-        print(f"{name:16s} {micro:7.1f} us per step")
+        print(f"{name:16s} {micro:7.1f} us per step, {made[0] / (args.rounds * args.steps):.2f} gradient buffers made")
 
 
 if __name__ == "__main__":
