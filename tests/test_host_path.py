@@ -306,6 +306,42 @@ def test_new_torch_gradients_in_memory_used_before_take_the_buffers_made_for_it(
     assert results[0] == results[1]
 
 
+def test_torch_parameters_given_other_data_between_steps_are_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a kept plan tells a torch parameter's memory and layout from the parameter itself
+    # (its `data` is a new tensor at each access) and takes new gradients by their
+    # fingerprints: `parameter.data = x` with other memory, or the same memory laid out
+    # otherwise (transposed), is followed on both paths, as torch's own Adam follows it
+    # (16 float32 epsilons, as in tests/test_conformance.py, relative to the values,
+    # which are of order 1, so also absolute: a value near zero comes out of a
+    # difference of such values); a stale plan would pair values with other
+    # gradients, or leave the new memory alone, and miss by far more
+    from netcl.optim import Adam
+
+    rng = np.random.default_rng(12)
+    start = rng.standard_normal((40, 40)).astype(np.float32)
+    other = rng.standard_normal((40, 40)).astype(np.float32)
+    small = rng.standard_normal(7).astype(np.float32)
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in ((40, 40), (7,))] for _ in range(7)]
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = [torch.nn.Parameter(torch.tensor(start)), torch.nn.Parameter(torch.tensor(small))]
+        twins = [torch.nn.Parameter(torch.tensor(start)), torch.nn.Parameter(torch.tensor(small))]
+        opt, torch_opt = Adam(params, lr=1e-2), torch.optim.Adam(twins, lr=1e-2)
+        for k, step in enumerate(grads):
+            for group in (params, twins):
+                if k == 3:
+                    group[0].data = torch.tensor(other)  # other memory, the same layout
+                if k == 5:
+                    group[0].data = group[0].data.t()  # the same memory, transposed
+                for p, g in zip(group, step, strict=True):
+                    p.grad = torch.tensor(g)  # a new gradient at every step, as autograd's
+            opt.step()
+            torch_opt.step()
+            for p, twin in zip(params, twins, strict=True):
+                eps = 16 * float(np.finfo(np.float32).eps)
+                np.testing.assert_allclose(p.detach().numpy(), twin.detach().numpy(), rtol=eps, atol=eps)
+
+
 def test_a_new_gradient_without_a_host_view_takes_the_array_api_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # a new numpy gradient with the last one's shape, strides and dtype but memory off
     # its dtype's alignment: the kernel cannot take it, the kept launches are laid out

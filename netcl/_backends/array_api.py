@@ -108,6 +108,10 @@ def no_autograd(x: Any) -> contextlib.AbstractContextManager[object]:
 _numpy_print = operator.attrgetter("shape", "strides", "dtype", "flags.writeable")
 """A numpy array's fingerprint: what the checks read of it."""
 
+_data_ptr = operator.methodcaller("data_ptr")
+_torch_layout = operator.attrgetter("shape", "dtype", "device", "layout")
+_stride = operator.methodcaller("stride")
+
 
 class ArrayAPIBackend(Backend):
     """Arrays of array-API libraries, updated with the reference maths."""
@@ -127,6 +131,13 @@ class ArrayAPIBackend(Backend):
         if set(map(type, arrays)) == {np.ndarray}:  # (a model of numpy arrays: at C's speed)
             return list(map(_numpy_print, arrays))
         return [self.fingerprint(array) for array in arrays]
+
+    def alias_prints(self, params: Sequence[Any]) -> list[Hashable] | None:
+        if not all(map(is_torch, params)):
+            return None
+        # (a torch parameter's address, shape, dtype, device, layout and strides are its
+        # `data`'s: `parameter.data = x` gives the parameter x's)
+        return list(zip(map(_data_ptr, params), map(_torch_layout, params), map(_stride, params), strict=True))
 
     def same_memory(self, array: Any, other: Any) -> bool:
         if array is other:

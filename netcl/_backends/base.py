@@ -204,6 +204,14 @@ class Backend(ABC):
         passes again without a check)."""
         return False
 
+    def alias_prints(self, params: Sequence[Any]) -> list[Hashable] | None:
+        """For parameters whose `data` is a new object at each access (torch's
+        `parameter.data`), what their memory and its layout are, read from the
+        parameters themselves: the same list at a later step means each `data` is the
+        same memory, laid out alike, as the one checked. None where this backend cannot
+        tell (then each `data` is compared with `same_memory`)."""
+        return None
+
     def same_memory(self, array: Any, other: Any) -> bool:
         """Whether `array` is another object for the memory of `other` (which passed the
         checks): torch's `parameter.data` makes a new tensor at each access. With equal

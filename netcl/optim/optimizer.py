@@ -151,12 +151,15 @@ class _Same:
     by object. Gradients are held weakly, as in the plan's checks."""
 
     __slots__ = (
+        "aliases",
         "buffers",
         "datas",
+        "fresh",
         "getter",
         "grads",
         "owners",
         "params",
+        "printer",
         "sizes",
         "spread",
         "state_map",
@@ -165,7 +168,7 @@ class _Same:
         "without",
     )
 
-    def __init__(self, checks: list[_Check], state_map: Mapping[int, Any]) -> None:
+    def __init__(self, checks: list[_Check], state_map: Mapping[int, Any], printer: Backend | None) -> None:
         self.params = [check[0] for check in checks]
         self.datas = [check[1] for check in checks]
         self.grads = [_none if check[2] is None else check[2] for check in checks]
@@ -190,19 +193,42 @@ class _Same:
         or an `Optimizer.state` that is not netcl's own type)."""
         if type(state_map) is ParameterState and all(type(state) is _StateEntry for state in self.states):
             self.token = -1  # (compared at the next step)
+        self.printer: Backend | None = None
+        """Where every parameter has a gradient and a fingerprint, all by this backend:
+        new gradients are then taken by their fingerprints (`_Plan.holds` compares
+        them) instead of sending the step to the comparison object by object."""
+        if printer is not None and not self.without and all(check[7] is not None for check in checks):
+            self.printer = printer
+        self.aliases: list[Hashable] | None = None
+        """Where each parameter's `data` is a new object at each access over the
+        parameter's own memory (torch's `parameter.data`), and `printer` can tell that
+        memory and its layout from the parameters themselves: what it told at the
+        plan's step (compared instead of the arrays' identities)."""
+        if self.printer is not None and any(check[0].data is not check[1] for check in checks):
+            self.aliases = self.printer.alias_prints(self.params)
+        self.fresh = False
+        """Whether the last `holds` took new gradients (to be compared by fingerprint)."""
 
     def holds(self, params: list[Any], states: dict[int, Any]) -> list[object] | None:
-        """The parameters' gradients, in order, if every object is the one it was; else
-        None."""
+        """The parameters' gradients, in order, if every object is the one it was (with
+        `printer`, but gradients, which may be new: `fresh` says so); else None."""
         same = operator.is_
         if self.getter is None or not all(map(same, params, self.params)):
             return None
-        if not all(map(same, map(_DATA, params), self.datas)):
+        if self.aliases is not None:
+            if cast(Backend, self.printer).alias_prints(params) != self.aliases:
+                return None
+        elif not all(map(same, map(_DATA, params), self.datas)):
             return None
         grads = list(map(grad_of, params))
         known = list(map(operator.call, self.grads))
+        self.fresh = False
+        if self.printer is not None:  # (every parameter had a gradient)
+            if NONE_TYPE in map(type, grads):
+                return None
+            self.fresh = not all(map(same, grads, known))
         # (a dead reference gives None too: then more than the parameters without one)
-        if list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
+        elif list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
             return None
         token = _LAST_WRITE[0]
         if token == self.token and states is self.state_map:
@@ -322,7 +348,7 @@ class _Plan:
         self.printed = [k for k, check in enumerate(self.checks) if check[7] is not None]
         if len(self.printed) == len(self.checks):
             self.printed = None
-        self.same = _Same(self.checks, state_map)
+        self.same = _Same(self.checks, state_map, self.printer if self.prints is not None else None)
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
@@ -342,7 +368,16 @@ class _Plan:
                 return True
             printed = self.printed
             grads = same if printed is None else [same[k] for k in printed]
-            return self._printed(self.printed_arrays, grads)
+            if not self._printed(self.printed_arrays, grads):
+                return False
+            if cast(_Same, self.same).fresh:  # new gradients, with the last ones' fingerprints
+                for k, now in enumerate(same):
+                    known, data, grad, state, size, names, kept, checked, backend, at = checks[k]
+                    if grad is None or grad() is not now:
+                        ref = weak(now)
+                        checks[k] = (known, data, ref, state, size, names, kept, checked, backend, at)
+                        cast(_Same, self.same).grads[k] = ref
+            return True
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
         fresh: list[tuple[int, object]] = []
         seen: list[object] = []  # the arrays whose fingerprints are compared at the end
