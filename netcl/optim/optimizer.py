@@ -146,9 +146,12 @@ class _Same:
     """A settled plan's objects laid out for `_Plan.holds`'s first comparison: whether
     every parameter, array, gradient, state dict and state buffer is the very object it
     was, each kind compared in one pass of C loops (`map`) rather than one Python loop
-    over the parameters. Where anything differs (a new gradient, torch's
-    `parameter.data`, a state dict changed), `_Plan.holds` compares as before, object
-    by object. Gradients are held weakly, as in the plan's checks."""
+    over the parameters; the state dicts in one comparison while no write to them was
+    noted (`_LAST_WRITE`). Where every parameter's gradient is fingerprinted, new
+    gradients are taken here too (`fresh`; `_Plan.holds` compares their fingerprints),
+    and torch parameters' `data`, a new tensor at each access, is told by `aliases`.
+    Where anything else differs, `_Plan.holds` compares object by object. Gradients
+    are held weakly, as in the plan's checks."""
 
     __slots__ = (
         "aliases",
