@@ -7,6 +7,9 @@
   hyperparameters, edits of `param_groups` between steps (valid and not), gradients with
   NaN, infinities and extremes. A rejected step changes nothing, nothing becomes
   non-finite, and the fused kernel and the array-API path agree bit for bit.
+- A fuzz test of kept plans (100 examples, 2,000 with `--long`): after a step that kept
+  its plan, random changes of gradients, parameter arrays, state dicts and the
+  optimizer's `state`, in every way; each step gives the bits of a step planned afresh.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netcl import Parameter
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.optimizer import _LAST_WRITE, Optimizer
 from tests.test_optimizers import CASES, FLAT, FLAT_IDS, Case
 
 DTYPES = [np.float32, np.float64]
@@ -150,3 +153,100 @@ def test_fuzz_steps_and_edits(data: st.DataObject, queue: cl.CommandQueue) -> No
                 assert np.isfinite(value).all(), name
                 assert optimizers[0].state[id(fused)][name].get().tobytes() == value.tobytes(), name
     assert optimizers[0].skipped_nonfinite() == optimizers[1].skipped_nonfinite()
+
+
+_CHANGES = [
+    "nothing",
+    "new gradient",
+    "no gradient",
+    "new parameter array",
+    "state[name] = copy",
+    "state.update(copy)",
+    "state |= copy",
+    "del state[name]",
+    "state.clear()",
+    "optimizer.state.pop",
+    "optimizer.state[param] = dict",
+    "load_state_dict",
+]
+
+
+def _change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], k: int, queue: Any) -> None:
+    """Apply `change` to parameter `k` of `opt` (whose parameters are `params`)."""
+    param = params[k]
+    state = opt.state.get(id(param))
+    buffers = sorted(name for name in (state or {}) if name != "step")
+    if change == "new gradient":
+        param.grad = cl_array.to_device(queue, np.linspace(-1, 1, param.data.size).astype(np.float32) * (k + 1))
+    elif change == "no gradient":
+        param.grad = None
+    elif change == "new parameter array":
+        param.data = param.data.copy()
+    elif change == "load_state_dict":
+        opt.load_state_dict(opt.state_dict())
+    elif state is None or not buffers:
+        return
+    elif change == "state[name] = copy":
+        state[buffers[0]] = state[buffers[0]].copy()
+    elif change == "state.update(copy)":
+        state.update({name: state[name].copy() for name in buffers})
+    elif change == "state |= copy":
+        state |= {buffers[-1]: state[buffers[-1]].copy()}
+    elif change == "del state[name]":
+        del state[buffers[0]]
+    elif change == "state.clear()":
+        state.clear()
+    elif change == "optimizer.state.pop":
+        opt.state.pop(param)
+    elif change == "optimizer.state[param] = dict":
+        opt.state[param] = {name: value.copy() if name != "step" else value for name, value in state.items()}
+
+
+# (a change is one of 12, each after a kept plan: more examples than the profile's 30)
+@settings(max_examples=max(100, settings().max_examples))
+@given(data=st.data())
+def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.CommandQueue) -> None:
+    """Whatever changes between steps (gradients, parameter arrays, state dicts and the
+    optimizer's `state`, in every way), a step that keeps its plan and launches gives
+    the bits of a step planned afresh (an optimizer whose caches are emptied before
+    every step)."""
+    case = data.draw(st.sampled_from(CASES), label="optimizer")
+    sizes = (5, 300, 7)
+    worlds = []
+    for _ in range(2):
+        params = [
+            Parameter(
+                cl_array.to_device(queue, np.linspace(1, 2, n).astype(np.float32)),
+                cl_array.to_device(queue, np.linspace(-0.5, 0.5, n).astype(np.float32)),
+            )
+            for n in sizes
+        ]
+        worlds.append((case.ours(params, lr=1e-2), params))
+    (kept, kept_params), (fresh, fresh_params) = worlds
+    for count in range(2 + data.draw(st.integers(1, 6), label="steps")):
+        # (two steps without changes first: the second keeps the first's plan)
+        change = data.draw(st.sampled_from(_CHANGES), label="change") if count >= 2 else "nothing"
+        k = data.draw(st.integers(0, len(sizes) - 1), label="parameter")
+        _change(change, kept, kept_params, k, queue)
+        # the reference's own writes to its state dicts (all of them new at each of its
+        # steps) would show the kept optimizer a change at every step: it sees its own
+        seen = _LAST_WRITE[0]
+        _change(change, fresh, fresh_params, k, queue)
+        if kept_params[k].grad is None and data.draw(st.booleans(), label="give it back"):
+            for params in (kept_params, fresh_params):
+                params[k].grad = cl_array.to_device(queue, np.full(sizes[k], 0.25, np.float32))
+        fresh._plans.clear()
+        fresh._launch_cache.clear()
+        fresh._checked.clear()
+        fresh.step()
+        _LAST_WRITE[0] = seen
+        kept.step()
+        for a, b in zip(kept_params, fresh_params, strict=True):
+            assert a.data.get().tobytes() == b.data.get().tobytes()
+            sa, sb = kept.state.get(id(a), {}), fresh.state.get(id(b), {})
+            assert sorted(sa) == sorted(sb)
+            for name in sa:
+                if name == "step":
+                    assert sa[name] == sb[name]
+                else:
+                    assert sa[name].get().tobytes() == sb[name].get().tobytes(), name
