@@ -375,11 +375,9 @@ class _Plan:
                 return False
             if cast(_Same, self.same).fresh:  # new gradients, with the last ones' fingerprints
                 for k, now in enumerate(same):
-                    known, data, grad, state, size, names, kept, checked, backend, at = checks[k]
+                    grad = checks[k][2]
                     if grad is None or grad() is not now:
-                        ref = weak(now)
-                        checks[k] = (known, data, ref, state, size, names, kept, checked, backend, at)
-                        cast(_Same, self.same).grads[k] = ref
+                        self._remember(k, now)
             return True
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
         fresh: list[tuple[int, object]] = []
@@ -415,12 +413,16 @@ class _Plan:
         if (seen or seen_grads) and not self._printed(seen, seen_grads):
             return False
         for k, now in fresh:
-            known, data, _, state, size, names, kept, checked, backend, at = checks[k]
-            ref = weak(now)
-            checks[k] = (known, data, ref, state, size, names, kept, checked, backend, at)
-            if self.same is not None:
-                self.same.grads[k] = ref
+            self._remember(k, now)
         return True
+
+    def _remember(self, k: int, grad: object) -> None:
+        """Record `grad`, a new gradient that passed, as the `k`-th parameter's (weakly)."""
+        known, data, _, state, size, names, kept, checked, backend, at = self.checks[k]
+        ref = weak(grad)
+        self.checks[k] = (known, data, ref, state, size, names, kept, checked, backend, at)
+        if self.same is not None:
+            self.same.grads[k] = ref
 
     def _printed(self, arrays: list[object], grads: list[object]) -> bool:
         """Whether `arrays` and `grads` have the fingerprints the plan recorded."""
@@ -769,22 +771,20 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         rebuilt = False
         for index, (step, plan, known) in enumerate(plans):
             if known:  # the same state dicts and buffers
+                # (a count is no change to note: netcl's state dicts take it with dict's own
+                # methods; with one count for all, in a C loop)
                 count = plan.count
-                if count is not None and plan.entries_only:  # (a count is no change to note)
-                    # (dict's own update: a C loop, and no write noted)
+                if count is not None and plan.entries_only:
                     deque(
                         map(dict.update, cast("list[dict[str, Any]]", plan.states), repeat({"step": count})), maxlen=0
                     )
-                elif count is not None:
-                    for state in plan.states:
-                        state["step"] = count
                 else:
                     for item in plan.work():
-                        state = item.state
+                        state, value = item.state, item.count if count is None else count
                         if type(state) is _StateEntry:
-                            dict.__setitem__(state, "step", item.count)
+                            dict.__setitem__(state, "step", value)
                         else:
-                            state["step"] = item.count
+                            state["step"] = value
                 continue
             for item in plan.work():
                 state = item.state
