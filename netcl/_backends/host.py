@@ -551,9 +551,7 @@ class _HostLaunches:
                     buffer.base_data.release()
             if old is not None:
                 old.buffers = {}
-                for g in [*old.grads.values(), *old.spare.values()]:  # (the new launches' runs are others)
-                    g.release()
-                old.grads, old.spare = {}, {}
+                old._release_grads()  # (the new launches' runs are others)
 
     def _lay_out(
         self,
@@ -742,6 +740,10 @@ class _HostLaunches:
         for w in self.buffers.values():
             w.base_data.release()
         self.buffers = {}
+        self._release_grads()
+
+    def _release_grads(self) -> None:
+        """Release the buffers kept over gradients' memory."""
         for g in [*self.grads.values(), *self.spare.values()]:
             g.release()
         self.grads, self.spare = {}, {}
