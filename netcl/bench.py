@@ -49,7 +49,7 @@ from netcl.device import create_queue, describe_device
 from netcl.optim import SGD, Adam, AdamW, RMSProp
 from netcl.optim.optimizer import Optimizer
 
-__all__ = ["Row", "main", "many_sizes", "run"]
+__all__ = ["Row", "lstm_model", "main", "many_sizes", "run"]
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,28 @@ def _torch_add_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None] | Non
     return step
 
 
+def lstm_model() -> tuple[list[Any], Callable[[], None]]:
+    """The `lstm` case's model (an embedding, an LSTM and a linear head; needs torch), made
+    the same at each call: its parameters, and its backward pass, which sets their
+    gradients to None (torch's `zero_grad()`) and makes new ones, as training does."""
+    import torch
+
+    torch.manual_seed(0)
+    embed, lstm, head = torch.nn.Embedding(100, 64), torch.nn.LSTM(64, 128), torch.nn.Linear(128, 90)
+    tokens = torch.randint(0, 100, (20, 8))
+    params = [*embed.parameters(), *lstm.parameters(), *head.parameters()]
+
+    def backward() -> None:
+        for p in params:
+            p.grad = None
+        out, _ = lstm(embed(tokens))
+        loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
+        torch.autograd.backward([loss])
+
+    backward()
+    return params, backward
+
+
 def _lstm_steps() -> tuple[dict[str, Callable[[], None]], Callable[[str], None], int] | None:
     """A real model's optimizer step: an embedding, an LSTM and a linear head (7 tensors,
     117k values); netcl's RMSProp on its tensors, torch's RMSprop as a user gets it
@@ -273,22 +295,6 @@ def _lstm_steps() -> tuple[dict[str, Callable[[], None]], Callable[[str], None],
     except ImportError:
         return None
 
-    def model() -> tuple[list[Any], Callable[[], None]]:
-        torch.manual_seed(0)
-        embed, lstm, head = torch.nn.Embedding(100, 64), torch.nn.LSTM(64, 128), torch.nn.Linear(128, 90)
-        tokens = torch.randint(0, 100, (20, 8))
-        params = [*embed.parameters(), *lstm.parameters(), *head.parameters()]
-
-        def backward() -> None:
-            for p in params:
-                p.grad = None
-            out, _ = lstm(embed(tokens))
-            loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
-            torch.autograd.backward([loss])
-
-        backward()
-        return params, backward
-
     makers: dict[str, Callable[[list[Any]], Any]] = {
         "netcl": lambda params: RMSProp(params, lr=LR),
         "torch": lambda params: torch.optim.RMSprop(params, lr=LR),
@@ -298,7 +304,7 @@ def _lstm_steps() -> tuple[dict[str, Callable[[], None]], Callable[[str], None],
     backwards: dict[str, Callable[[], None]] = {}
     values = 0
     for name, make in makers.items():
-        params, backwards[name] = model()
+        params, backwards[name] = lstm_model()
         steps[name] = make(params).step
         values = sum(p.numel() for p in params)
     return steps, lambda name: backwards[name](), values

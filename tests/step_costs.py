@@ -16,6 +16,7 @@ caches full of the backward pass's data), and only the step is timed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import pyopencl.array as cl_array
 
 from netcl import Parameter, _kernels, flat_parameters
 from netcl._backends.host import _GradBuffer, host_queue
-from netcl.bench import many_sizes
+from netcl.bench import lstm_model, many_sizes
 from netcl.device import create_queue
 from netcl.optim import Adam, RMSProp
 
@@ -78,28 +79,6 @@ def best_microseconds(
     return best * 1e6
 
 
-def lstm() -> tuple[list[Any], Callable[[], None]] | None:
-    """The benchmark's model: its parameters and its backward pass (None without torch)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    embed, lstm, head = torch.nn.Embedding(100, 64), torch.nn.LSTM(64, 128), torch.nn.Linear(128, 90)
-    tokens = torch.randint(0, 100, (20, 8))
-    params = [*embed.parameters(), *lstm.parameters(), *head.parameters()]
-
-    def backward() -> None:
-        for p in params:
-            p.grad = None
-        out, _ = lstm(embed(tokens))
-        loss = torch.nn.functional.cross_entropy(head(out).reshape(-1, 90), tokens.reshape(-1) % 90)
-        torch.autograd.backward([loss])
-
-    backward()
-    return params, backward
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -123,9 +102,8 @@ def main() -> None:
     if host is not None:
         arrays = [Parameter(rng.random(n, np.float32), rng.random(n, np.float32)) for n in sizes]
         cases.append(("numpy-many adam", Adam(arrays, lr=1e-3).step, host.context, None))
-        model = lstm()
-        if model is not None:
-            params, backward = model
+        if importlib.util.find_spec("torch") is not None:
+            params, backward = lstm_model()
             cases.append(("lstm rmsprop", RMSProp(params, lr=1e-3).step, host.context, backward))
     for name, step, context, before in cases:
         for _ in range(2):  # the first steps make the state and the launches
