@@ -182,6 +182,18 @@ def test_turning_momentum_and_centered_on_later_starts_zero_buffers(kind: Kind, 
     np.testing.assert_allclose(kind.get(state["grad_avg"]), [0.001, 0.002], rtol=1e-5)
 
 
+def _step_without_waiting(opt: Any, gate: cl.UserEvent) -> None:
+    """Step `opt` in a thread, and fail if the step waits on the host (for `gate`, which
+    the gradient's pending fill waits for): then release the gate first."""
+    stepper = threading.Thread(target=opt.step)
+    stepper.start()
+    stepper.join(timeout=20)
+    if stepper.is_alive():  # step() waited on the host: release it, then fail
+        gate.set_status(cl.command_execution_status.COMPLETE)
+        stepper.join()
+        pytest.fail("step() blocked on the host until the gradient was ready")
+
+
 def test_opencl_step_waits_for_events_and_never_blocks(queue: cl.CommandQueue) -> None:
     """step() returns while the gradient is still being produced, and the update waits for it."""
     context = queue.context
@@ -193,13 +205,7 @@ def test_opencl_step_waits_for_events_and_never_blocks(queue: cl.CommandQueue) -
     grad.fill(0.5, wait_for=[gate])
     p.grad = grad
     opt = RMSProp([p], lr=0.01)
-    stepper = threading.Thread(target=opt.step)
-    stepper.start()
-    stepper.join(timeout=20)
-    if stepper.is_alive():  # step() waited on the host: release it, then fail
-        gate.set_status(cl.command_execution_status.COMPLETE)
-        stepper.join()
-        pytest.fail("step() blocked on the host until the gradient was ready")
+    _step_without_waiting(opt, gate)
     assert p.data.events, "the kernel's event is recorded on the parameter"
     gate.set_status(cl.command_execution_status.COMPLETE)
     queue.finish()
@@ -214,12 +220,8 @@ def test_a_kept_gradient_refilled_on_another_queue_is_waited_for(queue: cl.Comma
     event, is waited for by the next step on the device, not on the host."""
     context = queue.context
     producer = cl.CommandQueue(context)
-    params = flat_parameters(queue, [(300,), (5,)])
-    for p in params:
-        p.data.fill(1.0)
-        cast(cl_array.Array, p.grad).fill(0.25)
-    twin = flat_parameters(queue, [(300,), (5,)])
-    for p in twin:
+    params, twin = flat_parameters(queue, [(300,), (5,)]), flat_parameters(queue, [(300,), (5,)])
+    for p in [*params, *twin]:
         p.data.fill(1.0)
         cast(cl_array.Array, p.grad).fill(0.25)
     opt, twin_opt = Adam(params, lr=0.1), Adam(twin, lr=0.1)
@@ -230,13 +232,7 @@ def test_a_kept_gradient_refilled_on_another_queue_is_waited_for(queue: cl.Comma
     grad = cast(cl_array.Array, params[1].grad).with_queue(producer)
     grad.fill(-2.0, wait_for=[gate])  # (pyopencl adds its event to the list `params[1].grad` shares)
     cast(cl_array.Array, twin[1].grad).fill(-2.0)
-    stepper = threading.Thread(target=opt.step)
-    stepper.start()
-    stepper.join(timeout=20)
-    if stepper.is_alive():  # step() waited on the host: release it, then fail
-        gate.set_status(cl.command_execution_status.COMPLETE)
-        stepper.join()
-        pytest.fail("step() blocked on the host until the gradient was ready")
+    _step_without_waiting(opt, gate)
     twin_opt.step()
     gate.set_status(cl.command_execution_status.COMPLETE)
     queue.finish()
