@@ -368,3 +368,24 @@ def test_a_new_gradient_without_a_host_view_takes_the_array_api_path(monkeypatch
     monkeypatch.setattr(host, "PATH", "array-api")
     reference.step()
     assert param.data.tobytes() == alone.data.tobytes()
+
+
+@pytest.mark.parametrize("spin", [0.0, 1e-6, 10.0], ids=["sleeps", "polls-then-sleeps", "polls"])
+def test_a_host_step_returns_with_its_launches_done(spin: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the step polls its last launch for up to SPIN_SECONDS, then waits for the queue:
+    # however long it polls, the arrays hold the update when step() returns (a launch of
+    # 4M values takes milliseconds here: one that returned early would show old values)
+    rng = np.random.default_rng(8)
+    p0 = rng.standard_normal(1 << 22).astype(np.float32)
+    grads = [rng.standard_normal(1 << 22).astype(np.float32) for _ in range(2)]
+
+    def copy(a: Any) -> Any:
+        return np.array(a, copy=True)
+
+    monkeypatch.setattr(host, "SPIN_SECONDS", spin)
+    monkeypatch.setattr(host, "PATH", "kernel")
+    fused = _run(copy, copy, p0, grads, {"momentum": 0.9})
+    monkeypatch.setattr(host, "PATH", "array-api")
+    reference = _run(copy, copy, p0, grads, {"momentum": 0.9})
+    assert fused[0].tobytes() == reference[0].tobytes()
+    assert fused[1]["momentum_buffer"].tobytes() == reference[1]["momentum_buffer"].tobytes()

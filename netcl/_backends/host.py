@@ -216,6 +216,30 @@ SPARE_GRAD_BUFFERS = 32
 next gradients (a few per parameter of a small model; each holds no memory of its own)."""
 
 
+SPIN_SECONDS = 1e-3
+"""How long a step on host arrays polls for its last launch's end before it sleeps
+until then (`_finish`)."""
+
+
+def _finish(queue: cl.CommandQueue, last: cl.Event | None) -> None:
+    """Wait for `queue`'s commands, of which `last` (where given) is the last.
+
+    A blocking wait puts this thread to sleep until a worker thread of the CPU device
+    wakes it. Polling `last`'s status first, for up to `SPIN_SECONDS` and yielding the
+    core to the device's workers between polls, made Adam's step on 1,000 numpy values
+    149 -> 111 us and on 160 numpy arrays 6-8% faster on the 2-core test machine, and
+    left a step of 2**20 values or of the torch LSTM as fast as before (steps of each
+    kind alternated in one process); `queue.finish()` after it costs little and raises
+    the error a launch ended with."""
+    if last is not None:
+        queue.flush()
+        end = time.perf_counter() + SPIN_SECONDS
+        done = cl.command_execution_status.COMPLETE  # (an error is below it)
+        while last.command_execution_status > done and time.perf_counter() < end:
+            os.sched_yield()
+    queue.finish()
+
+
 def _release_once(live: list[cl.Buffer]) -> None:
     if live:
         live.pop().release()
@@ -710,6 +734,7 @@ class _HostLaunches:
                 keys = [run.items[0].member[shared:] for run in launch.runs] if step.kernel.stochastic else []
                 common = launch.runs[0].items[0].member[:shared]
                 launch.launcher.set(step.scalars + common, keys, grads)
+            kernel_event = None
             for launch in self.launches:
                 kernel_event = launch.launcher.enqueue(queue, [])
                 tally.launched(queue, kernel_event)
@@ -726,7 +751,7 @@ class _HostLaunches:
                             is_blocking=False,
                         )
                         mapped.base.release(queue, wait_for=[event])
-            queue.finish()
+            _finish(queue, kernel_event if self.kept else None)
             return True
         finally:
             for launch in self.launches:
