@@ -1,6 +1,6 @@
 """What a step costs in Python alone: netcl's checks, staging and launch bookkeeping.
 
-    python -m tests.step_costs [--rounds 15] [--steps 100]
+    python -m tests.step_costs [--rounds 15] [--steps 100] [--phases]
 
 Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 values: with
 `flat_parameters`, in their own pyopencl buffers, as numpy arrays) and its torch LSTM,
@@ -11,6 +11,13 @@ figures are compared between versions of netcl, not with other contenders), and 
 buffers over gradients host launches made per step. The LSTM's
 steps each come after the model's backward pass, as in training (new gradient tensors,
 caches full of the backward pass's data), and only the step is timed.
+
+With `--phases` the launches run: for each case, the median microseconds between the
+step's phases (its start, the plan's checks, the step counts, setting the kernel's
+arguments, the enqueue, the wait, the write-back of the counts, its end; for OpenCL
+arrays the caller's `queue.finish()` after it), and the last launch again on its own
+(enqueue and wait, back to back), beside a kernel that moves the same bytes with
+trivial arithmetic where the case's arrays are one flat buffer per role.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 
 from netcl import Parameter, _kernels, flat_parameters
+from netcl._backends import host
 from netcl._backends.host import _GradBuffer, host_queue
-from netcl.bench import lstm_model, many_sizes
+from netcl.bench import Floor, lstm_model, many_sizes
 from netcl.device import create_queue
 from netcl.optim import Adam, RMSProp
+from netcl.optim.optimizer import Optimizer
 
 
 @contextmanager
@@ -79,10 +88,104 @@ def best_microseconds(
     return best * 1e6
 
 
+PHASES: list[tuple[Any, str, str]] = [
+    (Optimizer, "_plan", "checks"),
+    (Optimizer, "_stage", "counts"),
+    (_kernels.Launcher, "set", "arguments"),
+    (_kernels.Launcher, "enqueue", "enqueue"),
+    (host, "_finish", "wait"),
+    (Optimizer, "_commit", "write-back"),
+]
+"""The calls whose start and end mark a step's phases: (owner, attribute, name)."""
+
+
+@contextmanager
+def phases_marked() -> Iterator[list[tuple[str, float]]]:
+    """Within it, the list it gives gets (name, time) at the start ("name>") and the end
+    ("name<") of each call of `PHASES`."""
+    marks: list[tuple[str, float]] = []
+    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in PHASES]
+
+    def marked(call: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            marks.append((f"{name}>", time.perf_counter()))
+            try:
+                return call(*args, **kwargs)
+            finally:
+                marks.append((f"{name}<", time.perf_counter()))
+
+        return timed
+
+    for (owner, attribute, call), (_, _, name) in zip(originals, PHASES, strict=True):
+        setattr(owner, attribute, marked(call, name))
+    try:
+        yield marks
+    finally:
+        for owner, attribute, call in originals:
+            setattr(owner, attribute, call)
+
+
+def phase_microseconds(
+    step: Callable[[], object], queue: cl.CommandQueue, steps: int, before: Callable[[], object] | None
+) -> dict[str, float]:
+    """The median microseconds from each mark of a step to the next (see `phases_marked`),
+    over `steps` steps after a fifth as many untimed, each followed by `queue.finish()`."""
+    spans: dict[str, list[float]] = {}
+    with phases_marked() as marks:
+        for k in range(steps + steps // 5):
+            if before is not None:
+                before()
+            marks.clear()
+            marks.append(("start", time.perf_counter()))
+            step()
+            marks.append(("end", time.perf_counter()))
+            queue.finish()
+            marks.append(("finish()", time.perf_counter()))
+            if k >= steps // 5:
+                for (a, at), (b, bt) in zip(marks, marks[1:], strict=False):
+                    spans.setdefault(f"{a} -> {b}", []).append(bt - at)
+    return {span: float(np.median(times)) * 1e6 for span, times in spans.items()}
+
+
+def alone_microseconds(call: Callable[[], object], steps: int) -> float:
+    """The median microseconds of `call`, called back to back."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[steps // 5 :])) * 1e6
+
+
+def last_launch(step: Callable[[], object], queue: cl.CommandQueue) -> Callable[[], object]:
+    """The last launch of `step` again, with the arguments it had, and the wait for it."""
+    launched: list[tuple[_kernels.Launcher, cl.CommandQueue]] = []
+    original = _kernels.Launcher.enqueue
+
+    def recording(self: _kernels.Launcher, on: cl.CommandQueue, wait_for: list[cl.Event]) -> cl.Event:
+        launched.append((self, on))
+        return original(self, on, wait_for)
+
+    _kernels.Launcher.enqueue = recording  # type: ignore[method-assign,assignment]
+    try:
+        step()
+    finally:
+        _kernels.Launcher.enqueue = original  # type: ignore[method-assign]
+    queue.finish()
+    launcher, on = launched[-1]
+
+    def again() -> None:
+        launcher.enqueue(on, [])
+        on.finish()
+
+    return again
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--phases", action="store_true", help="time a step's phases, with its launches")
     args = parser.parse_args()
     queue = create_queue()
     rng = np.random.default_rng(0)
@@ -111,6 +214,21 @@ def main() -> None:
                 before()
             step()
         queue.finish()
+        if args.phases:
+            on = queue if context is queue.context else host
+            assert on is not None
+            print(f"{name}: median microseconds from each mark of a step to the next")
+            for span, micro in phase_microseconds(step, on, args.steps, before).items():
+                print(f"    {span:28s} {micro:7.1f}")
+            print(f"    {'the last launch alone':28s} {alone_microseconds(last_launch(step, on), args.steps):7.1f}")
+            if name.startswith("flat"):
+                state = 2 if name == "flat adam" else 1  # (buffers: exp_avg, exp_avg_sq; square_avg)
+                floor = Floor(queue, np.dtype(np.float32), state)
+                values = sum(sizes)
+                moved = [cl_array.zeros(queue, values, np.float32) for _ in range(2 + state)]
+                micro = alone_microseconds(floor.launcher(moved, values), args.steps)
+                print(f"    {'a floor kernel, alike':28s} {micro:7.1f}")
+            continue
         with launches_stubbed(context), counting_grad_buffers() as made:
             micro = best_microseconds(step, args.rounds, args.steps, before)
         print(f"{name:16s} {micro:7.1f} us per step, {made[0] / (args.rounds * args.steps):.2f} gradient buffers made")
