@@ -1,6 +1,6 @@
 """What a step costs in Python alone: netcl's checks, staging and launch bookkeeping.
 
-    python -m tests.step_costs [--rounds 15] [--steps 100] [--phases]
+    python -m tests.step_costs [--rounds 15] [--steps 100] [--phases | --waits]
 
 Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 values: with
 `flat_parameters`, in their own pyopencl buffers, as numpy arrays) and its torch LSTM,
@@ -18,6 +18,11 @@ arguments, the enqueue, the wait, the write-back of the counts, its end; for Ope
 arrays the caller's `queue.finish()` after it), and the last launch again on its own
 (enqueue and wait, back to back), beside a kernel that moves the same bytes with
 trivial arithmetic where the case's arrays are one flat buffer per role.
+
+With `--waits`, steps on host arrays run with their launches (the fused kernel taken for
+every array, whatever the measured choice would be), and the way a step waits for them
+alternates at every step: sleeping in `queue.finish()` at once, or polling the
+last launch first (`netcl._backends.host.SPIN_SECONDS`); it prints the medians of each.
 """
 
 from __future__ import annotations
@@ -181,11 +186,32 @@ def last_launch(step: Callable[[], object], queue: cl.CommandQueue) -> Callable[
     return again
 
 
+def wait_microseconds(step: Callable[[], object], steps: int, before: Callable[[], object] | None) -> list[float]:
+    """The median microseconds of steps that sleep in `queue.finish()` at once, and of
+    steps that poll their last launch first, alternated step by step (after a fifth as
+    many untimed)."""
+    polls = host.SPIN_SECONDS
+    times: list[list[float]] = [[], []]
+    try:
+        for k in range(2 * (steps + steps // 5)):
+            host.SPIN_SECONDS = polls if k % 2 else 0.0
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            step()
+            if k >= 2 * (steps // 5):
+                times[k % 2].append(time.perf_counter() - start)
+    finally:
+        host.SPIN_SECONDS = polls
+    return [float(np.median(t)) * 1e6 for t in times]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--phases", action="store_true", help="time a step's phases, with its launches")
+    parser.add_argument("--waits", action="store_true", help="steps on host arrays: sleeping or polling waits")
     args = parser.parse_args()
     queue = create_queue()
     rng = np.random.default_rng(0)
@@ -208,12 +234,23 @@ def main() -> None:
         if importlib.util.find_spec("torch") is not None:
             params, backward = lstm_model()
             cases.append(("lstm rmsprop", RMSProp(params, lr=1e-3).step, host.context, backward))
+    if args.waits:
+        assert host is not None, "no CPU OpenCL device"
+        for n in (1000, 1 << 20):
+            one = [Parameter(rng.random(n, np.float32), rng.random(n, np.float32))]
+            cases.insert(-1, (f"numpy adam {n:,}", Adam(one, lr=1e-3).step, host.context, None))
+        cases = [case for case in cases if case[2] is host.context]
+        host.PATH = "kernel"
     for name, step, context, before in cases:
         for _ in range(2):  # the first steps make the state and the launches
             if before is not None:
                 before()
             step()
         queue.finish()
+        if args.waits:
+            sleeping, polling = wait_microseconds(step, args.steps, before)
+            print(f"{name:20s} sleeping {sleeping:8.1f} us, polling first {polling:8.1f} us per step")
+            continue
         if args.phases:
             on = queue if context is queue.context else host
             assert on is not None
