@@ -227,19 +227,19 @@ def main() -> None:
         for n in sizes
     ]
     cases.append(("many adam", Adam(separate, lr=1e-3).step, queue.context, None))
-    host = host_queue()
-    if host is not None:
+    on_host = host_queue()
+    if on_host is not None:
         arrays = [Parameter(rng.random(n, np.float32), rng.random(n, np.float32)) for n in sizes]
-        cases.append(("numpy-many adam", Adam(arrays, lr=1e-3).step, host.context, None))
+        cases.append(("numpy-many adam", Adam(arrays, lr=1e-3).step, on_host.context, None))
         if importlib.util.find_spec("torch") is not None:
             params, backward = lstm_model()
-            cases.append(("lstm rmsprop", RMSProp(params, lr=1e-3).step, host.context, backward))
+            cases.append(("lstm rmsprop", RMSProp(params, lr=1e-3).step, on_host.context, backward))
     if args.waits:
-        assert host is not None, "no CPU OpenCL device"
+        assert on_host is not None, "no CPU OpenCL device"
         for n in (1000, 1 << 20):
             one = [Parameter(rng.random(n, np.float32), rng.random(n, np.float32))]
-            cases.insert(-1, (f"numpy adam {n:,}", Adam(one, lr=1e-3).step, host.context, None))
-        cases = [case for case in cases if case[2] is host.context]
+            cases.insert(-1, (f"numpy adam {n:,}", Adam(one, lr=1e-3).step, on_host.context, None))
+        cases = [case for case in cases if case[2] is on_host.context]
         host.PATH = "kernel"
     for name, step, context, before in cases:
         for _ in range(2):  # the first steps make the state and the launches
@@ -252,7 +252,7 @@ def main() -> None:
             print(f"{name:20s} sleeping {sleeping:8.1f} us, polling first {polling:8.1f} us per step")
             continue
         if args.phases:
-            on = queue if context is queue.context else host
+            on = queue if context is queue.context else on_host
             assert on is not None
             print(f"{name}: median microseconds from each mark of a step to the next")
             for span, micro in phase_microseconds(step, on, args.steps, before).items():

@@ -220,23 +220,27 @@ SPIN_SECONDS = 1e-3
 """How long a step on host arrays polls for its last launch's end before it sleeps
 until then (`_finish`)."""
 
+_yield_core: Callable[[], None] = getattr(os, "sched_yield", functools.partial(time.sleep, 0))
+"""Let another thread have this core (`os.sched_yield` is POSIX's; `time.sleep(0)`
+elsewhere)."""
+
 
 def _finish(queue: cl.CommandQueue, last: cl.Event | None) -> None:
     """Wait for `queue`'s commands, of which `last` (where given) is the last.
 
     A blocking wait puts this thread to sleep until a worker thread of the CPU device
     wakes it. Polling `last`'s status first, for up to `SPIN_SECONDS` and yielding the
-    core to the device's workers between polls, made Adam's step on 1,000 numpy values
-    149 -> 111 us and on 160 numpy arrays 6-8% faster on the 2-core test machine, and
-    left a step of 2**20 values or of the torch LSTM as fast as before (steps of each
-    kind alternated in one process); `queue.finish()` after it costs little and raises
-    the error a launch ended with."""
+    core to the device's workers between polls, made Adam's step on the 2-core test
+    machine 23-31% faster on 1,000 numpy values, 4-7% on 160 numpy arrays and 4% on
+    2**20 values, and left a torch LSTM's as it was (`python -m tests.step_costs
+    --waits`); `queue.finish()` after it costs little and raises the error a launch ended
+    with."""
     if last is not None:
         queue.flush()
         end = time.perf_counter() + SPIN_SECONDS
         done = cl.command_execution_status.COMPLETE  # (an error is below it)
         while last.command_execution_status > done and time.perf_counter() < end:
-            os.sched_yield()
+            _yield_core()
     queue.finish()
 
 
