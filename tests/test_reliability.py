@@ -8,6 +8,8 @@ from __future__ import annotations
 import gc
 import math
 import multiprocessing
+import subprocess
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -281,6 +283,31 @@ def test_a_forked_child_steps_after_the_parent_used_the_host_device() -> None:
         pytest.fail("the forked child hung in step()")
     assert child.exitcode == 0
     assert results.get(timeout=5) == float(param.data[0])  # the same first step
+
+
+def test_host_steps_where_the_os_has_no_fork_and_no_sched_yield() -> None:
+    # (as on Windows: netcl imports without os.register_at_fork, and a host step waits
+    # with time.sleep(0) between polls; the bits are those of the array-API path)
+    script = """
+import os
+import numpy as np
+import pyopencl, pyopencl.array, array_api_compat  # (what netcl imports: not under test)
+del os.register_at_fork, os.sched_yield
+import netcl._backends.host as host
+from netcl import Parameter
+from netcl.optim import Adam
+results = []
+for path in ("kernel", "array-api"):
+    host.PATH = path
+    param = Parameter(np.linspace(-1, 1, 1 << 20, dtype=np.float32), np.full(1 << 20, 0.5, np.float32))
+    Adam([param], lr=0.1).step()
+    results.append(param.data.tobytes())
+assert results[0] == results[1]
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 # --- 8. queues ----------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def _in_child() -> None:
     _forked = True
 
 
-os.register_at_fork(after_in_child=_in_child)
+if hasattr(os, "register_at_fork"):  # (POSIX's; where there is no fork, nothing to note)
+    os.register_at_fork(after_in_child=_in_child)
 
 
 @functools.cache
