@@ -31,8 +31,9 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pyopencl as cl
@@ -52,12 +53,8 @@ def launches_stubbed(context: cl.Context) -> Iterator[None]:
     """Within it, every launch of netcl's kernel returns a completed event at once."""
     done = cl.UserEvent(context)
     done.set_status(cl.command_execution_status.COMPLETE)
-    original = _kernels.Launcher.enqueue
-    _kernels.Launcher.enqueue = lambda self, queue, wait_for: done  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(_kernels.Launcher, "enqueue", lambda self, queue, wait_for: done):
         yield
-    finally:
-        _kernels.Launcher.enqueue = original  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -70,11 +67,8 @@ def counting_grad_buffers() -> Iterator[list[int]]:
         made[0] += 1
         original(self, *args)
 
-    _GradBuffer.__init__ = counting  # type: ignore[method-assign,assignment]
-    try:
+    with mock.patch.object(_GradBuffer, "__init__", counting):
         yield made
-    finally:
-        _GradBuffer.__init__ = original  # type: ignore[method-assign]
 
 
 def best_microseconds(
@@ -109,7 +103,6 @@ def phases_marked() -> Iterator[list[tuple[str, float]]]:
     """Within it, the list it gives gets (name, time) at the start ("name>") and the end
     ("name<") of each call of `PHASES`."""
     marks: list[tuple[str, float]] = []
-    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in PHASES]
 
     def marked(call: Callable[..., Any], name: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -121,13 +114,10 @@ def phases_marked() -> Iterator[list[tuple[str, float]]]:
 
         return timed
 
-    for (owner, attribute, call), (_, _, name) in zip(originals, PHASES, strict=True):
-        setattr(owner, attribute, marked(call, name))
-    try:
+    with ExitStack() as patches:
+        for owner, attribute, name in PHASES:
+            patches.enter_context(mock.patch.object(owner, attribute, marked(getattr(owner, attribute), name)))
         yield marks
-    finally:
-        for owner, attribute, call in originals:
-            setattr(owner, attribute, call)
 
 
 def phase_microseconds(
@@ -171,11 +161,8 @@ def last_launch(step: Callable[[], object], queue: cl.CommandQueue) -> Callable[
         launched.append((self, on))
         return original(self, on, wait_for)
 
-    _kernels.Launcher.enqueue = recording  # type: ignore[method-assign,assignment]
-    try:
+    with mock.patch.object(_kernels.Launcher, "enqueue", recording):
         step()
-    finally:
-        _kernels.Launcher.enqueue = original  # type: ignore[method-assign]
     queue.finish()
     launcher, on = launched[-1]
 
@@ -192,7 +179,7 @@ def wait_microseconds(step: Callable[[], object], steps: int, before: Callable[[
     many untimed)."""
     polls = host.SPIN_SECONDS
     times: list[list[float]] = [[], []]
-    try:
+    with mock.patch.object(host, "SPIN_SECONDS", polls):  # (set at each step, restored after)
         for k in range(2 * (steps + steps // 5)):
             host.SPIN_SECONDS = polls if k % 2 else 0.0
             if before is not None:
@@ -201,8 +188,6 @@ def wait_microseconds(step: Callable[[], object], steps: int, before: Callable[[
             step()
             if k >= 2 * (steps // 5):
                 times[k % 2].append(time.perf_counter() - start)
-    finally:
-        host.SPIN_SECONDS = polls
     return [float(np.median(t)) * 1e6 for t in times]
 
 
