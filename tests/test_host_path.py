@@ -25,6 +25,10 @@ def test_a_cpu_device_is_available() -> None:
     assert queue is not None and queue.device.type & cl.device_type.CPU
 
 
+def _copy(a: Any) -> Any:
+    return np.array(a, copy=True)
+
+
 def _run(make: Any, get: Any, p0: Any, grads: list[Any], flags: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     param = Parameter(make(p0))
     data = param.data
@@ -46,14 +50,11 @@ def test_host_path_is_bitwise_the_reference_and_the_device_kernel(
     p0 = rng.standard_normal(SIZE).astype(dtype)
     grads = [rng.standard_normal(SIZE).astype(dtype) for _ in range(3)]
 
-    def copy(a: Any) -> Any:
-        return np.array(a, copy=True)
-
-    fused_host = _run(copy, copy, p0, grads, flags)
+    fused_host = _run(_copy, _copy, p0, grads, flags)
     fused_device = _run(lambda a: cl_array.to_device(queue, a), lambda a: a.get(), p0, grads, flags)
     tensors = _run(lambda a: torch.tensor(a), lambda t: t.numpy().copy(), p0, grads, flags)
     monkeypatch.setattr(host, "PATH", "array-api")  # now the array-API path
-    reference = _run(copy, copy, p0, grads, flags)
+    reference = _run(_copy, _copy, p0, grads, flags)
     for other in (fused_device, tensors, reference):
         assert fused_host[0].tobytes() == other[0].tobytes()
         assert fused_host[1].keys() == other[1].keys()
@@ -379,13 +380,10 @@ def test_a_host_step_returns_with_its_launches_done(spin: float, monkeypatch: py
     p0 = rng.standard_normal(1 << 22).astype(np.float32)
     grads = [rng.standard_normal(1 << 22).astype(np.float32) for _ in range(2)]
 
-    def copy(a: Any) -> Any:
-        return np.array(a, copy=True)
-
     monkeypatch.setattr(host, "SPIN_SECONDS", spin)
     monkeypatch.setattr(host, "PATH", "kernel")
-    fused = _run(copy, copy, p0, grads, {"momentum": 0.9})
+    fused = _run(_copy, _copy, p0, grads, {"momentum": 0.9})
     monkeypatch.setattr(host, "PATH", "array-api")
-    reference = _run(copy, copy, p0, grads, {"momentum": 0.9})
+    reference = _run(_copy, _copy, p0, grads, {"momentum": 0.9})
     assert fused[0].tobytes() == reference[0].tobytes()
     assert fused[1]["momentum_buffer"].tobytes() == reference[1]["momentum_buffer"].tobytes()
