@@ -1,6 +1,6 @@
 """What a step costs in Python alone: netcl's checks, staging and launch bookkeeping.
 
-    python -m tests.step_costs [--rounds 15] [--steps 100] [--phases | --waits]
+    python -m tests.step_costs [--rounds 15] [--steps 100] [--phases | --waits | --split]
 
 Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 values: with
 `flat_parameters`, in their own pyopencl buffers, as numpy arrays) and its torch LSTM,
@@ -23,6 +23,15 @@ With `--waits`, steps on host arrays run with their launches (the fused kernel t
 every array, whatever the measured choice would be), and the way a step waits for them
 alternates at every step: sleeping in `queue.finish()` at once, or polling the
 last launch first (`netcl._backends.host.SPIN_SECONDS`); it prints the medians of each.
+
+With `--split`, for Adam and RMSProp on OpenCL arrays, five things that each end in
+`queue.finish()` take turns in shuffled rounds (`--rounds`, ten timed calls each after
+three untimed): a floor kernel moving the bytes of a step on the many-parameter case's
+values, one tensor of that many values (its launch alone, and its step), and the 160
+parameters made by `flat_parameters` (their launch alone, and their step). It prints
+the medians: the launch against the floor is the update's arithmetic, the one tensor's
+step against its launch the host's work of any step, and the flat step against the one
+tensor's the host's work per parameter.
 """
 
 from __future__ import annotations
@@ -191,14 +200,66 @@ def wait_microseconds(step: Callable[[], object], steps: int, before: Callable[[
     return [float(np.median(t)) * 1e6 for t in times]
 
 
+def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
+    """Print `--split`'s medians (see the module's docstring)."""
+    rng = np.random.default_rng(0)
+    sizes = many_sizes(160)
+    values = sum(sizes)
+    for name, cls, state in (("adam", Adam, 2), ("rmsprop", RMSProp, 1)):
+        one = Parameter(
+            cl_array.to_device(queue, rng.random(values, np.float32)),
+            cl_array.to_device(queue, rng.random(values, np.float32)),
+        )
+        single: Optimizer[Any, Any, Any, Any] = cls([one], lr=1e-3)
+        flat: Optimizer[Any, Any, Any, Any] = cls(flat_parameters(queue, [(n,) for n in sizes]), lr=1e-3)
+        for optimizer in (single, flat):
+            optimizer.step()  # (the state and the launches)
+        moved = [cl_array.zeros(queue, values, np.float32) for _ in range(2 + state)]
+
+        def stepped(optimizer: Optimizer[Any, Any, Any, Any]) -> Callable[[], object]:
+            def step() -> None:
+                optimizer.step()
+                queue.finish()
+
+            return step
+
+        turns = {
+            "floor kernel": Floor(queue, np.dtype(np.float32), state).launcher(moved, values),
+            "1 tensor, launch": last_launch(single.step, queue),
+            "1 tensor, step": stepped(single),
+            "160 flat, launch": last_launch(flat.step, queue),
+            "160 flat, step": stepped(flat),
+        }
+        times: dict[str, list[float]] = {turn: [] for turn in turns}
+        order = list(turns)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for turn in order:
+                call = turns[turn]
+                for k in range(13):
+                    start = time.perf_counter()
+                    call()
+                    if k >= 3:
+                        times[turn].append(time.perf_counter() - start)
+        medians = {turn: float(np.median(t)) * 1e6 for turn, t in times.items()}
+        floor = medians["floor kernel"]
+        print(f"{name} on {values:,} float32 values: median microseconds (floor / it)")
+        for turn, micro in medians.items():
+            print(f"    {turn:18s} {micro:7.1f}  ({floor / micro:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--phases", action="store_true", help="time a step's phases, with its launches")
     parser.add_argument("--waits", action="store_true", help="steps on host arrays: sleeping or polling waits")
+    parser.add_argument("--split", action="store_true", help="floor, one tensor and flat storage, in turns")
     args = parser.parse_args()
     queue = create_queue()
+    if args.split:
+        split_microseconds(queue, args.rounds)
+        return
     rng = np.random.default_rng(0)
     sizes = many_sizes(160)
     cases: list[tuple[str, Callable[[], object], cl.Context, Callable[[], object] | None]] = []
