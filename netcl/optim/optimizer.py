@@ -183,12 +183,14 @@ class _Same:
         names = {check[5] for check in with_state}
         self.getter: Callable[[Any], Any] | None = None
         """Reads a state dict's buffers, in the order `buffers` holds them (None where
-        the state dicts name different buffers, or none)."""
+        the state dicts name different buffers)."""
         self.spread = False
         """Whether `getter` gives a tuple of buffers, not one."""
         self.buffers = [value for check in with_state for value in check[6]]
-        if len(names) == 1 and (only := next(iter(names))):
-            self.getter, self.spread = operator.itemgetter(*only), len(only) > 1
+        if len(names) == 1:
+            only = next(iter(names))
+            self.getter = operator.itemgetter(*only) if only else _no_buffers
+            self.spread = len(only) != 1
         self.state_map = state_map
         self.token: int | None = None
         """The last write token (`_LAST_WRITE`) at which the state dicts were compared
@@ -254,6 +256,11 @@ class _Same:
 
 _DATA = operator.attrgetter("data")
 _STEP = operator.itemgetter("step")
+
+
+def _no_buffers(state: Mapping[str, Any]) -> tuple[()]:
+    """The buffers of a state that has none (plain SGD's: its count alone)."""
+    return ()
 
 
 def _none() -> None:
