@@ -183,6 +183,36 @@ def test_a_new_gradient_array_ends_the_run_and_is_followed(
     np.testing.assert_array_equal(_get(params[1].data), -2.5)
 
 
+@pytest.mark.parametrize("factory", [Adam, RMSProp, SGD], ids=["Adam", "RMSProp", "SGD"])
+def test_a_new_gradient_taken_by_a_step_that_raised_is_followed(
+    factory: Callable[..., Optimizer[Any, Any, Any, Any]], queue: cl.CommandQueue
+) -> None:
+    # a step whose gradients are all the last step's skips the check of the launches'
+    # layout; a new gradient that a step took before it raised is not one of those
+    params = flat_parameters(queue, [(4,), (4,), (4,)])
+    alone = [Parameter(cl_array.zeros(queue, 4, F32), cl_array.zeros(queue, 4, F32)) for _ in params]
+    for p in [*params, *alone]:
+        p.data.fill(1.0)
+        assert p.grad is not None
+        p.grad.fill(1.0)
+    opt, reference = factory(params, lr=0.5), factory(alone, lr=0.5)
+    for _ in range(2):  # (the second with the same gradients: a steady step)
+        opt.step()
+        reference.step()
+    params[1].grad = cl_array.to_device(queue, np.full(4, 3.0, F32))
+    alone[1].grad = cl_array.to_device(queue, np.full(4, 3.0, F32))
+    opt.state[params[0]]["step"] = -1
+    before = [p.data.get().tobytes() for p in params]
+    with pytest.raises(ValueError, match=r"state\['step'\] of param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    assert [p.data.get().tobytes() for p in params] == before  # (nothing written)
+    opt.state[params[0]]["step"] = 2
+    for _ in range(2):
+        opt.step()
+        reference.step()
+        assert [p.data.get().tobytes() for p in params] == [p.data.get().tobytes() for p in alone]
+
+
 def test_new_gradient_arrays_at_every_step_keep_the_prepared_launches(queue: cl.CommandQueue) -> None:
     # a training loop that sets gradients to None and computes new ones: the launches
     # prepared at the second step are kept; a new gradient is still checked

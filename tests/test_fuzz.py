@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import hypothesis.extra.numpy as hnp
 import ml_dtypes
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netcl import Parameter
+from netcl import Parameter, flat_parameters
 from netcl.optim.optimizer import _LAST_WRITE, Optimizer
 from tests.test_optimizers import CASES, FLAT, FLAT_IDS, Case
 
@@ -168,6 +168,7 @@ _CHANGES = [
     "optimizer.state.pop",
     "optimizer.state[param] = dict",
     "load_state_dict",
+    "new gradient, then a step that raises",
 ]
 
 
@@ -176,8 +177,14 @@ def _change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], 
     param = params[k]
     state = opt.state.get(id(param))
     buffers = sorted(name for name in (state or {}) if name != "step")
-    if change == "new gradient":
+    if change.startswith("new gradient"):
         param.grad = cl_array.to_device(queue, np.linspace(-1, 1, param.data.size).astype(np.float32) * (k + 1))
+        if change.endswith("raises") and state and "step" in state:  # (it takes the new gradient, then writes nothing)
+            count = state["step"]
+            state["step"] = -1
+            with pytest.raises(ValueError, match=r"state\['step'\] of param_groups\[0\]\['params'\]"):
+                opt.step()
+            state["step"] = count
     elif change == "no gradient":
         param.grad = None
     elif change == "new parameter array":
@@ -209,18 +216,20 @@ def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.Comm
     """Whatever changes between steps (gradients, parameter arrays, state dicts and the
     optimizer's `state`, in every way), a step that keeps its plan and launches gives
     the bits of a step planned afresh (an optimizer whose caches are emptied before
-    every step)."""
+    every step), with parameters in their own arrays or in one run (`flat_parameters`)."""
     case = data.draw(st.sampled_from(CASES), label="optimizer")
+    flat = data.draw(st.booleans(), label="flat")
     sizes = (5, 300, 7)
     worlds = []
     for _ in range(2):
-        params = [
-            Parameter(
-                cl_array.to_device(queue, np.linspace(1, 2, n).astype(np.float32)),
-                cl_array.to_device(queue, np.linspace(-0.5, 0.5, n).astype(np.float32)),
-            )
-            for n in sizes
-        ]
+        params = (
+            flat_parameters(queue, [(n,) for n in sizes])
+            if flat
+            else [Parameter(cl_array.zeros(queue, n, np.float32), cl_array.zeros(queue, n, np.float32)) for n in sizes]
+        )
+        for p, n in zip(params, sizes, strict=True):
+            p.data.set(np.linspace(1, 2, n).astype(np.float32))
+            cast(cl_array.Array, p.grad).set(np.linspace(-0.5, 0.5, n).astype(np.float32))
         worlds.append((case.ours(params, lr=1e-2), params))
     (kept, kept_params), (fresh, fresh_params) = worlds
     for count in range(2 + data.draw(st.integers(1, 6), label="steps")):

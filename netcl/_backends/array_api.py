@@ -249,7 +249,14 @@ class ArrayAPIBackend(Backend):
     def zero_(self, grad: Any) -> None:
         grad[...] = 0
 
-    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
+    def apply(
+        self,
+        step: Step,
+        work: Sequence[Work],
+        cache: MutableMapping[Hashable, Any],
+        tally: Tally,
+        steady: bool = False,
+    ) -> None:
         """Contiguous host arrays go to the fused kernel on a CPU OpenCL device where
         that is faster (bit-identical results); the rest are updated with the reference
         maths."""

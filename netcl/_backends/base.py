@@ -289,12 +289,22 @@ class Backend(ABC):
         """Set every element of `grad` to zero, in place."""
 
     @abstractmethod
-    def apply(self, step: Step, work: Sequence[Work], cache: MutableMapping[Hashable, Any], tally: Tally) -> None:
+    def apply(
+        self,
+        step: Step,
+        work: Sequence[Work],
+        cache: MutableMapping[Hashable, Any],
+        tally: Tally,
+        steady: bool = False,
+    ) -> None:
         """Update every parameter in `work` by `step` (in place where the array allows),
         counting skipped values in `tally`.
 
         `cache` belongs to the calling optimizer and this backend, and lasts from one step
         to the next: what the backend keeps there to make the next step cheaper. A step
-        that passes the very `work` list of an earlier step passes the same arrays,
-        gradients and state buffers (only each item's `member` scalars may differ).
+        that passes the very `work` list of an earlier step passes the same arrays and
+        state buffers; its gradients may be new objects that passed the optimizer's
+        checks, and each item's `member` scalars may differ. With `steady`, the gradients
+        are the very objects this list had at its last `apply`, and every item has the
+        same `member` scalars.
         """

@@ -296,6 +296,8 @@ class _Plan:
         "same",
         "stable",
         "states",
+        "steady",
+        "taken",
     )
 
     def __init__(self, params: list[Any]) -> None:
@@ -325,6 +327,13 @@ class _Plan:
         self.stable = True
         """Whether every array of the plan cannot change what was checked of it, or has
         a fingerprint that shows when it did: then the plan can be kept."""
+        self.taken = False
+        """Whether a new gradient was taken (`_remember`) since the last step that
+        updated every `Work` of the plan."""
+        self.steady = False
+        """Whether this step's gradients are, every one, the very object the last step
+        that updated the plan's `Work` had (`holds` found every object the same, without
+        fingerprints, and no gradient was taken since that step)."""
         self.printer: Backend | None = None
         self.prints: tuple[list[Hashable | None], list[Hashable | None]] | None = ([], [])
         """The fingerprints `holds` compares, with `printer`'s `fingerprints`: of each
@@ -370,11 +379,13 @@ class _Plan:
         step. (It runs at every step, for every parameter: `_Same` first, then one
         tight loop.)"""
         checks, prints = self.checks, self.prints
+        self.steady = False
         if params is not self.params or len(params) != len(checks) or buffers != self.buffers or prints is None:
             return False
         same = self.same.holds(params, states) if self.same is not None else None
         if same is not None:  # the very same objects: the fingerprinted ones' arrays as they were
-            if self.printer is None:
+            if self.printer is None:  # (then no new gradients: `_Same.holds`)
+                self.steady = not self.taken
                 return True
             printed = self.printed
             grads = same if printed is None else [same[k] for k in printed]
@@ -427,6 +438,7 @@ class _Plan:
         """Record `grad`, a new gradient that passed, as the `k`-th parameter's (weakly)."""
         known, data, _, state, size, names, kept, checked, backend, at = self.checks[k]
         ref = weak(grad)
+        self.taken = True
         self.checks[k] = (known, data, ref, state, size, names, kept, checked, backend, at)
         if self.same is not None:
             self.same.grads[k] = ref
@@ -705,8 +717,12 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 for step, plan, known in plans:
                     self._stage(step, plan, known)
                 for index, (step, plan, _) in enumerate(plans):
+                    steady = plan.steady and plan.count is not None  # (the same gradients, one count)
                     for backend, work in plan.batches.items():
-                        backend.apply(step, work, self._launch_cache.setdefault((index, backend), {}), self._tally)
+                        cache = self._launch_cache.setdefault((index, backend), {})
+                        backend.apply(step, work, cache, self._tally, steady)
+                for _, plan, _ in plans:
+                    plan.taken = False  # (every gradient taken is the one just updated with)
             finally:
                 for _, plan, _ in plans:
                     for item in plan.work():
