@@ -541,13 +541,13 @@ def run(
     return rows
 
 
-def machine_bandwidth(rows: Sequence[Row], dtype: str) -> float | None:
-    """The machine's bandwidth in GB/s from the `bandwidth` row of `dtype`: the faster of
-    the streaming kernel and torch's `add_`."""
+def machine_bandwidth(rows: Sequence[Row], dtype: str) -> tuple[float, int] | None:
+    """The machine's bandwidth in GB/s from the `bandwidth` row of `dtype` (the faster of
+    the streaming kernel and torch's `add_`), and the values that row moved."""
     wanted = "float32" if dtype in ("float16", "bfloat16") else dtype  # (a half step's bytes: as float32's)
     for row in rows:
         if row.case == "bandwidth" and row.dtype == wanted and row.median_ms:
-            return row.bytes_per_step / min(row.median_ms.values()) / 1e6
+            return row.bytes_per_step / min(row.median_ms.values()) / 1e6, row.size
     return None
 
 
@@ -559,7 +559,10 @@ def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
     """The rows as a table of medians and ratios: aligned text, or Markdown. Every ratio
     is another contender's time over netcl's: netcl's speed-up, > 1 where netcl is faster.
     GB/s is what netcl's step moved per second (for the `bandwidth` row, the machine's);
-    `of machine` is that over the machine's bandwidth."""
+    `of machine` is that over the machine's bandwidth, for rows of no more values than
+    the bandwidth row was measured on (the largest `--sizes`): a streaming kernel over
+    fewer values measures its launch more than the memory, so a step over more values
+    would seem to outrun the machine."""
     header = (
         "case",
         "dtype",
@@ -589,10 +592,11 @@ def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
         machine = machine_bandwidth(rows, row.dtype)
         netcl = row.median_ms.get("netcl")
         if row.case == "bandwidth":
-            speed, share = machine, None
+            speed, share = (machine[0] if machine else None), None
         else:
             speed = row.bytes_per_step / netcl / 1e6 if netcl else None
-            share = speed / machine if speed is not None and machine else None
+            comparable = machine is not None and machine[0] > 0 and row.size <= machine[1]
+            share = speed / machine[0] if speed is not None and machine is not None and comparable else None
         others = [
             f"{name}: {row.median_ms[name]:.4g} ({ratio(row.ratio(name, 'netcl'))})"
             for name in row.median_ms

@@ -64,6 +64,11 @@ def test_table_gives_speed_ups_and_the_share_of_the_machine_as_text_or_markdown(
     header_md, rule, line_md, _ = bench.table([row, machine], markdown=True).splitlines()
     assert header_md == f"| {' | '.join(header)} |" and line_md == f"| {' | '.join(line)} |"
     assert rule == "| --- | --- | --- | --- |" + " ---: |" * (len(header) - 5) + " --- |"
+    # a step over more values than the machine's row was measured on: no share of it
+    many = bench.Row("many", "float32", "plain", 2 * 10**6, 160, 40 * 10**6, {"netcl": 2.0})
+    _, many_line, _ = (re.split(r"\s{2,}", text.strip()) for text in bench.table([many, machine]).splitlines())
+    many_cells = dict(zip(header, many_line, strict=True))
+    assert many_cells["GB/s"] == "20" and many_cells["of machine"] == "-"
 
 
 def test_contenders_without_a_column_are_listed_with_their_speed_up() -> None:
