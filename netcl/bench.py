@@ -589,14 +589,13 @@ def table(rows: Sequence[Row], *, markdown: bool = False) -> str:
 
     for row in rows:
         values = f"{row.size:,}" + (f" in {row.params}" if row.params > 1 else "")
-        machine = machine_bandwidth(rows, row.dtype)
+        bandwidth, measured_on = machine_bandwidth(rows, row.dtype) or (None, 0)
         netcl = row.median_ms.get("netcl")
         if row.case == "bandwidth":
-            speed, share = (machine[0] if machine else None), None
+            speed, share = bandwidth, None
         else:
             speed = row.bytes_per_step / netcl / 1e6 if netcl else None
-            comparable = machine is not None and machine[0] > 0 and row.size <= machine[1]
-            share = speed / machine[0] if speed is not None and machine is not None and comparable else None
+            share = speed / bandwidth if speed is not None and bandwidth and row.size <= measured_on else None
         others = [
             f"{name}: {row.median_ms[name]:.4g} ({ratio(row.ratio(name, 'netcl'))})"
             for name in row.median_ms
