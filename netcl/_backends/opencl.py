@@ -315,10 +315,15 @@ class OpenCLBackend(Backend):
         one step count) does not check their layout again.
         """
         prepared = cache.get("prepared")
-        if steady and isinstance(prepared, _Prepared) and prepared.work is work and prepared.spec is step.kernel:
-            if not prepared.breaks:  # (laid out for one step count, as the items have)
-                prepared.run(step.scalars, tally)
-                return
+        if (
+            steady
+            and isinstance(prepared, _Prepared)
+            and prepared.work is work
+            and prepared.spec is step.kernel
+            and not prepared.breaks  # (laid out for one step count, as the items have)
+        ):
+            prepared.run(step.scalars, tally)
+            return
         # where neighbours' own scalars differ (step counts, stochastic rounding's keys),
         # a run must break
         breaks: tuple[int, ...] = ()
