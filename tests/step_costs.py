@@ -200,6 +200,13 @@ def wait_microseconds(step: Callable[[], object], steps: int, before: Callable[[
     return [float(np.median(t)) * 1e6 for t in times]
 
 
+def floor_launch(queue: cl.CommandQueue, values: int, state: int) -> Callable[[], None]:
+    """The floor kernel over `values` float32 values with `state` state buffers, and the
+    wait for it."""
+    moved = [cl_array.zeros(queue, values, np.float32) for _ in range(2 + state)]
+    return Floor(queue, np.dtype(np.float32), state).launcher(moved, values)
+
+
 def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
     """Print `--split`'s medians (see the module's docstring)."""
     rng = np.random.default_rng(0)
@@ -214,7 +221,6 @@ def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
         flat: Optimizer[Any, Any, Any, Any] = cls(flat_parameters(queue, [(n,) for n in sizes]), lr=1e-3)
         for optimizer in (single, flat):
             optimizer.step()  # (the state and the launches)
-        moved = [cl_array.zeros(queue, values, np.float32) for _ in range(2 + state)]
 
         def stepped(optimizer: Optimizer[Any, Any, Any, Any]) -> Callable[[], object]:
             def step() -> None:
@@ -224,7 +230,7 @@ def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
             return step
 
         turns = {
-            "floor kernel": Floor(queue, np.dtype(np.float32), state).launcher(moved, values),
+            "floor kernel": floor_launch(queue, values, state),
             "1 tensor, launch": last_launch(single.step, queue),
             "1 tensor, step": stepped(single),
             "160 flat, launch": last_launch(flat.step, queue),
@@ -306,10 +312,7 @@ def main() -> None:
             print(f"    {'the last launch alone':28s} {alone_microseconds(last_launch(step, on), args.steps):7.1f}")
             if name.startswith("flat"):
                 state = 2 if name == "flat adam" else 1  # (buffers: exp_avg, exp_avg_sq; square_avg)
-                floor = Floor(queue, np.dtype(np.float32), state)
-                values = sum(sizes)
-                moved = [cl_array.zeros(queue, values, np.float32) for _ in range(2 + state)]
-                micro = alone_microseconds(floor.launcher(moved, values), args.steps)
+                micro = alone_microseconds(floor_launch(queue, sum(sizes), state), args.steps)
                 print(f"    {'a floor kernel, alike':28s} {micro:7.1f}")
             continue
         with launches_stubbed(context), counting_grad_buffers() as made:
