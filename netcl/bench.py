@@ -176,8 +176,9 @@ class Floor:
             self._kernels[width] = kernel
         return self._kernels[width]
 
-    def launcher(self, arrays: Sequence[cl_array.Array], size: int) -> Callable[[], None]:
-        """A timed step: the floor kernel over `size` values of `arrays`, then finish."""
+    def launcher(self, arrays: Sequence[cl_array.Array], size: int, times: int = 1) -> Callable[[], None]:
+        """A timed step: the floor kernel over `size` values of `arrays` (`times` times,
+        one launch after another), then finish."""
         if self.choice is None:
             self.choice = self._choose()
         width, local = self.choice
@@ -186,7 +187,8 @@ class Floor:
         buffers = [cast(cl.Buffer, a.base_data) for a in arrays]
 
         def step() -> None:
-            kernel(self.queue, (groups * local,), (local,), *buffers, size)
+            for _ in range(times):
+                kernel(self.queue, (groups * local,), (local,), *buffers, size)
             self.queue.finish()
 
         return step

@@ -24,14 +24,17 @@ every array, whatever the measured choice would be), and the way a step waits fo
 alternates at every step: sleeping in `queue.finish()` at once, or polling the
 last launch first (`netcl._backends.host.SPIN_SECONDS`); it prints the medians of each.
 
-With `--split`, for Adam and RMSProp on OpenCL arrays, five things that each end in
+With `--split`, for Adam and RMSProp on OpenCL arrays, seven things that each end in
 `queue.finish()` take turns in shuffled rounds (`--rounds`, ten timed calls each after
 three untimed): a floor kernel moving the bytes of a step on the many-parameter case's
 values, one tensor of that many values (its launch alone, and its step), and the 160
 parameters made by `flat_parameters` (their launch alone, and their step). It prints
 the medians: the launch against the floor is the update's arithmetic, the one tensor's
 step against its launch the host's work of any step, and the flat step against the one
-tensor's the host's work per parameter.
+tensor's the host's work per parameter. Two more turns enqueue ten floor kernels, and
+ten steps of the flat parameters, before they wait, as a training loop that does not
+wait for each step does: per step, against the floor's per launch, the host's work of a
+step where it overlaps the device's work of the last ones.
 """
 
 from __future__ import annotations
@@ -200,11 +203,15 @@ def wait_microseconds(step: Callable[[], object], steps: int, before: Callable[[
     return [float(np.median(t)) * 1e6 for t in times]
 
 
-def floor_launch(queue: cl.CommandQueue, values: int, state: int) -> Callable[[], None]:
-    """The floor kernel over `values` float32 values with `state` state buffers, and the
-    wait for it."""
+def floor_launch(queue: cl.CommandQueue, values: int, state: int, times: int = 1) -> Callable[[], None]:
+    """The floor kernel over `values` float32 values with `state` state buffers (`times`
+    times in a row), and the wait for it."""
     moved = [cl_array.zeros(queue, values, np.float32) for _ in range(2 + state)]
-    return Floor(queue, np.dtype(np.float32), state).launcher(moved, values)
+    return Floor(queue, np.dtype(np.float32), state).launcher(moved, values, times)
+
+
+IN_A_ROW = 10
+"""Steps (or floor launches) that `--split`'s last two turns enqueue before they wait."""
 
 
 def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
@@ -222,9 +229,10 @@ def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
         for optimizer in (single, flat):
             optimizer.step()  # (the state and the launches)
 
-        def stepped(optimizer: Optimizer[Any, Any, Any, Any]) -> Callable[[], object]:
+        def stepped(optimizer: Optimizer[Any, Any, Any, Any], times: int = 1) -> Callable[[], object]:
             def step() -> None:
-                optimizer.step()
+                for _ in range(times):
+                    optimizer.step()
                 queue.finish()
 
             return step
@@ -235,7 +243,10 @@ def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
             "1 tensor, step": stepped(single),
             "160 flat, launch": last_launch(flat.step, queue),
             "160 flat, step": stepped(flat),
+            f"floor kernel, {IN_A_ROW} in a row": floor_launch(queue, values, state, IN_A_ROW),
+            f"160 flat, {IN_A_ROW} in a row": stepped(flat, IN_A_ROW),
         }
+        per = {turn: IN_A_ROW if turn.endswith("in a row") else 1 for turn in turns}
         times: dict[str, list[float]] = {turn: [] for turn in turns}
         order = list(turns)
         for _ in range(rounds):
@@ -246,12 +257,12 @@ def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
                     start = time.perf_counter()
                     call()
                     if k >= 3:
-                        times[turn].append(time.perf_counter() - start)
+                        times[turn].append((time.perf_counter() - start) / per[turn])
         medians = {turn: float(np.median(t)) * 1e6 for turn, t in times.items()}
-        floor = medians["floor kernel"]
-        print(f"{name} on {values:,} float32 values: median microseconds (floor / it)")
+        print(f"{name} on {values:,} float32 values: median microseconds per step (floor / it)")
         for turn, micro in medians.items():
-            print(f"    {turn:18s} {micro:7.1f}  ({floor / micro:.2f})")
+            floor = medians[f"floor kernel, {IN_A_ROW} in a row" if per[turn] > 1 else "floor kernel"]
+            print(f"    {turn:28s} {micro:7.1f}  ({floor / micro:.2f})")
 
 
 def main() -> None:

@@ -131,3 +131,14 @@ def test_a_wide_spread_is_reported(capsys: pytest.CaptureFixture[str], monkeypat
     assert bench.main(["--smoke", "--quiet", "--variants", "sgd", "--dtypes", "float32", "--many", "0"]) == 0
     err = capsys.readouterr().err
     assert "warning: single float32 sgd 1,000: the rounds' interquartile range is netcl" in err
+
+
+def test_the_floor_launched_in_a_row_runs_each_launch(queue: cl.CommandQueue) -> None:
+    import pyopencl.array as cl_array
+
+    # the floor adds the gradient to the parameter and to each state buffer, once a launch
+    grad = cl_array.to_device(queue, np.arange(1, 3001, dtype=np.float32))
+    written = [cl_array.zeros(queue, 3000, np.float32) for _ in range(3)]
+    bench.Floor(queue, np.dtype(np.float32), 2, settle_s=0.0, timed=1).launcher([grad, *written], 3000, 4)()
+    for array in written:  # (small whole numbers: exact in float32)
+        np.testing.assert_array_equal(array.get(), 4 * np.arange(1, 3001, dtype=np.float32))
