@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _bound(optimizer: Optimizer[Any, Any, Any, Any]) -> list[_Launch]:
     """The launches of the optimizer's last step, with their kernels' arguments bound."""
-    caches = optimizer._launch_cache.values()
+    caches = [cache for kept in optimizer._kept.values() for cache in kept.launches.values()]
     return [launch for cache in caches if isinstance(p := cache.get("prepared"), _Prepared) for launch in p.launches]
 
 

@@ -25,7 +25,8 @@ LARGE = 1 << 19
 
 
 def _launches(opt: Optimizer[Any, Any, Any, Any]) -> int:
-    return sum(len(cache["prepared"].launches) for cache in opt._launch_cache.values() if "prepared" in cache)
+    caches = [cache for kept in opt._kept.values() for cache in kept.launches.values()]
+    return sum(len(cache["prepared"].launches) for cache in caches if "prepared" in cache)
 
 
 def _get(x: Any) -> Any:
@@ -228,8 +229,8 @@ def test_new_gradient_arrays_at_every_step_keep_the_prepared_launches(queue: cl.
             p.grad, q.grad = cl_array.to_device(queue, g), cl_array.to_device(queue, g)
         opt.step()
         reference.step()
-        reference._plans.clear()  # (the reference plans every step afresh)
-        prepared.append(next(iter(opt._launch_cache.values()))["prepared"])
+        reference._kept[0].plan = None  # (the reference plans every step afresh)
+        prepared.append(next(iter(opt._kept[0].launches.values()))["prepared"])
     assert prepared[1] is prepared[2] is prepared[3]
     for p, q in zip(params, alone, strict=True):
         assert p.data.get().tobytes() == q.data.get().tobytes()

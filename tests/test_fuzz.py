@@ -244,8 +244,7 @@ def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.Comm
         if kept_params[k].grad is None and data.draw(st.booleans(), label="give it back"):
             for params in (kept_params, fresh_params):
                 params[k].grad = cl_array.to_device(queue, np.full(sizes[k], 0.25, np.float32))
-        fresh._plans.clear()
-        fresh._launch_cache.clear()
+        fresh._kept.clear()
         fresh._checked.clear()
         fresh.step()
         _LAST_WRITE[0] = seen

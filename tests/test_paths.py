@@ -384,7 +384,7 @@ def test_a_group_size_the_kernel_cannot_run_falls_back(queue: cl.CommandQueue, m
         opt = RMSProp(params, lr=1e-2, centered=True)
         opt.step()
         opt.step()
-        (cache,) = opt._launch_cache.values()
+        (cache,) = opt._kept[0].launches.values()
         groups = [launch.launcher.fused.geometry.local_size for launch in cache["prepared"].launches]
         return [p.data.get().tobytes() for p in params], groups
 
@@ -529,7 +529,7 @@ def test_a_gpus_and_a_cpus_launch_geometry_give_the_same_bits(
                 p.grad = cl_array.to_device(fresh, g)
             opt.step()
             skipped.append(opt.skipped_nonfinite() if nonfinite == "count" else 0)
-        (cache,) = opt._launch_cache.values()
+        (cache,) = opt._kept[0].launches.values()
         assert [launch.launcher.fused.geometry for launch in cache["prepared"].launches] == [geo]
         state = [v.get().tobytes() for p in params for k, v in sorted(opt.state[p].items()) if k != "step"]
         results.append(([p.data.get().tobytes() for p in params], state, skipped))

@@ -364,6 +364,22 @@ def test_a_new_parameter_never_inherits_a_removed_ones_state() -> None:
         assert old not in opt.state or id(newcomer) == old
 
 
+@pytest.mark.parametrize("kind", ["pyopencl", "numpy-host"])
+def test_a_removed_param_group_lets_go_of_its_arrays(kind: str, queue: cl.CommandQueue) -> None:
+    # (its plan and its prepared launches, which hold its arrays' buffers, go with it)
+    make, size = _maker(kind, queue)
+    opt = Adam([{"params": [Parameter(make(np.ones(size, F32)), make(np.ones(size, F32)))]} for _ in range(2)])
+    opt.step()
+    opt.step()
+    gone = opt.param_groups.pop()["params"][0]
+    arrays: list[weakref.ref[Any]] = [weakref.ref(gone.data), weakref.ref(gone.grad)]
+    del gone
+    opt.step()
+    gc.collect()
+    assert [ref() is None for ref in arrays] == [True, True]
+    assert len(opt.state) == 1
+
+
 HOLDERS = ["pyopencl", "numpy", "numpy-host", "torch"]
 """Where a test's arrays live: numpy-host is a numpy array large enough for the fused
 kernel on the host device."""

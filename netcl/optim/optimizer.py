@@ -453,6 +453,23 @@ class _Plan:
         return self.items or [item for work in self.batches.values() for item in work]
 
 
+class _Kept:
+    """What a param group keeps from one step to the next, so that a training loop's
+    step is cheap: the `Step` of its hyperparameters (while each value is the very same
+    object), its settled plan (while `_Plan.holds`), and each backend's prepared
+    launches (which the backend takes again while they fit the plan's work)."""
+
+    __slots__ = ("launches", "plan", "step", "values")
+
+    def __init__(self, values: list[object], step: Step) -> None:
+        self.values = values
+        """The hyperparameters' values `step` was made from, in `hyperparameters`' order."""
+        self.step = step
+        self.plan: _Plan | None = None
+        self.launches: dict[Backend, dict[Hashable, Any]] = {}
+        """Per backend, the cache its `apply` keeps its launches in."""
+
+
 def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
     return hasattr(x, "data") and hasattr(x, "grad")
 
@@ -613,9 +630,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._tally = Tally()
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
-        self._plans: dict[int, _Plan] = {}
-        self._steps: dict[int, tuple[list[object], Step]] = {}
-        self._launch_cache: dict[tuple[int, Backend], dict[Hashable, Any]] = {}
+        """Per parameter (by `id()`), the record of its last full check."""
+        self._kept: dict[int, _Kept] = {}
+        """Per param group (by index), what it keeps from its last step."""
         self._owners: dict[int, ParameterLike] = {}
         """The parameter of each entry of `state`: held, so that no new object takes
         over its `id()` while the entry exists (see `_prune`)."""
@@ -718,8 +735,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     self._stage(step, plan, known)
                 for index, (step, plan, _) in enumerate(plans):
                     steady = plan.steady and plan.count is not None  # (the same gradients, one count)
+                    launches = self._kept[index].launches
                     for backend, work in plan.batches.items():
-                        cache = self._launch_cache.setdefault((index, backend), {})
+                        cache = launches.setdefault(backend, {})
                         backend.apply(step, work, cache, self._tally, steady)
                 for _, plan, _ in plans:
                     plan.taken = False  # (every gradient taken is the one just updated with)
@@ -818,10 +836,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     self.state[key] = cast(StateT, state)
                     self._owners[key] = item.param
             rebuilt = True
-            if plan.stable:
-                self._plans[index] = plan.settled(step.buffers, self.state)
-            else:
-                self._plans.pop(index, None)
+            self._kept[index].plan = plan.settled(step.buffers, self.state) if plan.stable else None
         if rebuilt or self._group_count != len(self.param_groups):
             self._prune()
 
@@ -835,17 +850,17 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             self._owners.pop(key, None)
         for key in [key for key in self._checked if key not in live]:
             del self._checked[key]
-        for index in [index for index in self._plans if index >= len(self.param_groups)]:
-            del self._plans[index]
+        for index in [index for index in self._kept if index >= len(self.param_groups)]:
+            del self._kept[index]
 
     def _step_of(self, index: int, group: GroupT) -> Step:
         """The group's `Step` for its hyperparameters: the last one while each value is
         the very same object (a `Step` depends on nothing else). A changed value is
         checked as the constructor checks it, and written back normalized."""
         values = [group.get(name, _NOTHING) for name in self.hyperparameters]
-        last = self._steps.get(index)
-        if last is not None and all(a is b for a, b in zip(values, last[0], strict=True)):
-            return last[1]
+        kept = self._kept.get(index)
+        if kept is not None and all(a is b for a, b in zip(values, kept.values, strict=True)):
+            return kept.step
         where = f"param_groups[{index}]: "
         hyper: dict[str, HyperValue] = {}
         for name, check in self.hyperparameters.items():
@@ -855,7 +870,11 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._check_combination(hyper, where)
         cast(dict[str, Any], group).update(hyper)
         step = Step(self.rule, hyper, self.nonfinite)
-        self._steps[index] = ([group[name] for name in self.hyperparameters], step)
+        values = [group[name] for name in self.hyperparameters]
+        if kept is None:
+            self._kept[index] = _Kept(values, step)
+        else:  # (the plan and launches stay: they depend on no hyperparameter's value)
+            kept.values, kept.step = values, step
         return step
 
     def _check_dtypes(self, index: int, step: Step, dtypes: Iterable[np.dtype[Any]]) -> None:
@@ -887,7 +906,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         kinds that cannot change what was checked): then nothing needs checking.
         """
         step = self._step_of(index, group)
-        known = self._plans.get(index)
+        known = self._kept[index].plan
         if known is not None and known.holds(group["params"], self.state, step.buffers):
             self._check_dtypes(index, step, known.dtypes)
             for item in known.items:
