@@ -8,6 +8,7 @@ from typing_extensions import TypeVar
 
 from netcl._backends import backend_for
 from netcl._types import Array
+from netcl._writes import note_parameter_write
 
 __all__ = ["Parameter"]
 
@@ -33,6 +34,10 @@ class Parameter(Generic[A]):
     weight.grad = cl_array.zeros_like(weight.data)  # filled by your backward pass
     ```
 
+    Assigning `data` or `grad` is noted: a step after a step that no such assignment
+    (and no write to the optimizer's state) followed checks only that its param group
+    holds the same parameters (see the pyopencl guide, "The cheapest step").
+
     Args:
         data: The array to optimize: a `pyopencl.array.Array`, an object exposing an
             OpenCL buffer ([`ClArrayLike`][netcl.ClArrayLike]) or an array-API array.
@@ -53,6 +58,12 @@ class Parameter(Generic[A]):
             backend_for(grad, "grad")
         self.data = data
         self.grad = grad
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # (noted, so that a step can tell in one comparison that no parameter's array or
+        # gradient was replaced since its last: see `netcl._writes`)
+        object.__setattr__(self, name, value)
+        note_parameter_write()
 
     def __repr__(self) -> str:
         shape = getattr(self.data, "shape", "?")

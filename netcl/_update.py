@@ -136,6 +136,10 @@ class UpdateRule:
         return (*self.buffers, MASTER)
 
 
+_SPECS: dict[KernelSpec, KernelSpec] = {}
+"""Every kernel spec made, each once (a few per process: one per variant)."""
+
+
 @dataclass(frozen=True)
 class Step:
     """One param group's update at one step."""
@@ -191,4 +195,6 @@ class Step:
             master=master,
             stochastic=stochastic,
         )
-        object.__setattr__(self, "kernel", spec)
+        # (one object per spec: a new learning rate, a new Step, still finds the launches
+        # prepared for the last one's kernel by identity)
+        object.__setattr__(self, "kernel", _SPECS.setdefault(spec, spec))

@@ -4,7 +4,7 @@ launch, bit for bit as each parameter alone."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -341,3 +341,106 @@ def test_a_flat_numpy_model_takes_the_host_kernel_once(monkeypatch: pytest.Monke
     opt.step()
     opt.step()  # (the launch kept from the step before)
     assert launched == [[sum(sizes)], [sum(sizes)]]
+
+
+def _quiet(opt: Optimizer[Any, Any, Any, Any]) -> bool:
+    plan = opt._kept[0].plan
+    return plan is not None and plan.quiet
+
+
+@pytest.mark.parametrize("factory", [SGD, Adam, RMSProp], ids=["SGD", "Adam", "RMSProp"])
+def test_a_step_after_no_noted_write_is_quiet_and_gives_the_same_bits(
+    factory: Callable[..., Optimizer[Any, Any, Any, Any]], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nothing assigned to a parameter and nothing written to a state dict since the
+    # last step: the step compares only the parameters' identities, takes the counts it
+    # committed, and trusts the event lists it gave the arrays
+    from netcl._backends import opencl
+
+    runs: list[bool] = []
+    original = opencl._Prepared.run
+
+    def run(self: Any, scalars: tuple[float, ...], tally: Any, quiet: bool = False) -> None:
+        runs.append(quiet)
+        original(self, scalars, tally, quiet)
+
+    monkeypatch.setattr(opencl._Prepared, "run", run)
+    params = flat_parameters(queue, [(4,), (300,), (7,)])
+    alone = [
+        Parameter(cl_array.zeros(queue, p.data.shape, F32), cl_array.zeros(queue, p.data.shape, F32)) for p in params
+    ]
+    rng = np.random.default_rng(5)
+    for p, q in zip(params, alone, strict=True):
+        start = rng.standard_normal(p.data.shape).astype(F32)
+        p.data.set(start)
+        q.data.set(start)
+    opt, reference = factory(params, lr=1e-2), factory(alone, lr=1e-2)
+    quiet = []
+    for k in range(5):
+        for p, q in zip(params, alone, strict=True):  # (in place: no assignment)
+            g = rng.standard_normal(p.data.shape).astype(F32)
+            cast(cl_array.Array, p.grad).set(g)
+            cast(cl_array.Array, q.grad).set(g)
+        if k == 3:  # a schedule's new learning rate: a write to no parameter or state
+            opt.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = 5e-3
+        opt.step()
+        # every array holds the event of the step's launch (which readers wait for)
+        assert len({id(x.events) for p in params for x in (p.data, p.grad)}) == 1
+        assert [e.command_type for e in params[0].data.events] == [cl.command_type.NDRANGE_KERNEL]
+        reference.step()
+        quiet.append(_quiet(opt))
+        if k == 3:  # (the same kernel's launches, though the Step is new)
+            assert opt._kept[0].step.kernel is reference._kept[0].step.kernel
+        assert [p.data.get().tobytes() for p in params] == [q.data.get().tobytes() for q in alone]
+        assert [opt.state[p]["step"] for p in params] == [k + 1] * 3
+    assert quiet == [False, False, True, True, True]
+    assert runs[0::2] == [False, False, True, True, True]  # (opt's; the reference's between)
+
+
+def test_a_parameter_put_in_the_list_without_a_write_is_followed(queue: cl.CommandQueue) -> None:
+    # a parameter made before the last step and put in place of another: no write is
+    # noted, and the identities tell
+    params = flat_parameters(queue, [(4,), (4,)])
+    other = Parameter(cl_array.zeros(queue, 4, F32) + 1, cl_array.zeros(queue, 4, F32) + 1)
+    for p in params:
+        cast(cl_array.Array, p.grad).fill(1.0)
+    opt = SGD(params, lr=0.5)
+    for _ in range(3):
+        opt.step()
+    assert _quiet(opt)
+    before = params[1].data.get()
+    opt.param_groups[0]["params"][1] = other
+    opt.step()
+    assert not _quiet(opt)
+    assert np.array_equal(other.data.get(), np.full(4, 0.5, F32))
+    assert np.array_equal(params[1].data.get(), before)
+    assert opt.state[other]["step"] == 1
+
+
+def test_a_quiet_step_that_fails_commits_no_count(monkeypatch: pytest.MonkeyPatch, queue: cl.CommandQueue) -> None:
+    from netcl._backends.opencl import OpenCLBackend
+
+    params = flat_parameters(queue, [(4,), (4,)])
+    alone = [Parameter(cl_array.zeros(queue, 4, F32), cl_array.zeros(queue, 4, F32)) for _ in params]
+    for p in [*params, *alone]:
+        p.data.fill(1.0)
+        cast(cl_array.Array, p.grad).fill(1.0)
+    opt, reference = Adam(params, lr=0.5), Adam(alone, lr=0.5)
+    for _ in range(3):
+        opt.step()
+        reference.step()
+    original = OpenCLBackend.apply
+
+    def failing(*args: Any) -> None:
+        raise RuntimeError("the device failed")
+
+    monkeypatch.setattr(OpenCLBackend, "apply", failing)
+    with pytest.raises(RuntimeError, match="the device failed"):
+        opt.step()  # (a quiet one: nothing written since the last)
+    monkeypatch.setattr(OpenCLBackend, "apply", original)
+    assert [opt.state[p]["step"] for p in params] == [3, 3]
+    for _ in range(2):
+        opt.step()
+        reference.step()
+        assert [p.data.get().tobytes() for p in params] == [p.data.get().tobytes() for p in alone]
+    assert [opt.state[p]["step"] for p in params] == [5, 5]

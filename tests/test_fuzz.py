@@ -26,7 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netcl import Parameter, flat_parameters
-from netcl.optim.optimizer import _LAST_WRITE, Optimizer
+from netcl._writes import PARAMETER_WRITE, STATE_WRITE
+from netcl.optim.optimizer import Optimizer
 from tests.test_optimizers import CASES, FLAT, FLAT_IDS, Case
 
 DTYPES = [np.float32, np.float64]
@@ -237,17 +238,20 @@ def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.Comm
         change = data.draw(st.sampled_from(_CHANGES), label="change") if count >= 2 else "nothing"
         k = data.draw(st.integers(0, len(sizes) - 1), label="parameter")
         _change(change, kept, kept_params, k, queue)
-        # the reference's own writes to its state dicts (all of them new at each of its
-        # steps) would show the kept optimizer a change at every step: it sees its own
-        seen = _LAST_WRITE[0]
+        give_back = kept_params[k].grad is None and data.draw(st.booleans(), label="give it back")
+        if give_back:
+            kept_params[k].grad = cl_array.to_device(queue, np.full(sizes[k], 0.25, np.float32))
+        # the reference's own writes (its changes, and its state dicts, all of them new
+        # at each of its steps) would show the kept optimizer a change at every step: it
+        # sees its own only
+        seen = (STATE_WRITE[0], PARAMETER_WRITE[0])
         _change(change, fresh, fresh_params, k, queue)
-        if kept_params[k].grad is None and data.draw(st.booleans(), label="give it back"):
-            for params in (kept_params, fresh_params):
-                params[k].grad = cl_array.to_device(queue, np.full(sizes[k], 0.25, np.float32))
+        if give_back:
+            fresh_params[k].grad = cl_array.to_device(queue, np.full(sizes[k], 0.25, np.float32))
         fresh._kept.clear()
         fresh._checked.clear()
         fresh.step()
-        _LAST_WRITE[0] = seen
+        STATE_WRITE[0], PARAMETER_WRITE[0] = seen
         kept.step()
         for a, b in zip(kept_params, fresh_params, strict=True):
             assert a.data.get().tobytes() == b.data.get().tobytes()

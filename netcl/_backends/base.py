@@ -296,6 +296,7 @@ class Backend(ABC):
         cache: MutableMapping[Hashable, Any],
         tally: Tally,
         steady: bool = False,
+        quiet: bool = False,
     ) -> None:
         """Update every parameter in `work` by `step` (in place where the array allows),
         counting skipped values in `tally`.
@@ -306,5 +307,8 @@ class Backend(ABC):
         state buffers; its gradients may be new objects that passed the optimizer's
         checks, and each item's `member` scalars may differ. With `steady`, the gradients
         are the very objects this list had at its last `apply`, and every item has the
-        same `member` scalars.
+        same `member` scalars. With `quiet` too, no write to a parameter or its state was
+        noted since that `apply` (`netcl._writes`): no array was replaced, and pyopencl
+        arrays hold the event lists it gave them (only an assignment to an array's
+        `events` rebinds one; pyopencl's own calls add to the list or empty it).
         """

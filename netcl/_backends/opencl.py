@@ -304,6 +304,7 @@ class OpenCLBackend(Backend):
         cache: MutableMapping[Hashable, Any],
         tally: Tally,
         steady: bool = False,
+        quiet: bool = False,
     ) -> None:
         """Update `work` with as few launches as the kernel's slots allow.
 
@@ -322,7 +323,7 @@ class OpenCLBackend(Backend):
             and prepared.spec is step.kernel
             and not prepared.breaks  # (laid out for one step count, as the items have)
         ):
-            prepared.run(step.scalars, tally)
+            prepared.run(step.scalars, tally, quiet)
             return
         # where neighbours' own scalars differ (step counts, stochastic rounding's keys),
         # a run must break
@@ -496,34 +497,30 @@ class _Prepared:
                     )
                 )
 
-    def run(self, scalars: tuple[float, ...], tally: Tally) -> None:
-        """Enqueue every launch, with the work's gradients and own scalars."""
+    def run(self, scalars: tuple[float, ...], tally: Tally, quiet: bool = False) -> None:
+        """Enqueue every launch, with the work's gradients and own scalars (`quiet`: of
+        a step that replaced nothing since the last run, see `Backend.apply`)."""
         work = self.work
         shared = self.spec.member_scalar_count
         for launch in self.launches:
             grads = [work[k].grad for k in launch.places]
-            every = (
-                list(map(grad_of, map(work.__getitem__, launch.members)))
-                if len(launch.members) > len(launch.places)
-                else grads
-            )
-            if list(map(type, every)).count(cl_array.Array) == len(every):  # (mostly)
-                arrays, others = [*launch.arrays, *every], launch.others
-            else:
-                arrays = [*launch.arrays, *(g for g in every if type(g) is cl_array.Array)]
-                others = [*launch.others, *(g for g in every if type(g) is not cl_array.Array)]
             first = work[launch.places[0]].member
             keys = [work[k].member[shared:] for k in launch.places] if launch.launcher.fused.keyed else ()
+            run = functools.partial(launch.launcher.run, launch.queue, scalars + first[:shared], keys, grads)
             # one list for every array: it holds the only event they wait for after a
             # launch (which waited for all the others). pyopencl may add to it or clear
             # it through any of them (as it does for the views of one array, which
             # share their list); the others then wait for more, or for events that are
             # done, never for less than they need.
             recorded = launch.recorded
+            arrays: list[cl_array.Array] = []
+            others: list[Any] = []
+            if not (quiet and launch.alone):  # (quiet: the arrays of the last run, as it left them)
+                arrays, others = self._touched(launch, grads)
             if not others and all(map(operator.is_, map(_EVENTS, arrays), repeat(recorded))):
                 # every array still holds the list the last run gave them: its events
                 # are what they wait for, and the new event replaces them in place
-                event = launch.launcher.run(launch.queue, scalars + first[:shared], keys, grads, list(recorded))
+                event = run(list(recorded))
                 recorded[:] = [event]
             else:
                 # each event once: the arrays mostly wait for the same ones, in one list
@@ -538,13 +535,28 @@ class _Prepared:
                 for x in others:
                     for pending in pending_events(x):
                         waits[pending] = None
-                event = launch.launcher.run(launch.queue, scalars + first[:shared], keys, grads, list(waits))
+                event = run(list(waits))
                 recorded = launch.recorded = [event]
                 for x in arrays:
                     x.events = recorded
                 for x in others:
                     record_event(x, event)
+            launch.alone = not others
             tally.launched(launch.queue, event)
+
+    def _touched(self, launch: _Launch, grads: list[Any]) -> tuple[list[cl_array.Array], list[Any]]:
+        """The pyopencl arrays a launch touches, and the other objects (exposing buffers)."""
+        every = (
+            list(map(grad_of, map(self.work.__getitem__, launch.members)))
+            if len(launch.members) > len(launch.places)
+            else grads
+        )
+        if list(map(type, every)).count(cl_array.Array) == len(every):  # (mostly)
+            return [*launch.arrays, *every], launch.others
+        return (
+            [*launch.arrays, *(g for g in every if type(g) is cl_array.Array)],
+            [*launch.others, *(g for g in every if type(g) is not cl_array.Array)],
+        )
 
 
 _MEMBER = operator.attrgetter("member")
@@ -569,6 +581,9 @@ class _Launch:
     """Where the parameters of its runs of several are in the step's work."""
     recorded: list[cl.Event] = field(default_factory=list)
     """The event list its last run gave every array it touched (see `_Prepared.run`)."""
+    alone: bool = False
+    """Whether its last run gave every object it touched `recorded` (none of them other
+    than a pyopencl array)."""
 
 
 def _check_match(data: Any, other: Any, where: str, state: bool = False) -> None:

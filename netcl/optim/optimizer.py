@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from functools import partial
-from itertools import chain, count, repeat
+from itertools import chain, repeat
 from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
@@ -24,9 +24,11 @@ from netcl._backends import Backend, Work, backend_for, checked_backend, describ
 from netcl._backends.array_api import is_array_api
 from netcl._backends.base import NONE_TYPE, Tally, check_dtype, grad_of, weak
 from netcl._kernels import NonFinite
+from netcl._parameter import Parameter
 from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
 from netcl._update import MASTER, Step, UpdateRule
+from netcl._writes import PARAMETER_WRITE, STATE_WRITE, note_state_write
 from netcl.optim._hyper import HyperCheck
 
 __all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer", "ParameterState"]
@@ -147,7 +149,7 @@ class _Same:
     every parameter, array, gradient, state dict and state buffer is the very object it
     was, each kind compared in one pass of C loops (`map`) rather than one Python loop
     over the parameters; the state dicts in one comparison while no write to them was
-    noted (`_LAST_WRITE`). Where every parameter's gradient is fingerprinted, new
+    noted (`STATE_WRITE`). Where every parameter's gradient is fingerprinted, new
     gradients are taken here too (`fresh`; `_Plan.holds` compares their fingerprints),
     and torch parameters' `data`, a new tensor at each access, is told by `aliases`.
     Where anything else differs, `_Plan.holds` compares object by object. Gradients
@@ -193,7 +195,7 @@ class _Same:
             self.spread = len(only) != 1
         self.state_map = state_map
         self.token: int | None = None
-        """The last write token (`_LAST_WRITE`) at which the state dicts were compared
+        """The last write token (`STATE_WRITE`) at which the state dicts were compared
         and were the same; None where a change to them might not note one (a state dict
         or an `Optimizer.state` that is not netcl's own type)."""
         if type(state_map) is ParameterState and all(type(state) is _StateEntry for state in self.states):
@@ -235,7 +237,7 @@ class _Same:
         # (a dead reference gives None too: then more than the parameters without one)
         elif list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
             return None
-        token = _LAST_WRITE[0]
+        token = STATE_WRITE[0]
         if token == self.token and states is self.state_map:
             return grads  # no state dict changed since they were last compared
         # (the plain dict's `get`: ParameterState's also takes parameters)
@@ -293,6 +295,9 @@ class _Plan:
         "printed",
         "printed_arrays",
         "prints",
+        "quiet",
+        "quiet_able",
+        "quiet_tokens",
         "same",
         "stable",
         "states",
@@ -334,6 +339,18 @@ class _Plan:
         """Whether this step's gradients are, every one, the very object the last step
         that updated the plan's `Work` had (`holds` found every object the same, without
         fingerprints, and no gradient was taken since that step)."""
+        self.quiet = False
+        """Whether this step's `holds` found no write noted since the plan's last step
+        (see `quiet_tokens`): then nothing was compared but the parameters' identities,
+        and every step count is the one that step committed."""
+        self.quiet_able = False
+        """Whether a step may be `quiet` (once settled): every parameter a
+        `netcl.Parameter` (which notes the assignment of its array and gradient), every
+        state dict netcl's own, every array one that cannot change what was checked of
+        it (no fingerprints)."""
+        self.quiet_tokens: tuple[int, int] | None = None
+        """The write tokens (`netcl._writes`) after the plan's last step, where it was
+        `quiet_able` and committed one count for all; else None."""
         self.printer: Backend | None = None
         self.prints: tuple[list[Hashable | None], list[Hashable | None]] | None = ([], [])
         """The fingerprints `holds` compares, with `printer`'s `fingerprints`: of each
@@ -368,6 +385,13 @@ class _Plan:
         if len(self.printed) == len(self.checks):
             self.printed = None
         self.same = _Same(self.checks, state_map, self.printer if self.prints is not None else None)
+        same = self.same
+        self.quiet_able = (
+            same.getter is not None
+            and same.token is not None
+            and self.printer is None
+            and set(map(type, self.params)) == {Parameter}
+        )
         return self
 
     def holds(self, params: list[Any], states: dict[int, Any], buffers: tuple[str, ...]) -> bool:
@@ -380,8 +404,16 @@ class _Plan:
         tight loop.)"""
         checks, prints = self.checks, self.prints
         self.steady = False
+        tokens, self.quiet_tokens, self.quiet = self.quiet_tokens, None, False
         if params is not self.params or len(params) != len(checks) or buffers != self.buffers or prints is None:
             return False
+        if (
+            tokens == (STATE_WRITE[0], PARAMETER_WRITE[0])
+            and states is cast(_Same, self.same).state_map
+            and all(map(operator.is_, params, cast(_Same, self.same).params))
+        ):
+            self.quiet = self.steady = True  # (nothing replaced: the last step's objects)
+            return True
         same = self.same.holds(params, states) if self.same is not None else None
         if same is not None:  # the very same objects: the fingerprinted ones' arrays as they were
             if self.printer is None:  # (then no new gradients: `_Same.holds`)
@@ -474,67 +506,54 @@ def _is_parameter_like(x: object) -> TypeGuard[ParameterLike]:
     return hasattr(x, "data") and hasattr(x, "grad")
 
 
-_TOKENS = count(1)
-_LAST_WRITE = [0]
-"""The token of the last change to any optimizer's `ParameterState` or to a parameter's
-state dict that netcl made (`_StateEntry`): a new number from `_TOKENS` at each change,
-so that a step whose plan recorded the token can tell, in one comparison, that no state
-dict and no state buffer in one has been replaced, added or removed since (netcl's own
-writes of `step` are not changes: a step reads the counts anyway)."""
-
-
-def _note_write() -> None:
-    _LAST_WRITE[0] = next(_TOKENS)  # (unique: a write after a plan recorded the token shows)
-
-
 KeyT = TypeVar("KeyT")
 ValueT = TypeVar("ValueT")
 
 
 class _NotesWrites(dict[KeyT, ValueT]):
-    """A dict that notes every change made to it through its methods (`_note_write`)."""
+    """A dict that notes every change made to it through its methods (`note_state_write`)."""
 
     __slots__ = ()
 
     def __setitem__(self, key: KeyT, value: ValueT) -> None:
         """Set `key` to `value`."""
         super().__setitem__(key, value)
-        _note_write()
+        note_state_write()
 
     def __delitem__(self, key: KeyT) -> None:
         """Remove `key`."""
         super().__delitem__(key)
-        _note_write()
+        note_state_write()
 
     def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
         """Update from `other` (`|=`)."""
         super().__ior__(other)
-        _note_write()
+        note_state_write()
         return self
 
     def pop(self, *args: Any) -> Any:
         """Remove a key and return its value (or the default given)."""
-        _note_write()
+        note_state_write()
         return super().pop(*args)
 
     def popitem(self) -> tuple[KeyT, ValueT]:
         """Remove and return the last (key, value) pair."""
-        _note_write()
+        note_state_write()
         return super().popitem()
 
     def clear(self) -> None:
         """Remove everything."""
         super().clear()
-        _note_write()
+        note_state_write()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Update from a mapping or pairs, and keywords, as `dict.update`."""
         super().update(*args, **kwargs)
-        _note_write()
+        note_state_write()
 
     def setdefault(self, key: KeyT, default: Any = None) -> Any:
         """The value of `key`, set to `default` first where it has none."""
-        _note_write()
+        note_state_write()
         return super().setdefault(key, default)
 
 
@@ -738,7 +757,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     launches = self._kept[index].launches
                     for backend, work in plan.batches.items():
                         cache = launches.setdefault(backend, {})
-                        backend.apply(step, work, cache, self._tally, steady)
+                        backend.apply(step, work, cache, self._tally, steady, steady and plan.quiet)
                 for _, plan, _ in plans:
                     plan.taken = False  # (every gradient taken is the one just updated with)
             finally:
@@ -746,6 +765,10 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     for item in plan.work():
                         item.grad = None  # the plan outlives the step; the gradient need not
             self._commit(plans)
+            tokens = (STATE_WRITE[0], PARAMETER_WRITE[0])
+            for index, (_, plan, _) in enumerate(plans):
+                if plan.quiet_able and plan.count is not None and self._kept[index].plan is plan:
+                    plan.quiet_tokens = tokens
         return loss
 
     def _check_step(self) -> None:
@@ -773,7 +796,13 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                             backend.upcast_into(buffer, item.data)
                         item.buffers[name] = buffer
         stochastic = step.stochastic
-        plan.count = None
+        last, plan.count = plan.count, None
+        if plan.quiet and last is not None:  # the counts the last step committed
+            plan.count = last + 1
+            if member_scalars is not None:
+                own = member_scalars(step.hyper, last + 1, frozenset())
+                deque(map(setattr, plan.items, repeat("member"), repeat(own)), maxlen=0)
+            return
         if known and not stochastic:  # mostly, every parameter has the same count
             counts = list(map(_STEP, plan.states))
             first = counts[0] if counts else 0
