@@ -385,7 +385,7 @@ def test_a_step_after_no_noted_write_is_quiet_and_gives_the_same_bits(
             opt.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = 5e-3
         opt.step()
         # every array holds the event of the step's launch (which readers wait for)
-        assert len({id(x.events) for p in params for x in (p.data, p.grad)}) == 1
+        assert len({id(x.events) for p in params for x in (p.data, cast(cl_array.Array, p.grad))}) == 1
         assert [e.command_type for e in params[0].data.events] == [cl.command_type.NDRANGE_KERNEL]
         reference.step()
         quiet.append(_quiet(opt))
