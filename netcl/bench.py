@@ -35,7 +35,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import pyopencl as cl
@@ -332,10 +332,19 @@ def _numpy_step(size: int, dtype: np.dtype[Any]) -> Callable[[], None]:
     return step
 
 
-def many_sizes(count: int) -> list[int]:
+Spread = Literal["log", "uniform"]
+"""How the many-parameter case's sizes are drawn (see `many_sizes`)."""
+
+
+def many_sizes(count: int, spread: Spread = "log") -> list[int]:
     """The sizes of the many-parameter case's `count` parameters: 64 to 20,000 values,
-    spread evenly on a log scale, the same in every run."""
-    return [int(n) for n in np.exp(np.random.default_rng(1).uniform(np.log(64), np.log(20_000), count))]
+    the same in every run, drawn evenly on a log scale (`log`: many small parameters and
+    a few large ones, as in most models; 537,397 values for 160) or on a linear one
+    (`uniform`: 1,629,266 values for 160)."""
+    rng = np.random.default_rng(1)
+    if spread == "uniform":
+        return [int(n) for n in rng.uniform(64, 20_000, count)]
+    return [int(n) for n in np.exp(rng.uniform(np.log(64), np.log(20_000), count))]
 
 
 def _netcl_step(
@@ -444,6 +453,7 @@ def run(
     dtypes: Sequence[str] = ("float32", "float64"),
     variants: Sequence[str] = ("plain", "momentum", "centered"),
     many: int = 160,
+    spread: Spread = "log",
     budget_s: float = 1.0,
     min_repeats: int = 5,
     max_repeats: int = 300,
@@ -503,12 +513,12 @@ def run(
             torch_step = None
             row = Row(case, dtype_name, variant, lstm[2], size, _bytes(variant, lstm[2], dtype))
         elif case == "numpy-many":
-            counts = many_sizes(size)
+            counts = many_sizes(size, spread)
             contenders["netcl"] = _netcl_numpy_step(counts, dtype, chosen)
             torch_step = _torch_step(counts, dtype, chosen)
             row = Row(case, dtype_name, variant, sum(counts), size, _bytes(variant, sum(counts), dtype))
         elif case in ("many", "flat"):
-            counts = many_sizes(size)
+            counts = many_sizes(size, spread)
             total = sum(counts)
             contenders["netcl"], _ = _netcl_step(queue, counts, dtype, chosen, flat=case == "flat")
             floor_arrays = [cl_array.zeros(queue, total + 4096, dtype) for _ in range(2 + buffers)]
@@ -692,6 +702,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="RMSProp's plain,momentum,centered (default); also sgd,sgd-momentum,adam,adamw",
     )
     parser.add_argument("--many", type=int, default=160, help="parameters in the many-parameter case (160; 0: skip)")
+    parser.add_argument(
+        "--many-spread",
+        choices=("log", "uniform"),
+        default="log",
+        help="their sizes, 64 to 20,000 values: evenly on a log scale (default) or a linear one",
+    )
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case (1.0)")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of time per step against size")
@@ -721,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtypes=dtypes,
         variants=variants,
         many=many,
+        spread=args.many_spread,
         budget_s=budget,
         min_repeats=min_repeats,
         progress=not args.quiet,

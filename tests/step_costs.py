@@ -1,8 +1,10 @@
 """What a step costs in Python alone: netcl's checks, staging and launch bookkeeping.
 
     python -m tests.step_costs [--rounds 15] [--steps 100] [--phases | --waits | --split]
+        [--many-spread log|uniform]
 
-Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 values: with
+Steps the benchmark's many-parameter cases (160 parameters of 64 to 20,000 values, their
+sizes spread as `--many-spread` says, the benchmark's option of that name: with
 `flat_parameters`, in their own pyopencl buffers, as numpy arrays) and its torch LSTM,
 with netcl's kernel launches replaced by an event that is already complete, so that
 nothing runs on the device and the time is the host's work per step. Prints the best
@@ -54,7 +56,7 @@ import pyopencl.array as cl_array
 from netcl import Parameter, _kernels, flat_parameters
 from netcl._backends import host
 from netcl._backends.host import _GradBuffer, host_queue
-from netcl.bench import Floor, lstm_model, many_sizes
+from netcl.bench import Floor, Spread, lstm_model, many_sizes
 from netcl.device import create_queue
 from netcl.optim import Adam, RMSProp
 from netcl.optim.optimizer import Optimizer
@@ -214,10 +216,10 @@ IN_A_ROW = 10
 """Steps (or floor launches) that `--split`'s last two turns enqueue before they wait."""
 
 
-def split_microseconds(queue: cl.CommandQueue, rounds: int) -> None:
+def split_microseconds(queue: cl.CommandQueue, rounds: int, spread: Spread = "log") -> None:
     """Print `--split`'s medians (see the module's docstring)."""
     rng = np.random.default_rng(0)
-    sizes = many_sizes(160)
+    sizes = many_sizes(160, spread)
     values = sum(sizes)
     for name, cls, state in (("adam", Adam, 2), ("rmsprop", RMSProp, 1)):
         one = Parameter(
@@ -272,13 +274,14 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="time a step's phases, with its launches")
     parser.add_argument("--waits", action="store_true", help="steps on host arrays: sleeping or polling waits")
     parser.add_argument("--split", action="store_true", help="floor, one tensor and flat storage, in turns")
+    parser.add_argument("--many-spread", choices=("log", "uniform"), default="log", help="as netcl.bench's")
     args = parser.parse_args()
     queue = create_queue()
     if args.split:
-        split_microseconds(queue, args.rounds)
+        split_microseconds(queue, args.rounds, args.many_spread)
         return
     rng = np.random.default_rng(0)
-    sizes = many_sizes(160)
+    sizes = many_sizes(160, args.many_spread)
     cases: list[tuple[str, Callable[[], object], cl.Context, Callable[[], object] | None]] = []
     for name, cls in (("adam", Adam), ("rmsprop", RMSProp)):
         flat = flat_parameters(queue, [(n,) for n in sizes])

@@ -142,3 +142,14 @@ def test_the_floor_launched_in_a_row_runs_each_launch(queue: cl.CommandQueue) ->
     bench.Floor(queue, np.dtype(np.float32), 2, settle_s=0.0, timed=1).launcher([grad, *written], 3000, 4)()
     for array in written:  # (small whole numbers: exact in float32)
         np.testing.assert_array_equal(array.get(), 4 * np.arange(1, 3001, dtype=np.float32))
+
+
+def test_the_many_parameter_sizes_spread_on_a_log_or_a_linear_scale(capsys: pytest.CaptureFixture[str]) -> None:
+    log, uniform = bench.many_sizes(160), bench.many_sizes(160, "uniform")
+    assert all(64 <= n <= 20_000 for n in [*log, *uniform])
+    assert (sum(log), sum(uniform)) == (537_397, 1_629_266)  # (the figures the docs quote)
+    assert sorted(log)[80] < 2_000 < sorted(uniform)[80]  # (the median: mostly small on a log scale)
+    argv = ["--smoke", "--quiet", "--markdown", "--variants", "sgd", "--dtypes", "float32", "--many", "4"]
+    assert bench.main([*argv, "--many-spread", "uniform"]) == 0
+    expected = f"{sum(bench.many_sizes(4, 'uniform')):,} in 4"
+    assert f"| flat | float32 | sgd | {expected} |" in capsys.readouterr().out
