@@ -35,7 +35,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import pyopencl as cl
@@ -704,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--many", type=int, default=160, help="parameters in the many-parameter case (160; 0: skip)")
     parser.add_argument(
         "--many-spread",
-        choices=("log", "uniform"),
+        choices=get_args(Spread),
         default="log",
         help="their sizes, 64 to 20,000 values: evenly on a log scale (default) or a linear one",
     )

@@ -46,7 +46,7 @@ import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, get_args
 from unittest import mock
 
 import numpy as np
@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="time a step's phases, with its launches")
     parser.add_argument("--waits", action="store_true", help="steps on host arrays: sleeping or polling waits")
     parser.add_argument("--split", action="store_true", help="floor, one tensor and flat storage, in turns")
-    parser.add_argument("--many-spread", choices=("log", "uniform"), default="log", help="as netcl.bench's")
+    parser.add_argument("--many-spread", choices=get_args(Spread), default="log", help="as netcl.bench's")
     args = parser.parse_args()
     queue = create_queue()
     if args.split:
