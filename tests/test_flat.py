@@ -11,7 +11,7 @@ import pyopencl as cl
 import pyopencl.array as cl_array
 import pytest
 
-from netcl import Parameter, flat_parameters
+from netcl import Parameter, _kernels, flat_parameters
 from netcl._backends import host
 from netcl.optim import SGD, Adam, RMSProp
 from netcl.optim.optimizer import Optimizer
@@ -360,9 +360,9 @@ def test_a_step_after_no_noted_write_is_quiet_and_gives_the_same_bits(
     runs: list[bool] = []
     original = opencl._Prepared.run
 
-    def run(self: Any, scalars: tuple[float, ...], tally: Any, quiet: bool = False) -> None:
-        runs.append(quiet)
-        original(self, scalars, tally, quiet)
+    def run(self: Any, scalars: tuple[float, ...], tally: Any, member: tuple[float, ...] | None = None) -> None:
+        runs.append(member is not None)
+        original(self, scalars, tally, member)
 
     monkeypatch.setattr(opencl._Prepared, "run", run)
     params = flat_parameters(queue, [(4,), (300,), (7,)])
@@ -397,29 +397,7 @@ def test_a_step_after_no_noted_write_is_quiet_and_gives_the_same_bits(
     assert runs[0::2] == [False, False, True, True, True]  # (opt's; the reference's between)
 
 
-def test_a_parameter_put_in_the_list_without_a_write_is_followed(queue: cl.CommandQueue) -> None:
-    # a parameter made before the last step and put in place of another: no write is
-    # noted, and the identities tell
-    params = flat_parameters(queue, [(4,), (4,)])
-    other = Parameter(cl_array.zeros(queue, 4, F32) + 1, cl_array.zeros(queue, 4, F32) + 1)
-    for p in params:
-        cast(cl_array.Array, p.grad).fill(1.0)
-    opt = SGD(params, lr=0.5)
-    for _ in range(3):
-        opt.step()
-    assert _quiet(opt)
-    before = params[1].data.get()
-    opt.param_groups[0]["params"][1] = other
-    opt.step()
-    assert not _quiet(opt)
-    assert np.array_equal(other.data.get(), np.full(4, 0.5, F32))
-    assert np.array_equal(params[1].data.get(), before)
-    assert opt.state[other]["step"] == 1
-
-
 def test_a_quiet_step_that_fails_commits_no_count(monkeypatch: pytest.MonkeyPatch, queue: cl.CommandQueue) -> None:
-    from netcl._backends.opencl import OpenCLBackend
-
     params = flat_parameters(queue, [(4,), (4,)])
     alone = [Parameter(cl_array.zeros(queue, 4, F32), cl_array.zeros(queue, 4, F32)) for _ in params]
     for p in [*params, *alone]:
@@ -429,18 +407,152 @@ def test_a_quiet_step_that_fails_commits_no_count(monkeypatch: pytest.MonkeyPatc
     for _ in range(3):
         opt.step()
         reference.step()
-    original = OpenCLBackend.apply
+    original = _kernels.Launcher.enqueue
 
     def failing(*args: Any) -> None:
         raise RuntimeError("the device failed")
 
-    monkeypatch.setattr(OpenCLBackend, "apply", failing)
+    monkeypatch.setattr(_kernels.Launcher, "enqueue", failing)
     with pytest.raises(RuntimeError, match="the device failed"):
         opt.step()  # (a quiet one: nothing written since the last)
-    monkeypatch.setattr(OpenCLBackend, "apply", original)
+    assert _quiet(opt)
+    monkeypatch.setattr(_kernels.Launcher, "enqueue", original)
     assert [opt.state[p]["step"] for p in params] == [3, 3]
     for _ in range(2):
         opt.step()
         reference.step()
         assert [p.data.get().tobytes() for p in params] == [p.data.get().tobytes() for p in alone]
     assert [opt.state[p]["step"] for p in params] == [5, 5]
+
+
+def test_a_quiet_step_with_another_kernel_takes_the_full_path(queue: cl.CommandQueue) -> None:
+    # a hyperparameter that changes the kernel (not its scalars) is no write to a
+    # parameter: the step is quiet, its backend has no launches of that kernel to
+    # repeat, and the items get their gradients and own scalars for a full update
+    params = flat_parameters(queue, [(5,), (9,)])
+    alone = [
+        Parameter(cl_array.zeros(queue, p.data.shape, F32), cl_array.zeros(queue, p.data.shape, F32)) for p in params
+    ]
+    rng = np.random.default_rng(8)
+    for p, q in zip(params, alone, strict=True):
+        g = rng.standard_normal(p.data.shape).astype(F32)
+        cast(cl_array.Array, p.grad).set(g)
+        cast(cl_array.Array, q.grad).set(g)
+    opt, reference = Adam(params, lr=1e-2), Adam(alone, lr=1e-2)
+    for k in range(5):
+        if k == 3:
+            opt.param_groups[0]["maximize"] = reference.param_groups[0]["maximize"] = True
+        opt.step()
+        reference.step()
+        assert _quiet(opt) == (k >= 2)
+        assert [p.data.get().tobytes() for p in params] == [q.data.get().tobytes() for q in alone]
+    plan = opt._kept[0].plan
+    assert plan is not None and all(item.grad is None for item in plan.work())  # (none kept after the step)
+    assert [opt.state[p]["step"] for p in params] == [5, 5]
+
+
+def _change(ps: list[Any], other: Any, how: str) -> None:
+    """Put `other` in `ps` in place of its second parameter (the same length: `holds`
+    compares no more than the list's identity and length), or (with "+") add it."""
+    if how == "setitem":
+        ps[1] = other
+    elif how == "slice":
+        ps[1:2] = [other]
+    elif how == "pop, insert":
+        ps.pop(1)
+        ps.insert(1, other)
+    elif how == "del, insert":
+        del ps[1]
+        ps.insert(1, other)
+    elif how == "remove, insert":
+        ps.remove(ps[1])
+        ps.insert(1, other)
+    elif how == "clear, extend":
+        kept = [ps[0], other, *ps[2:]]
+        ps.clear()
+        ps.extend(kept)
+    elif how == "+ append":
+        ps.append(other)
+    elif how == "+ extend":
+        ps.extend([other])
+    elif how == "+ +=":
+        ps += [other]
+    else:
+        raise AssertionError(how)
+
+
+_CHANGES = [
+    "setitem",
+    "slice",
+    "pop, insert",
+    "del, insert",
+    "remove, insert",
+    "clear, extend",
+    "+ append",
+    "+ extend",
+    "+ +=",
+]
+
+
+@pytest.mark.parametrize("change", _CHANGES)
+def test_each_change_to_the_list_of_parameters_is_followed(change: str, queue: cl.CommandQueue) -> None:
+    # a group's list notes each change to it (it is netcl's own list): the next step
+    # updates what the list holds now
+    params = flat_parameters(queue, [(4,), (4,), (4,)])
+    other = Parameter(cl_array.zeros(queue, 4, F32), cl_array.zeros(queue, 4, F32) + 1)
+    for p in params:
+        cast(cl_array.Array, p.grad).fill(1.0)
+    opt = SGD(params, lr=0.5)
+    for _ in range(3):
+        opt.step()
+    assert _quiet(opt)
+    held = opt.param_groups[0]["params"]
+    before = {id(p): p.data.get() for p in [*params, other]}
+    _change(held, other, change)
+    opt.step()
+    assert not _quiet(opt)
+    for p in [*params, other]:
+        moved = not np.array_equal(p.data.get(), before[id(p)])
+        assert moved == any(p is q for q in held), (change, params.index(p) if p in params else "other")
+    assert opt.state[other]["step"] == 1
+
+
+def test_a_noted_list_notes_each_change_and_nothing_else() -> None:
+    from netcl._writes import PARAMETER_WRITE, NotedList
+
+    changes: list[Callable[[list[int]], object]] = [
+        lambda x: x.__setitem__(0, 9),
+        lambda x: x.__setitem__(slice(0, 1), [9]),
+        lambda x: x.__delitem__(0),
+        lambda x: x.__iadd__([9]),
+        lambda x: x.__imul__(2),
+        lambda x: x.append(9),
+        lambda x: x.extend([9]),
+        lambda x: x.insert(0, 9),
+        lambda x: x.pop(),
+        lambda x: x.remove(2),
+        lambda x: x.clear(),
+        lambda x: x.sort(key=lambda v: -v),
+        lambda x: x.reverse(),
+    ]
+    readings: list[Callable[[list[int]], object]] = [
+        lambda x: x[0],
+        lambda x: x[1:],
+        len,
+        list,
+        lambda x: x.copy(),
+        lambda x: x.index(2),
+        lambda x: x.count(2),
+        lambda x: x == [1, 2, 3],
+        lambda x: x + [4],
+    ]
+    for change in changes:
+        noted = NotedList([1, 2, 3])
+        token = PARAMETER_WRITE[0]
+        change(noted)
+        assert PARAMETER_WRITE[0] != token
+    for read in readings:
+        noted = NotedList([1, 2, 3])
+        token = PARAMETER_WRITE[0]
+        read(noted)
+        assert PARAMETER_WRITE[0] == token and noted == [1, 2, 3]

@@ -246,13 +246,11 @@ def test_a_write_that_fails_commits_no_count_and_no_state(monkeypatch: pytest.Mo
     original = ArrayAPIBackend.apply
     calls: list[int] = []
 
-    def failing(
-        self: Any, step: Any, work: Any, cache: Any, tally: Any, steady: bool = False, quiet: bool = False
-    ) -> None:
+    def failing(self: Any, step: Any, work: Any, cache: Any, tally: Any, steady: bool = False) -> None:
         calls.append(len(calls))
         if len(calls) == 2:
             raise RuntimeError("the device failed")
-        original(self, step, work, cache, tally, steady, quiet)
+        original(self, step, work, cache, tally, steady)
 
     monkeypatch.setattr(ArrayAPIBackend, "apply", failing)
     with pytest.raises(RuntimeError, match="the device failed"):

@@ -256,7 +256,6 @@ class ArrayAPIBackend(Backend):
         cache: MutableMapping[Hashable, Any],
         tally: Tally,
         steady: bool = False,
-        quiet: bool = False,
     ) -> None:
         """Contiguous host arrays go to the fused kernel on a CPU OpenCL device where
         that is faster (bit-identical results); the rest are updated with the reference

@@ -296,7 +296,6 @@ class Backend(ABC):
         cache: MutableMapping[Hashable, Any],
         tally: Tally,
         steady: bool = False,
-        quiet: bool = False,
     ) -> None:
         """Update every parameter in `work` by `step` (in place where the array allows),
         counting skipped values in `tally`.
@@ -307,8 +306,27 @@ class Backend(ABC):
         state buffers; its gradients may be new objects that passed the optimizer's
         checks, and each item's `member` scalars may differ. With `steady`, the gradients
         are the very objects this list had at its last `apply`, and every item has the
-        same `member` scalars. With `quiet` too, no write to a parameter or its state was
-        noted since that `apply` (`netcl._writes`): no array was replaced, and pyopencl
-        arrays hold the event lists it gave them (only an assignment to an array's
-        `events` rebinds one; pyopencl's own calls add to the list or empty it).
+        same `member` scalars.
         """
+
+    def rerun(
+        self,
+        step: Step,
+        work: Sequence[Work],
+        cache: MutableMapping[Hashable, Any],
+        tally: Tally,
+        member: tuple[float, ...],
+    ) -> bool:
+        """Update `work` as its last `apply` did, if what that kept in `cache` allows;
+        return whether it did (if not, the caller gives the items their gradients and
+        calls `apply`).
+
+        A quiet step calls it: no write to a parameter or its state was noted since the
+        last `apply` of this very `work` list (`netcl._writes`), so no array was
+        replaced, each gradient is the one its parameter held then (`item.param.grad`;
+        the items' `grad` is not set), every item's own scalars are `member`, and
+        pyopencl arrays hold the event lists that `apply` gave them (only an assignment
+        to an array's `events` rebinds one; pyopencl's own calls add to the list or
+        empty it).
+        """
+        return False

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from math import prod
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeGuard, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -304,7 +304,6 @@ class OpenCLBackend(Backend):
         cache: MutableMapping[Hashable, Any],
         tally: Tally,
         steady: bool = False,
-        quiet: bool = False,
     ) -> None:
         """Update `work` with as few launches as the kernel's slots allow.
 
@@ -316,14 +315,8 @@ class OpenCLBackend(Backend):
         one step count) does not check their layout again.
         """
         prepared = cache.get("prepared")
-        if (
-            steady
-            and isinstance(prepared, _Prepared)
-            and prepared.work is work
-            and prepared.spec is step.kernel
-            and not prepared.breaks  # (laid out for one step count, as the items have)
-        ):
-            prepared.run(step.scalars, tally, quiet)
+        if steady and _kept(prepared, step, work):
+            prepared.run(step.scalars, tally)
             return
         # where neighbours' own scalars differ (step counts, stochastic rounding's keys),
         # a run must break
@@ -349,6 +342,31 @@ class OpenCLBackend(Backend):
             prepared.work, prepared.spec = work, step.kernel
             prepared.joined = JoinedGrads(work[k] for launch in prepared.launches for k in launch.joined)
         prepared.run(step.scalars, tally)
+
+    def rerun(
+        self,
+        step: Step,
+        work: Sequence[Work],
+        cache: MutableMapping[Hashable, Any],
+        tally: Tally,
+        member: tuple[float, ...],
+    ) -> bool:
+        prepared = cache.get("prepared")
+        if step.stochastic or not _kept(prepared, step, work):
+            return False
+        prepared.run(step.scalars, tally, member)
+        return True
+
+
+def _kept(prepared: object, step: Step, work: Sequence[Work]) -> TypeGuard[_Prepared]:
+    """Whether `prepared` holds the launches of `step`'s kernel that the very `work`
+    list last ran, laid out for one step count (as a steady step's items have)."""
+    return (
+        isinstance(prepared, _Prepared)
+        and prepared.work is work
+        and prepared.spec is step.kernel
+        and not prepared.breaks
+    )
 
 
 def buffer_runs(arrays: Sequence[Any]) -> list[list[Any]]:
@@ -497,15 +515,21 @@ class _Prepared:
                     )
                 )
 
-    def run(self, scalars: tuple[float, ...], tally: Tally, quiet: bool = False) -> None:
-        """Enqueue every launch, with the work's gradients and own scalars (`quiet`: of
-        a step that replaced nothing since the last run, see `Backend.apply`)."""
+    def run(self, scalars: tuple[float, ...], tally: Tally, member: tuple[float, ...] | None = None) -> None:
+        """Enqueue every launch, with the work's gradients and own scalars; with
+        `member`, of a quiet step (see `Backend.rerun`): every parameter's own scalars,
+        each gradient its parameter's, the arrays as the last run left them."""
         work = self.work
         shared = self.spec.member_scalar_count
+        quiet = member is not None
         for launch in self.launches:
-            grads = [work[k].grad for k in launch.places]
-            first = work[launch.places[0]].member
-            keys = [work[k].member[shared:] for k in launch.places] if launch.launcher.fused.keyed else ()
+            if member is None:
+                grads = [work[k].grad for k in launch.places]
+                first = work[launch.places[0]].member
+                keys = [work[k].member[shared:] for k in launch.places] if launch.launcher.fused.keyed else ()
+            else:  # (not keyed: a quiet step is not rounded stochastically)
+                grads = [work[k].param.grad for k in launch.places]
+                first, keys = member, ()
             run = functools.partial(launch.launcher.run, launch.queue, scalars + first[:shared], keys, grads)
             # one list for every array: it holds the only event they wait for after a
             # launch (which waited for all the others). pyopencl may add to it or clear

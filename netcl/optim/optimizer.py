@@ -28,7 +28,7 @@ from netcl._parameter import Parameter
 from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
 from netcl._update import MASTER, Step, UpdateRule
-from netcl._writes import PARAMETER_WRITE, STATE_WRITE, note_state_write
+from netcl._writes import PARAMETER_WRITE, STATE_WRITE, NotedList, note_state_write
 from netcl.optim._hyper import HyperCheck
 
 __all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer", "ParameterState"]
@@ -282,6 +282,7 @@ class _Plan:
     """
 
     __slots__ = (
+        "bare",
         "batches",
         "buffers",
         "checks",
@@ -290,6 +291,7 @@ class _Plan:
         "entries",
         "entries_only",
         "items",
+        "member",
         "params",
         "printer",
         "printed",
@@ -341,10 +343,17 @@ class _Plan:
         fingerprints, and no gradient was taken since that step)."""
         self.quiet = False
         """Whether this step's `holds` found no write noted since the plan's last step
-        (see `quiet_tokens`): then nothing was compared but the parameters' identities,
-        and every step count is the one that step committed."""
+        (see `quiet_tokens`): then nothing was compared but the list of parameters'
+        identity, and every step count is the one that step committed."""
+        self.bare = False
+        """During a `quiet` step: whether its `Work` still lack their gradients and own
+        scalars (`fill`), which a backend's `rerun` does not read (it takes `member`,
+        and each gradient from its parameter)."""
+        self.member: tuple[float, ...] = ()
+        """During a `quiet` step: the own scalars of every parameter (one count for all)."""
         self.quiet_able = False
-        """Whether a step may be `quiet` (once settled): every parameter a
+        """Whether a step may be `quiet` (once settled): the group's list of parameters
+        netcl's own (`NotedList`, which notes its changes), every parameter a
         `netcl.Parameter` (which notes the assignment of its array and gradient), every
         state dict netcl's own, every array one that cannot change what was checked of
         it (no fingerprints)."""
@@ -390,6 +399,7 @@ class _Plan:
             same.getter is not None
             and same.token is not None
             and self.printer is None
+            and type(self.params) is NotedList  # (a change to it is noted too)
             and set(map(type, self.params)) == {Parameter}
         )
         return self
@@ -407,12 +417,8 @@ class _Plan:
         tokens, self.quiet_tokens, self.quiet = self.quiet_tokens, None, False
         if params is not self.params or len(params) != len(checks) or buffers != self.buffers or prints is None:
             return False
-        if (
-            tokens == (STATE_WRITE[0], PARAMETER_WRITE[0])
-            and states is cast(_Same, self.same).state_map
-            and all(map(operator.is_, params, cast(_Same, self.same).params))
-        ):
-            self.quiet = self.steady = True  # (nothing replaced: the last step's objects)
+        if tokens == (STATE_WRITE[0], PARAMETER_WRITE[0]) and states is cast(_Same, self.same).state_map:
+            self.quiet = self.steady = True  # (nothing replaced: the last step's objects, in the same list)
             return True
         same = self.same.holds(params, states) if self.same is not None else None
         if same is not None:  # the very same objects: the fingerprinted ones' arrays as they were
@@ -479,6 +485,12 @@ class _Plan:
         """Whether `arrays` and `grads` have the fingerprints the plan recorded."""
         printer, prints = cast(Backend, self.printer), cast("tuple[list[Hashable], list[Hashable]]", self.prints)
         return printer.fingerprints(arrays) == prints[0] and printer.fingerprints(grads) == prints[1]
+
+    def fill(self, work: list[Work]) -> None:
+        """Give a `bare` step's `work` their gradients and own scalars, for `apply`."""
+        self.bare = False
+        for item in work:
+            item.grad, item.member = item.param.grad, self.member
 
     def work(self) -> list[Work]:
         """Every `Work` of the plan, in order."""
@@ -689,7 +701,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"allowed: 'params', {', '.join(map(repr, self.hyperparameters))}"
             )
-        params = _as_param_list(param_group["params"], f"{where}['params']")
+        params = NotedList(_as_param_list(param_group["params"], f"{where}['params']"))
         seen = {id(p) for group in self.param_groups for p in group["params"]}
         for index, param in enumerate(params):
             at = f"{where}['params'][{index}]"
@@ -757,13 +769,18 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                     launches = self._kept[index].launches
                     for backend, work in plan.batches.items():
                         cache = launches.setdefault(backend, {})
-                        backend.apply(step, work, cache, self._tally, steady, steady and plan.quiet)
+                        if plan.bare:  # (quiet: the last launches again, if the backend kept them)
+                            if backend.rerun(step, work, cache, self._tally, plan.member):
+                                continue
+                            plan.fill(work)
+                        backend.apply(step, work, cache, self._tally, steady)
                 for _, plan, _ in plans:
                     plan.taken = False  # (every gradient taken is the one just updated with)
             finally:
                 for _, plan, _ in plans:
-                    for item in plan.work():
-                        item.grad = None  # the plan outlives the step; the gradient need not
+                    if not plan.bare:
+                        for item in plan.work():
+                            item.grad = None  # the plan outlives the step; the gradient need not
             self._commit(plans)
             tokens = (STATE_WRITE[0], PARAMETER_WRITE[0])
             for index, (_, plan, _) in enumerate(plans):
@@ -799,9 +816,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         last, plan.count = plan.count, None
         if plan.quiet and last is not None:  # the counts the last step committed
             plan.count = last + 1
-            if member_scalars is not None:
-                own = member_scalars(step.hyper, last + 1, frozenset())
-                deque(map(setattr, plan.items, repeat("member"), repeat(own)), maxlen=0)
+            plan.member = () if member_scalars is None else member_scalars(step.hyper, last + 1, frozenset())
             return
         if known and not stochastic:  # mostly, every parameter has the same count
             counts = list(map(_STEP, plan.states))
@@ -938,8 +953,10 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         known = self._kept[index].plan
         if known is not None and known.holds(group["params"], self.state, step.buffers):
             self._check_dtypes(index, step, known.dtypes)
-            for item in known.items:
-                item.grad = item.param.grad
+            known.bare = known.quiet  # (quiet: the gradients are the last step's, see `fill`)
+            if not known.bare:
+                for item in known.items:
+                    item.grad = item.param.grad
             return step, known, True
         plan = _Plan(group["params"])
         for k, param in enumerate(group["params"]):
