@@ -275,3 +275,29 @@ def test_a_host_array_changed_in_place_is_checked_again(change: str) -> None:
     after: dict[str, Any] = dict(optimizer.state[param])
     for name, value in state.items():
         assert np.array_equal(np.asarray(after[name]).ravel(), value.ravel())  # (reshaped or not)
+
+
+@pytest.mark.parametrize("change", ["reshaped parameter", "reshaped state"])
+def test_a_torch_parameter_changed_in_place_is_checked_again(change: str) -> None:
+    """torch's own parameters (whose `data` is a new tensor at each access): a step
+    compares each parameter's memory and layout, and its state buffers' fingerprints,
+    so a parameter or a state buffer reshaped in place between steps is checked
+    again, and the step refused."""
+    param = torch.nn.Parameter(torch.ones(6))
+    param.grad = torch.ones(6)
+    optimizer = RMSProp([param])
+    optimizer.step()
+    optimizer.step()
+    state = optimizer.state[param]["square_avg"]
+    with torch.no_grad():
+        if change == "reshaped parameter":
+            param.set_(param.untyped_storage(), 0, (3, 2), (2, 1))
+            words = r"grad has shape \(6,\), but its parameter has shape \(3, 2\)"
+        else:
+            state.set_(state.untyped_storage(), 0, (3, 2), (2, 1))
+            words = r"state\['square_avg'\] .* has shape \(3, 2\), but its parameter has shape \(6,\)"
+    before, kept = param.detach().clone(), state.detach().clone()
+    with pytest.raises(ValueError, match=words):
+        optimizer.step()
+    assert torch.equal(param.detach(), before) and torch.equal(state.detach(), kept)
+    assert optimizer.state[param]["step"] == 2

@@ -296,6 +296,7 @@ class _Plan:
         "printer",
         "printed",
         "printed_arrays",
+        "printed_prints",
         "prints",
         "quiet",
         "quiet_able",
@@ -319,7 +320,12 @@ class _Plan:
         self.same: _Same | None = None
         """The objects of `checks`, for `holds`'s first comparison (once settled)."""
         self.printed_arrays: list[object] = []
-        """The fingerprinted parameters' arrays and state buffers, in `prints`' order."""
+        """What `holds` fingerprints after `_Same` found the same objects: the
+        fingerprinted parameters' arrays and state buffers, in `prints`' order, without
+        the arrays where `_Same` compared the parameters' memory (`aliases`: the arrays
+        are netcl's own objects over it, which nothing else can change)."""
+        self.printed_prints: list[Hashable | None] = []
+        """The fingerprints of `printed_arrays` at the plan's step."""
         self.printed: list[int] | None = None
         """Where the fingerprinted parameters are in `checks` (None: all of them)."""
         self.items: list[Work] = []
@@ -374,6 +380,7 @@ class _Plan:
         self.entries_only = all(type(state) is _StateEntry for state in self.states)
         self.checks = []
         arrays: list[Hashable | None] = []
+        states: list[Hashable | None] = []
         grads: list[Hashable | None] = []
         kept_prints = True
         for param, data, grad, state, checked, backend, at in self.entries:
@@ -387,14 +394,21 @@ class _Plan:
                     self.printer = checked.backend
                     arrays.append(checked.prints[0])
                     arrays += checked.prints[2:]
+                    states += checked.prints[2:]
                     grads.append(checked.prints[1])
         self.prints = (arrays, grads) if kept_prints else None
-        self.printed_arrays = [x for check in self.checks if check[7] is not None for x in (check[1], *check[6])]
         self.printed = [k for k, check in enumerate(self.checks) if check[7] is not None]
         if len(self.printed) == len(self.checks):
             self.printed = None
         self.same = _Same(self.checks, state_map, self.printer if self.prints is not None else None)
         same = self.same
+        printed = [check for check in self.checks if check[7] is not None]
+        if same.aliases is None:
+            self.printed_arrays = [x for check in printed for x in (check[1], *check[6])]
+            self.printed_prints = arrays
+        else:
+            self.printed_arrays = [x for check in printed for x in check[6]]
+            self.printed_prints = states
         self.quiet_able = (
             same.getter is not None
             and same.token is not None
@@ -427,7 +441,7 @@ class _Plan:
                 return True
             printed = self.printed
             grads = same if printed is None else [same[k] for k in printed]
-            if not self._printed(self.printed_arrays, grads):
+            if not self._printed(self.printed_arrays, grads, self.printed_prints):
                 return False
             if cast(_Same, self.same).fresh:  # new gradients, with the last ones' fingerprints
                 for k, now in enumerate(same):
@@ -466,7 +480,7 @@ class _Plan:
                     seen.append(now_data)
                     seen += kept
                     seen_grads.append(now)
-        if (seen or seen_grads) and not self._printed(seen, seen_grads):
+        if (seen or seen_grads) and not self._printed(seen, seen_grads, prints[0]):
             return False
         for k, now in fresh:
             self._remember(k, now)
@@ -481,10 +495,11 @@ class _Plan:
         if self.same is not None:
             self.same.grads[k] = ref
 
-    def _printed(self, arrays: list[object], grads: list[object]) -> bool:
-        """Whether `arrays` and `grads` have the fingerprints the plan recorded."""
+    def _printed(self, arrays: list[object], grads: list[object], expected: list[Hashable | None]) -> bool:
+        """Whether `arrays` have the fingerprints `expected`, and `grads` those the
+        plan recorded of its gradients."""
         printer, prints = cast(Backend, self.printer), cast("tuple[list[Hashable], list[Hashable]]", self.prints)
-        return printer.fingerprints(arrays) == prints[0] and printer.fingerprints(grads) == prints[1]
+        return printer.fingerprints(arrays) == expected and printer.fingerprints(grads) == prints[1]
 
     def fill(self, work: list[Work]) -> None:
         """Give a `bare` step's `work` their gradients and own scalars, for `apply`."""
