@@ -288,7 +288,7 @@ def test_a_torch_parameter_changed_in_place_is_checked_again(change: str) -> Non
     optimizer = RMSProp([param])
     optimizer.step()
     optimizer.step()
-    state = optimizer.state[param]["square_avg"]
+    state = cast(torch.Tensor, optimizer.state[param]["square_avg"])
     with torch.no_grad():
         if change == "reshaped parameter":
             param.set_(param.untyped_storage(), 0, (3, 2), (2, 1))
