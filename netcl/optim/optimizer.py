@@ -150,8 +150,9 @@ class _Same:
     was, each kind compared in one pass of C loops (`map`) rather than one Python loop
     over the parameters; the state dicts in one comparison while no write to them was
     noted (`STATE_WRITE`). Where every parameter's gradient is fingerprinted, new
-    gradients are taken here too (`fresh`; `_Plan.holds` compares their fingerprints),
-    and torch parameters' `data`, a new tensor at each access, is told by `aliases`.
+    gradients are taken here too (`_Plan.holds` compares their fingerprints, not their
+    identities), and torch parameters' `data`, a new tensor at each access, is told by
+    `aliases`.
     Where anything else differs, `_Plan.holds` compares object by object. Gradients
     are held weakly, as in the plan's checks."""
 
@@ -159,7 +160,6 @@ class _Same:
         "aliases",
         "buffers",
         "datas",
-        "fresh",
         "getter",
         "grads",
         "owners",
@@ -213,12 +213,10 @@ class _Same:
         plan's step (compared instead of the arrays' identities)."""
         if self.printer is not None and any(check[0].data is not check[1] for check in checks):
             self.aliases = self.printer.alias_prints(self.params)
-        self.fresh = False
-        """Whether the last `holds` took new gradients (to be compared by fingerprint)."""
 
     def holds(self, params: list[Any], states: dict[int, Any]) -> list[object] | None:
         """The parameters' gradients, in order, if every object is the one it was (with
-        `printer`, but gradients, which may be new: `fresh` says so); else None."""
+        `printer`, but gradients, which may be new objects); else None."""
         same = operator.is_
         if self.getter is None or not all(map(same, params, self.params)):
             return None
@@ -228,15 +226,13 @@ class _Same:
         elif not all(map(same, map(_DATA, params), self.datas)):
             return None
         grads = list(map(grad_of, params))
-        known = list(map(operator.call, self.grads))
-        self.fresh = False
         if self.printer is not None:  # (every parameter had a gradient)
             if NONE_TYPE in map(type, grads):
                 return None
-            self.fresh = not all(map(same, grads, known))
-        # (a dead reference gives None too: then more than the parameters without one)
-        elif list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
-            return None
+        else:  # (a dead reference gives None too: then more than the parameters without one)
+            known = list(map(operator.call, self.grads))
+            if list(map(type, known)).count(NONE_TYPE) != self.without or not all(map(same, grads, known)):
+                return None
         token = STATE_WRITE[0]
         if token == self.token and states is self.state_map:
             return grads  # no state dict changed since they were last compared
@@ -423,9 +419,9 @@ class _Plan:
         `parameter.data`: the same memory), with the same fingerprints where an array
         can change what was checked of it, but gradients, which may be new objects that
         pass the checks: a fingerprinted one with the last one's fingerprint, another
-        (a pyopencl array) checked afresh. The new ones are remembered for the next
-        step. (It runs at every step, for every parameter: `_Same` first, then one
-        tight loop.)"""
+        (a pyopencl array) checked afresh, and remembered for the next step where the
+        objects are compared one by one. (It runs at every step, for every parameter:
+        `_Same` first, then one tight loop.)"""
         checks, prints = self.checks, self.prints
         self.steady = False
         tokens, self.quiet_tokens, self.quiet = self.quiet_tokens, None, False
@@ -441,14 +437,8 @@ class _Plan:
                 return True
             printed = self.printed
             grads = same if printed is None else [same[k] for k in printed]
-            if not self._printed(self.printed_arrays, grads, self.printed_prints):
-                return False
-            if cast(_Same, self.same).fresh:  # new gradients, with the last ones' fingerprints
-                for k, now in enumerate(same):
-                    grad = checks[k][2]
-                    if grad is None or grad() is not now:
-                        self._remember(k, now)
-            return True
+            # (new gradients pass by their fingerprints: nothing to remember of them)
+            return self._printed(self.printed_arrays, grads, self.printed_prints)
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
         fresh: list[tuple[int, object]] = []
         seen: list[object] = []  # the arrays whose fingerprints are compared at the end
