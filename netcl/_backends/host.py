@@ -161,8 +161,10 @@ class _GradBuffer:
     """A buffer over a gradient's memory that does not hold the gradient, kept from one
     step to the next on a device that works in host memory: it is over the memory itself
     (a ctypes view of its address), so that a gradient the user drops is freed as before.
-    A step takes it again for the very gradient it was made for (`owner`) at the same
-    address and size, or (`reuse`) for a new gradient in that memory."""
+    A step takes it again for a torch tensor in the same memory (address and size, read
+    from the tensor at each step), and for another array for the very gradient it was
+    made for (`owner`) at the same address and size, or (`reuse`) for a new gradient in
+    that memory."""
 
     __slots__ = ("__weakref__", "address", "base_data", "live", "nbytes", "offset", "owner")
     fixed_binding = True
@@ -189,16 +191,6 @@ class _GradBuffer:
 
     def release(self) -> None:
         _release_once(self.live)
-
-
-def _moved(x: Any, memory: tuple[int, int]) -> bool:
-    """Whether `x`, an array that passed the step's checks with the fingerprint it had
-    when its buffer over `memory` (address, size) was made, may be elsewhere now. A numpy
-    array's memory moves only when `resize` changes its size, which its fingerprint
-    shows; a torch tensor's moves with `set_`, so its address is compared."""
-    if type(x) is np.ndarray:
-        return False
-    return _torch_memory(x) != memory  # (None for another array, or one off alignment)
 
 
 def _torch_memory(x: Any) -> tuple[int, int] | None:
@@ -667,11 +659,11 @@ class _HostLaunches:
         grad = run.items[0].grad
         known = self.grads.get(place)
         if known is not None and run.joined is None:
-            if known.owner() is grad and not _moved(grad, known.memory):
-                return known  # (without a host view: a torch tensor's costs a DLPack export)
+            # a torch tensor by its memory, without a host view (which costs a DLPack
+            # export): the same tensor or, in a training loop, the next gradient
             memory = _torch_memory(grad)
-            if memory is not None:  # (a new tensor: a training loop's next gradient)
-                return self._kept_grad(context, place, memory, grad)
+            if memory is not None:
+                return known if known.memory == memory and known.live else self._kept_grad(context, place, memory, grad)
         view = host_view(grad)
         if view is None:
             return None
