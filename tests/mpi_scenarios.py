@@ -173,6 +173,32 @@ def data_parallel() -> None:
                 )
 
 
+def data_parallel_in_place() -> None:
+    """DistributedOptimizer over flat storage whose gradients are only written in place
+    (no assignment between steps): once settled its steps are quiet (the agreement's
+    check writes nothing), with the bits of one process on the mean."""
+    for cls, hyper in OPTIMIZERS:
+        model = Model("flat-pyopencl", starts())
+        reference = Model("flat-numpy", model.values())  # (an assignment to any parameter is a write)
+        optimizer = DistributedOptimizer(cls(model.params, **hyper))
+        single = cls(reference.params, **hyper)
+        quiet = []
+        for step in range(6):
+            for view, grad in zip(model.grad_views, gradients(step, RANK), strict=True):
+                view.set(grad)
+            optimizer.step()
+            plan = optimizer.optimizer._kept[0].plan
+            quiet.append(plan is not None and plan.quiet)
+            for view, grad in zip(reference.grad_views, mean(step), strict=True):
+                view[...] = grad
+            single.step()
+        where = f"{cls.__name__} in place"
+        # (the first steps make and settle the state, of both optimizers: writes too)
+        assert quiet[3:] == [True, True, True], f"{where}: quiet steps {quiet}"
+        equal(model.values(), reference.values(), f"{where}: parameters")
+        equal(state_arrays(optimizer.optimizer.state_dict()), state_arrays(single.state_dict()), f"{where}: state")
+
+
 def zero() -> None:
     """ZeroRedundancyOptimizer (under DistributedOptimizer): equal to one process, state
     sharded (each rank keeps only its share), consolidated on rank 0 into a state dict a
@@ -466,7 +492,8 @@ def half_precision() -> None:
 
 
 SCENARIOS: dict[str, Callable[[], None]] = {
-    f.__name__: f for f in (data_parallel, zero, bad_input, checkpoints, mean_on_any_ranks, half_precision)
+    f.__name__: f
+    for f in (data_parallel, data_parallel_in_place, zero, bad_input, checkpoints, mean_on_any_ranks, half_precision)
 }
 
 

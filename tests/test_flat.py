@@ -556,3 +556,26 @@ def test_a_noted_list_notes_each_change_and_nothing_else() -> None:
         token = PARAMETER_WRITE[0]
         read(noted)
         assert PARAMETER_WRITE[0] == token and noted == [1, 2, 3]
+
+
+def test_netcl_records_its_events_in_the_lists_a_quiet_step_waits_for(queue: cl.CommandQueue) -> None:
+    # a quiet step's launch waits for the event list its last run gave the arrays:
+    # netcl's own commands between steps (gradient clipping here, the distributed
+    # layer's mapping of gradients) record their events in that very list
+    from netcl import clip_grad_norm_
+
+    params = flat_parameters(queue, [(4,), (5,)])
+    for p in params:
+        cast(cl_array.Array, p.grad).fill(3.0)
+    opt = SGD(params, lr=0.5)
+    for _ in range(3):
+        opt.step()
+    assert _quiet(opt)
+    shared = cast(cl_array.Array, params[0].grad).events
+    launched = list(shared)
+    clip_grad_norm_(params, 1.0)
+    assert cast(cl_array.Array, params[1].grad).events is shared and params[0].data.events is shared
+    assert len(shared) == 1 and shared != launched
+    clipping = shared[0]
+    opt.step()
+    assert _quiet(opt) and shared[0] is not clipping  # (the new launch's, which waited for it)

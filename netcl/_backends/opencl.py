@@ -95,10 +95,14 @@ def record_event(x: object, event: cl.Event) -> None:
     """Record `event`, which waited for every event pending on `x`, on `x`.
 
     A pyopencl array's events are those its contents wait for; since `event` waited for
-    all of them, it alone now stands for them, and the list stays one event long.
+    all of them, it alone now stands for them, and the list stays one event long. The
+    list is replaced in place, as pyopencl's own calls change it: arrays that share it
+    (the views of one array, the arrays of one launch) waited for no more than `event`
+    stands for, and a quiet step's launch, which waits for the list its last run gave
+    them (see `Backend.rerun`), waits for `event` too.
     """
     if isinstance(x, cl_array.Array):
-        x.events = [event]
+        x.events[:] = [event]
         return
     add_event = getattr(x, "add_event", None)
     if add_event is not None:

@@ -799,6 +799,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         with self._lock:
             for index, group in enumerate(self.param_groups):
                 _, plan, _ = self._plan(index, group)
+                if plan.quiet:  # the counts the last step wrote; a check is no write, so
+                    plan.quiet_tokens = (STATE_WRITE[0], PARAMETER_WRITE[0])  # the step may be quiet too
+                    continue
                 for item in plan.work():
                     item.grad = None
                     count = item.state["step"]
