@@ -7,7 +7,7 @@ a write never equals one read after it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import count
 from typing import Any, TypeVar, cast
 
@@ -54,10 +54,6 @@ class NotedList(list[T]):
     holds the parameters it held at the last step."""
 
     __slots__ = ()
-
-    def __init__(self, items: Iterable[T] = ()) -> None:
-        super().__init__(items)
-        note_parameter_write()
 
     # every method of list that changes it in place
     __setitem__ = _noting(list.__setitem__)
