@@ -348,6 +348,19 @@ def _quiet(opt: Optimizer[Any, Any, Any, Any]) -> bool:
     return plan is not None and plan.quiet
 
 
+def _quiet_sgd(queue: cl.CommandQueue, shapes: list[tuple[int, ...]], grad: float) -> tuple[list[Parameter[Any]], SGD]:
+    """Flat parameters with every gradient `grad`, and an SGD (lr 0.5) whose steps on
+    them are quiet (three taken)."""
+    params = flat_parameters(queue, shapes)
+    for p in params:
+        cast(cl_array.Array, p.grad).fill(grad)
+    opt = SGD(params, lr=0.5)
+    for _ in range(3):
+        opt.step()
+    assert _quiet(opt)
+    return params, opt
+
+
 @pytest.mark.parametrize("factory", [SGD, Adam, RMSProp], ids=["SGD", "Adam", "RMSProp"])
 def test_a_step_after_no_noted_write_is_quiet_and_gives_the_same_bits(
     factory: Callable[..., Optimizer[Any, Any, Any, Any]], queue: cl.CommandQueue, monkeypatch: pytest.MonkeyPatch
@@ -498,14 +511,8 @@ _CHANGES = [
 def test_each_change_to_the_list_of_parameters_is_followed(change: str, queue: cl.CommandQueue) -> None:
     # a group's list notes each change to it (it is netcl's own list): the next step
     # updates what the list holds now
-    params = flat_parameters(queue, [(4,), (4,), (4,)])
+    params, opt = _quiet_sgd(queue, [(4,), (4,), (4,)], 1.0)
     other = Parameter(cl_array.zeros(queue, 4, F32), cl_array.zeros(queue, 4, F32) + 1)
-    for p in params:
-        cast(cl_array.Array, p.grad).fill(1.0)
-    opt = SGD(params, lr=0.5)
-    for _ in range(3):
-        opt.step()
-    assert _quiet(opt)
     held = opt.param_groups[0]["params"]
     before = {id(p): p.data.get() for p in [*params, other]}
     _change(held, other, change)
@@ -564,13 +571,7 @@ def test_netcl_records_its_events_in_the_lists_a_quiet_step_waits_for(queue: cl.
     # layer's mapping of gradients) record their events in that very list
     from netcl import clip_grad_norm_
 
-    params = flat_parameters(queue, [(4,), (5,)])
-    for p in params:
-        cast(cl_array.Array, p.grad).fill(3.0)
-    opt = SGD(params, lr=0.5)
-    for _ in range(3):
-        opt.step()
-    assert _quiet(opt)
+    params, opt = _quiet_sgd(queue, [(4,), (5,)], 3.0)
     shared = cast(cl_array.Array, params[0].grad).events
     launched = list(shared)
     clip_grad_norm_(params, 1.0)
