@@ -7,9 +7,10 @@
   hyperparameters, edits of `param_groups` between steps (valid and not), gradients with
   NaN, infinities and extremes. A rejected step changes nothing, nothing becomes
   non-finite, and the fused kernel and the array-API path agree bit for bit.
-- A fuzz test of kept plans (100 examples, 2,000 with `--long`): after a step that kept
-  its plan, random changes of gradients, parameter arrays, state dicts and the
-  optimizer's `state`, in every way; each step gives the bits of a step planned afresh.
+- A fuzz test of kept plans (200 examples, 2,000 with `--long`): after a step that kept
+  its plan, random changes of gradients, parameter arrays, state dicts, step counts, the
+  optimizer's `state`, hyperparameters and the param group's list of parameters, in
+  every way; each step gives the bits of a step planned afresh.
 """
 
 from __future__ import annotations
@@ -170,11 +171,23 @@ _CHANGES = [
     "optimizer.state[param] = dict",
     "load_state_dict",
     "new gradient, then a step that raises",
+    "state['step'] = another count",
+    "lr halved",
+    "maximize toggled",
+    "momentum or amsgrad toggled",
+    "params.reverse()",
+    "params.pop(k), then append",
+    "params.pop(k)",
+    "params[k] = params[k]",
+    "params[k] = a copy of it",
+    "params[k] = the spare",
+    "group['params'] = plain list",
 ]
 
 
 def _change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], k: int, queue: Any) -> None:
-    """Apply `change` to parameter `k` of `opt` (whose parameters are `params`)."""
+    """Apply `change` to parameter `k` of `opt` (whose parameters are `params`, but the
+    last, a spare)."""
     param = params[k]
     state = opt.state.get(id(param))
     buffers = sorted(name for name in (state or {}) if name != "step")
@@ -192,6 +205,15 @@ def _change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], 
         param.data = param.data.copy()
     elif change == "load_state_dict":
         opt.load_state_dict(opt.state_dict())
+    elif change == "params[k] = the spare":  # (another parameter the test made: `params[-1]`)
+        group = opt.param_groups[0]["params"]
+        if k < len(group) and all(p is not params[-1] for p in group):
+            group[k] = params[-1]
+    elif change in _GROUP_CHANGES:
+        _GROUP_CHANGES[change](opt.param_groups[0], k)
+    elif change == "state['step'] = another count":
+        if state and "step" in state:
+            state["step"] += 3  # (the parameters' counts differ: a run breaks there)
     elif state is None or not buffers:
         return
     elif change == "state[name] = copy":
@@ -210,17 +232,59 @@ def _change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], 
         opt.state[param] = {name: value.copy() if name != "step" else value for name, value in state.items()}
 
 
-# (a change is one of 12, each after a kept plan: more examples than the profile's 30)
-@settings(max_examples=max(100, settings().max_examples))
+def _toggled(group: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Toggle the first of `names` that the group has (momentum: 0 <-> 0.9)."""
+    for name in names:
+        if name == "momentum" and name in group and not group.get("nesterov"):
+            group[name] = 0.9 if group[name] == 0 else 0.0
+            return
+        if name in group and isinstance(group[name], bool):
+            group[name] = not group[name]
+            return
+
+
+def _moved(params: list[Any], k: int) -> None:
+    if k < len(params):
+        params.append(params.pop(k))
+
+
+def _set(params: list[Any], k: int, new: Any) -> None:
+    if k < len(params):
+        params[k] = new(params[k])
+
+
+def _copied(param: Parameter[Any]) -> Parameter[Any]:
+    """A new parameter with copies of `param`'s arrays."""
+    return Parameter(param.data.copy(), None if param.grad is None else param.grad.copy())
+
+
+_GROUP_CHANGES: dict[str, Any] = {
+    "lr halved": lambda group, k: group.update(lr=group["lr"] / 2),
+    "maximize toggled": lambda group, k: _toggled(group, ("maximize",)),
+    "momentum or amsgrad toggled": lambda group, k: _toggled(group, ("momentum", "amsgrad")),
+    "params.reverse()": lambda group, k: group["params"].reverse(),
+    "params.pop(k), then append": lambda group, k: _moved(group["params"], k),
+    "params.pop(k)": lambda group, k: group["params"].pop(k) if k < len(group["params"]) else None,
+    "params[k] = params[k]": lambda group, k: _set(group["params"], k, lambda p: p),
+    "params[k] = a copy of it": lambda group, k: _set(group["params"], k, _copied),
+    "group['params'] = plain list": lambda group, k: group.update(params=list(group["params"])),
+}
+"""Changes of the param group (its hyperparameters and its list of parameters), made
+alike in the kept optimizer and the reference."""
+
+
+# (a change is one of 24, each after a kept plan: more examples than the profile's 30)
+@settings(max_examples=max(200, settings().max_examples))
 @given(data=st.data())
 def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.CommandQueue) -> None:
-    """Whatever changes between steps (gradients, parameter arrays, state dicts and the
-    optimizer's `state`, in every way), a step that keeps its plan and launches gives
+    """Whatever changes between steps (gradients, parameter arrays, state dicts, step
+    counts, the optimizer's `state`, hyperparameters and the group's list of parameters,
+    in every way), a step that keeps its plan and launches gives
     the bits of a step planned afresh (an optimizer whose caches are emptied before
     every step), with parameters in their own arrays or in one run (`flat_parameters`)."""
     case = data.draw(st.sampled_from(CASES), label="optimizer")
     flat = data.draw(st.booleans(), label="flat")
-    sizes = (5, 300, 7)
+    sizes = (5, 300, 7, 20)  # (the last: a spare parameter, which a change may put in the group)
     worlds = []
     for _ in range(2):
         params = (
@@ -231,12 +295,12 @@ def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.Comm
         for p, n in zip(params, sizes, strict=True):
             p.data.set(np.linspace(1, 2, n).astype(np.float32))
             cast(cl_array.Array, p.grad).set(np.linspace(-0.5, 0.5, n).astype(np.float32))
-        worlds.append((case.ours(params, lr=1e-2), params))
+        worlds.append((case.ours(params[:-1], lr=1e-2), params))
     (kept, kept_params), (fresh, fresh_params) = worlds
     for count in range(2 + data.draw(st.integers(1, 6), label="steps")):
         # (two steps without changes first: the second keeps the first's plan)
         change = data.draw(st.sampled_from(_CHANGES), label="change") if count >= 2 else "nothing"
-        k = data.draw(st.integers(0, len(sizes) - 1), label="parameter")
+        k = data.draw(st.integers(0, len(sizes) - 2), label="parameter")
         _change(change, kept, kept_params, k, queue)
         give_back = kept_params[k].grad is None and data.draw(st.booleans(), label="give it back")
         if give_back:
