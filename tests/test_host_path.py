@@ -387,3 +387,44 @@ def test_a_host_step_returns_with_its_launches_done(spin: float, monkeypatch: py
     reference = _run(_copy, _copy, p0, grads, {"momentum": 0.9})
     assert fused[0].tobytes() == reference[0].tobytes()
     assert fused[1]["momentum_buffer"].tobytes() == reference[1]["momentum_buffer"].tobytes()
+
+
+def _moved(tensor: torch.Tensor) -> None:
+    """Move `tensor` to a copy of its values in other memory (the same object and layout)."""
+    copy = tensor.clone()
+    tensor.set_(copy.untyped_storage(), 0, copy.shape, copy.stride())
+
+
+@pytest.mark.parametrize("path", ["kernel", "array-api"])
+def test_torch_arrays_given_other_memory_in_place_are_followed(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `tensor.set_(...)` and `tensor.data = x` move the very same tensor object to other
+    # memory, with the same shape: a kept plan's launches must follow a state tensor
+    # and a parameter tensor there (a stale launch would go on updating the old memory
+    # and leave the new one as it was); the results are the bits of an optimizer
+    # planned afresh at every step (each step's caches emptied)
+    from netcl.optim import Adam
+
+    monkeypatch.setattr(host, "PATH", path)
+    rng = np.random.default_rng(21)
+    start = rng.standard_normal(3000).astype(np.float32)
+    grads = [rng.standard_normal(3000).astype(np.float32) for _ in range(6)]
+    results = []
+    for fresh in (False, True):
+        param = Parameter(torch.tensor(start))  # (its data: the same tensor object at every access)
+        opt = Adam([param], lr=1e-2)
+        for k, g in enumerate(grads):
+            param.grad = torch.tensor(g)
+            state: Any = opt.state.get(id(param), {})
+            if k == 2:
+                _moved(state["exp_avg"])
+            if k == 3:
+                state["exp_avg_sq"].data = state["exp_avg_sq"].clone()
+            if k == 4:
+                _moved(param.data)
+            if fresh:
+                opt._kept.clear()
+                opt._checked.clear()
+            opt.step()
+        state = opt.state[id(param)]
+        results.append([np.asarray(x).tobytes() for x in (param.data, state["exp_avg"], state["exp_avg_sq"])])
+    assert results[0] == results[1]

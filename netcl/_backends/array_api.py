@@ -118,19 +118,22 @@ class ArrayAPIBackend(Backend):
 
     name = "array-api"
 
-    def fingerprint(self, array: Any) -> Hashable | None:
+    def fingerprint(self, array: Any, *, memory: bool = True) -> Hashable | None:
         # what the checks read: the library (type), shape, layout (overlapping
-        # elements), dtype, device and writeability; for numpy and torch only
+        # elements), dtype, device and writeability; for numpy and torch only. A numpy
+        # array's memory cannot change (its `data` is read-only from numpy 2); a torch
+        # tensor's can (`set_`, `tensor.data = x`), so with `memory` its address too
         if type(array) is np.ndarray:
             return _numpy_print(array)  # (four values: no torch tensor's)
         if is_torch(array):  # (torch.Size is a tuple)
-            return (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout)
+            layout = (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout)
+            return (*layout, array.data_ptr()) if memory else layout
         return None
 
-    def fingerprints(self, arrays: Sequence[Any]) -> list[Hashable | None]:
+    def fingerprints(self, arrays: Sequence[Any], *, memory: bool = True) -> list[Hashable | None]:
         if set(map(type, arrays)) == {np.ndarray}:  # (a model of numpy arrays: at C's speed)
             return list(map(_numpy_print, arrays))
-        return [self.fingerprint(array) for array in arrays]
+        return [self.fingerprint(array, memory=memory) for array in arrays]
 
     def alias_prints(self, params: Sequence[Any]) -> list[Hashable] | None:
         if not all(map(is_torch, params)):

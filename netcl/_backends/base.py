@@ -218,15 +218,19 @@ class Backend(ABC):
         fingerprints, the checks then pass for `array` too."""
         return array is other
 
-    def fingerprint(self, array: Any) -> Hashable | None:
-        """A cheap summary of what `check_*` looked at: the same object with the same
-        fingerprint passes the checks again. None: check it every time."""
+    def fingerprint(self, array: Any, *, memory: bool = True) -> Hashable | None:
+        """A cheap summary of what `check_*` looked at and, with `memory`, of where the
+        array's memory is, where the same object can move to other memory (a torch
+        tensor's `set_`): the same object with the same fingerprint passes the checks
+        again, and is still where the launches a backend kept write to. (A gradient's is
+        taken without `memory`: a step reads a gradient's memory afresh.) None: check it
+        every time."""
         return () if self.stable(array) else None
 
-    def fingerprints(self, arrays: Sequence[Any]) -> list[Hashable | None]:
+    def fingerprints(self, arrays: Sequence[Any], *, memory: bool = True) -> list[Hashable | None]:
         """`fingerprint` of each of `arrays` (a step compares those of all its arrays
         at once: a backend may do it faster than one by one)."""
-        return [self.fingerprint(array) for array in arrays]
+        return [self.fingerprint(array, memory=memory) for array in arrays]
 
     @abstractmethod
     def check_param(self, data: Any, where: str) -> None:

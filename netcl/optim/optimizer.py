@@ -116,7 +116,9 @@ def _passes(backend: Backend, data: object, grad: object, at: str) -> bool:
 def _fingerprints(
     backend: Backend, data: object, grad: object, state: Mapping[str, object]
 ) -> tuple[Hashable, ...] | None:
-    prints = backend.fingerprints([data, grad, *(value for name, value in state.items() if name != "step")])
+    # (a gradient's memory is read at every step: its layout is what a new one must match)
+    prints = backend.fingerprints([data, *(value for name, value in state.items() if name != "step")])
+    prints.insert(1, backend.fingerprint(grad, memory=False))
     return None if any(p is None for p in prints) else tuple(prints)
 
 
@@ -489,7 +491,7 @@ class _Plan:
         """Whether `arrays` have the fingerprints `expected`, and `grads` those the
         plan recorded of its gradients."""
         printer, prints = cast(Backend, self.printer), cast("tuple[list[Hashable], list[Hashable]]", self.prints)
-        return printer.fingerprints(arrays) == expected and printer.fingerprints(grads) == prints[1]
+        return printer.fingerprints(arrays) == expected and printer.fingerprints(grads, memory=False) == prints[1]
 
     def fill(self, work: list[Work]) -> None:
         """Give a `bare` step's `work` their gradients and own scalars, for `apply`."""
