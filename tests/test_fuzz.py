@@ -10,11 +10,14 @@
 - A fuzz test of kept plans (200 examples, 2,000 with `--long`): after a step that kept
   its plan, random changes of gradients, parameter arrays, state dicts, step counts, the
   optimizer's `state`, hyperparameters and the param group's list of parameters, in
-  every way; each step gives the bits of a step planned afresh.
+  every way; each step gives the bits of a step planned afresh. Likewise for host
+  arrays (150 examples): numpy and torch, on either path, with torch's moves of a tensor
+  to other memory in place.
 """
 
 from __future__ import annotations
 
+import unittest.mock
 from typing import Any, cast
 
 import hypothesis.extra.numpy as hnp
@@ -326,3 +329,133 @@ def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.Comm
                     assert sa[name] == sb[name]
                 else:
                     assert sa[name].get().tobytes() == sb[name].get().tobytes(), name
+
+
+_HOST_CHANGES = [
+    "nothing",
+    "new gradient",
+    "gradient written in place",
+    "gradient: a view into a bigger array",
+    "no gradient",
+    "new parameter array",
+    "parameter moved in place",
+    "state tensor moved in place",
+    "gradient moved in place",
+    "state[name] = copy",
+    "del state[name]",
+    "optimizer.state.pop",
+    "load_state_dict",
+    "state['step'] = another count",
+    "lr halved",
+]
+"""Changes between steps of host arrays; "moved in place" (`set_`: the same object in
+other memory) for torch tensors only, which can."""
+
+
+def _host_change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], k: int, torch_: bool) -> None:
+    """Apply `change` to parameter `k` (of `params`, `opt`'s) of numpy or torch arrays."""
+    import torch
+
+    param = params[k]
+    n = int(np.prod(param.data.shape))
+    values = np.linspace(-1, 1, n).astype(np.float32) * (k + 1)
+    new = torch.tensor if torch_ else np.array
+    state = opt.state.get(id(param))
+    buffers = sorted(name for name in (state or {}) if name != "step")
+
+    def moved(x: Any) -> None:
+        if torch_:
+            copy = x.clone()
+            x.set_(copy.untyped_storage(), 0, copy.shape, copy.stride())
+
+    if change == "new gradient":
+        param.grad = new(values)
+    elif change == "gradient written in place" and param.grad is not None:
+        param.grad[...] = new(values)
+    elif change == "gradient: a view into a bigger array":
+        bigger = new(np.concatenate([np.zeros(3, np.float32), values]))
+        param.grad = bigger[3:]
+    elif change == "no gradient":
+        param.grad = None
+    elif change == "new parameter array":
+        param.data = param.data.clone() if torch_ else param.data.copy()
+    elif change == "parameter moved in place":
+        moved(param.data)
+    elif change == "gradient moved in place" and param.grad is not None:
+        moved(param.grad)
+    elif change == "load_state_dict":
+        opt.load_state_dict(opt.state_dict())
+    elif change == "lr halved":
+        opt.param_groups[0]["lr"] /= 2
+    elif state is None:
+        return
+    elif change == "state['step'] = another count":
+        state["step"] += 3
+    elif change == "optimizer.state.pop":
+        opt.state.pop(param)
+    elif not buffers:
+        return
+    elif change == "state tensor moved in place":
+        moved(state[buffers[0]])
+    elif change == "state[name] = copy":
+        state[buffers[0]] = state[buffers[0]].clone() if torch_ else state[buffers[0]].copy()
+    elif change == "del state[name]":
+        del state[buffers[0]]
+
+
+@settings(max_examples=max(150, settings().max_examples))
+@given(data=st.data())
+def test_fuzz_kept_host_plans_follow_every_change(data: st.DataObject) -> None:
+    """As `test_fuzz_kept_plans_follow_every_change`, for host arrays on either path
+    (numpy arrays, alone or in one run, and torch tensors, as `netcl.Parameter`s or
+    torch's own parameters): whatever changes between steps, each step gives the bits of
+    a step planned afresh."""
+    import torch
+
+    from netcl._backends import host
+
+    case = data.draw(st.sampled_from(CASES), label="optimizer")
+    kind = data.draw(st.sampled_from(["numpy", "numpy flat", "torch", "torch.nn.Parameter"]), label="kind")
+    path = data.draw(st.sampled_from(["kernel", "array-api"]), label="path")
+    torch_ = kind.startswith("torch")
+    sizes = (5, 300, 7)
+    worlds = []
+    for _ in range(2):
+        starts = [np.linspace(1, 2, n).astype(np.float32) for n in sizes]
+        grads = [np.linspace(-0.5, 0.5, n).astype(np.float32) for n in sizes]
+        params: list[Any]
+        if kind == "numpy flat":
+            params = flat_parameters(None, [(n,) for n in sizes])
+            for p, start, grad in zip(params, starts, grads, strict=True):
+                p.data[...], cast(Any, p.grad)[...] = start, grad
+        elif kind == "numpy":
+            params = [Parameter(start, grad) for start, grad in zip(starts, grads, strict=True)]
+        elif kind == "torch":
+            params = [Parameter(torch.tensor(s), torch.tensor(g)) for s, g in zip(starts, grads, strict=True)]
+        else:
+            params = [torch.nn.Parameter(torch.tensor(s)) for s in starts]
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = torch.tensor(grad)
+        worlds.append((case.ours(params, lr=1e-2), params))
+    (kept, kept_params), (fresh, fresh_params) = worlds
+    with unittest.mock.patch.object(host, "PATH", path), torch.no_grad():
+        for count in range(2 + data.draw(st.integers(1, 6), label="steps")):
+            change = data.draw(st.sampled_from(_HOST_CHANGES), label="change") if count >= 2 else "nothing"
+            k = data.draw(st.integers(0, len(sizes) - 1), label="parameter")
+            _host_change(change, kept, kept_params, k, torch_)
+            seen = (STATE_WRITE[0], PARAMETER_WRITE[0])  # (as in the test above)
+            _host_change(change, fresh, fresh_params, k, torch_)
+            fresh._kept.clear()
+            fresh._checked.clear()
+            fresh.step()
+            STATE_WRITE[0], PARAMETER_WRITE[0] = seen
+            kept.step()
+            for a, b in zip(kept_params, fresh_params, strict=True):
+                assert np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes()
+                sa, sb = kept.state.get(id(a), {}), fresh.state.get(id(b), {})
+                assert sorted(sa) == sorted(sb)
+                for name in sa:
+                    if name == "step":
+                        assert sa[name] == sb[name]
+                    else:
+                        assert np.asarray(sa[name]).tobytes() == np.asarray(sb[name]).tobytes(), name
