@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from collections.abc import Hashable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, MutableMapping, Sequence
 from typing import Any, cast
 
 import array_api_compat
@@ -95,6 +95,18 @@ def _check_written_in_place(x: Any, where: str) -> None:
         )
 
 
+def _dlpack_view(x: Any) -> np.ndarray[Any, Any] | None:
+    """A numpy array over `x`'s memory (host memory only), or None."""
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+        return None  # (no DLPack, a dtype numpy lacks, another device)
+
+
+_byte_bounds: Callable[[np.ndarray[Any, Any]], tuple[int, int]] = getattr(np.lib, "array_utils", np).byte_bounds
+"""numpy's first and one-past-last byte of an array (`np.lib.array_utils` from numpy 2)."""
+
+
 def no_autograd(x: Any) -> contextlib.AbstractContextManager[object]:
     """torch's `no_grad()` for a torch tensor (as torch's own optimizers update
     parameters that require grad), else nothing."""
@@ -129,6 +141,25 @@ class ArrayAPIBackend(Backend):
             layout = (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout)
             return (*layout, array.data_ptr()) if memory else layout
         return None
+
+    def extent(self, array: Any) -> tuple[Hashable, int, int] | None:
+        # a torch tensor's from its address and strides (never negative in torch), in
+        # host memory or its device's; numpy's bounds of any other array's bytes, seen
+        # through DLPack; none for arrays never written in place (jax's)
+        if is_torch(array):
+            if array.numel() == 0:
+                return None
+            start, itemsize = int(array.data_ptr()), array.element_size()
+            span = sum((int(n) - 1) * int(st) for n, st in zip(array.shape, array.stride(), strict=True))
+            where = "host" if array.device.type == "cpu" else str(array.device)
+            return where, start, start + (span + 1) * itemsize
+        if _rebinds(array):
+            return None
+        view = array if isinstance(array, np.ndarray) else _dlpack_view(array)
+        if view is None or view.size == 0:
+            return None
+        low, high = _byte_bounds(view)
+        return "host", int(low), int(high)
 
     def fingerprints(self, arrays: Sequence[Any], *, memory: bool = True) -> list[Hashable | None]:
         if set(map(type, arrays)) == {np.ndarray}:  # (a model of numpy arrays: at C's speed)

@@ -218,6 +218,12 @@ class Backend(ABC):
         fingerprints, the checks then pass for `array` too."""
         return array is other
 
+    def extent(self, array: Any) -> tuple[Hashable, int, int] | None:
+        """The memory `array`'s elements lie in: where (a buffer, or the host), and the
+        first and one past the last byte there; None where this backend cannot tell (a
+        step then cannot refuse parameters that share memory: see `Optimizer.step`)."""
+        return None
+
     def fingerprint(self, array: Any, *, memory: bool = True) -> Hashable | None:
         """A cheap summary of what `check_*` looked at and, with `memory`, of where the
         array's memory is, where the same object can move to other memory (a torch

@@ -134,6 +134,14 @@ class OpenCLBackend(Backend):
         # every step
         return isinstance(array, cl_array.Array)
 
+    def extent(self, array: Any) -> tuple[Hashable, int, int] | None:
+        # (checked arrays are contiguous: their bytes from their offset on)
+        size = prod(int(n) for n in array.shape) * np.dtype(array.dtype).itemsize
+        if size == 0 or array.base_data is None:
+            return None
+        start = int(array.offset)
+        return array.base_data.int_ptr, start, start + size
+
     def _check_array(self, x: Any, where: str) -> None:
         dtype = np.dtype(x.dtype)
         if dtype not in SUPPORTED_DTYPES:

@@ -9,12 +9,13 @@ which state buffers it keeps, and its update (an
 
 from __future__ import annotations
 
+import bisect
 import operator
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain, pairwise, repeat
 from typing import Any, ClassVar, Generic, Self, TypeAlias, TypeGuard, TypeVar, cast, overload
 
 import numpy as np
@@ -288,6 +289,7 @@ class _Plan:
         "dtypes",
         "entries",
         "entries_only",
+        "fresh",
         "items",
         "member",
         "params",
@@ -341,6 +343,10 @@ class _Plan:
         self.taken = False
         """Whether a new gradient was taken (`_remember`) since the last step that
         updated every `Work` of the plan."""
+        self.fresh: list[tuple[Backend, object, str]] = []
+        """The new gradients `holds` took in its loop over the parameters, with their
+        backend and parameter's place, for `Optimizer._plans` to compare with the
+        arrays written (which then empties it)."""
         self.steady = False
         """Whether this step's gradients are, every one, the very object the last step
         that updated the plan's `Work` had (`holds` found every object the same, without
@@ -426,6 +432,8 @@ class _Plan:
         `_Same` first, then one tight loop.)"""
         checks, prints = self.checks, self.prints
         self.steady = False
+        if self.fresh:  # (a step that raised after its `holds`)
+            self.fresh = []
         tokens, self.quiet_tokens, self.quiet = self.quiet_tokens, None, False
         if params is not self.params or len(params) != len(checks) or buffers != self.buffers or prints is None:
             return False
@@ -439,10 +447,12 @@ class _Plan:
                 return True
             printed = self.printed
             grads = same if printed is None else [same[k] for k in printed]
-            # (new gradients pass by their fingerprints: nothing to remember of them)
+            # (new gradients pass by their fingerprints: nothing to remember of them, and
+            # their memory is not compared with the arrays written: see `Optimizer._plans`)
             return self._printed(self.printed_arrays, grads, self.printed_prints)
         lookup = dict.get  # the plain dict's, not ParameterState's (which also takes parameters)
         fresh: list[tuple[int, object]] = []
+        taken: list[tuple[Backend, object, str]] = []
         seen: list[object] = []  # the arrays whose fingerprints are compared at the end
         seen_grads: list[object] = []
         for k, param in enumerate(params):
@@ -461,6 +471,8 @@ class _Plan:
                 if checked is None and (backend is None or not _passes(backend, now_data, now, at)):
                     return False
                 fresh.append((k, now))  # (a fingerprinted one: by its fingerprint, below)
+                if backend is not None:
+                    taken.append((backend, now, at))
             if state is not None:
                 same_state = lookup(states, id(param)) is state
                 if not same_state or len(state) != size:
@@ -476,6 +488,7 @@ class _Plan:
             return False
         for k, now in fresh:
             self._remember(k, now)
+        self.fresh = taken
         return True
 
     def _remember(self, k: int, grad: object) -> None:
@@ -502,6 +515,60 @@ class _Plan:
     def work(self) -> list[Work]:
         """Every `Work` of the plan, in order."""
         return self.items or [item for work in self.batches.values() for item in work]
+
+
+_Span: TypeAlias = tuple[tuple[str, int], int, str]
+"""An array's memory: (where, its first byte), one past its last byte, and what it is."""
+
+
+def _written_spans(plans: list[tuple[Step, _Plan, bool]]) -> list[_Span]:
+    """The memory of the arrays a step writes in place (each parameter's and its state
+    buffers), in order; raise ValueError where two of them share memory: a launch
+    updates many parameters at once, so such arrays would be read and written in an
+    order nobody chose. (Arrays whose memory a backend cannot tell are left out.)"""
+    written: list[_Span] = []
+    for step, plan, _ in plans:
+        for _, data, grad, state, _, backend, at in plan.entries:
+            if backend is None or state is None or grad is None:  # (no gradient: not updated)
+                continue
+            arrays = [(data, f"{at}.data"), *((state[n], f"state[{n!r}] of {at}") for n in step.buffers if n in state)]
+            for array, what in arrays:
+                extent = backend.extent(array)
+                if extent is not None:
+                    written.append(((str(extent[0]), extent[1]), extent[2], what))
+    written.sort()
+    for (first, stop, what), (second, _, other) in pairwise(written):
+        if second[0] == first[0] and second[1] < stop:  # (sorted: overlaps are neighbours)
+            _shared(other, what)
+    return written
+
+
+def _refuse_shared_gradients(written: list[_Span], grads: Iterable[tuple[Backend, object, str]]) -> None:
+    """Raise ValueError where a gradient (with its backend and its parameter's place)
+    shares memory with an array of `written` (`_written_spans`) but its own parameter's
+    array, exactly (the update reads both at each element)."""
+    starts = [span[0] for span in written]
+    for backend, grad, at in grads:
+        extent = backend.extent(grad)
+        if extent is None:
+            continue
+        where, start, stop = str(extent[0]), extent[1], extent[2]
+        # from the last array written that starts before the gradient on (arrays written
+        # do not overlap), to the last that starts before it ends
+        k = max(bisect.bisect_right(starts, (where, start)) - 1, 0)
+        while k < len(written) and written[k][0] < (where, stop):
+            (place, low), high, other = written[k]
+            if place == where and low < stop and start < high and (low, high, other) != (start, stop, f"{at}.data"):
+                _shared(f"{at}.grad", other)
+            k += 1
+
+
+def _shared(what: str, other: str) -> None:
+    raise ValueError(
+        f"{what} shares memory with {other}; a step writes each parameter and each state buffer in place, "
+        "several in one launch, so each needs memory of its own (a gradient may be its own parameter's "
+        "array, exactly)"
+    )
 
 
 class _Kept:
@@ -670,6 +737,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._checked: dict[int, _Checked] = {}
         """Per parameter (by `id()`), the record of its last full check."""
         self._kept: dict[int, _Kept] = {}
+        self._written: list[_Span] = []
+        """The memory of the arrays the plans `_written_by` write (`_written_spans`)."""
+        self._written_by: list[_Plan] = []
         """Per param group (by index), what it keeps from its last step."""
         self._owners: dict[int, ParameterLike] = {}
         """The parameter of each entry of `state`: held, so that no new object takes
@@ -767,7 +837,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 raise TypeError(f"closure must be callable, got {describe(closure)}")
             loss = closure()
         with self._lock:
-            plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+            plans = self._plans()
             try:
                 for step, plan, known in plans:
                     self._stage(step, plan, known)
@@ -799,8 +869,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         """Raise as `step()` would on this input, and change nothing (the distributed
         optimizers agree on this verdict across ranks before they communicate)."""
         with self._lock:
-            for index, group in enumerate(self.param_groups):
-                _, plan, _ = self._plan(index, group)
+            for _, plan, _ in self._plans():
                 if plan.quiet:  # the counts the last step wrote; a check is no write, so
                     plan.quiet_tokens = (STATE_WRITE[0], PARAMETER_WRITE[0])  # the step may be quiet too
                     continue
@@ -951,6 +1020,35 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                         f"which overflows {dtype}, the dtype of the parameters they are used with"
                     )
             step.checked_dtypes.add(dtype)
+
+    def _plans(self) -> list[tuple[Step, _Plan, bool]]:
+        """Check every group for this step (`_plan`); change nothing the user sees.
+
+        Where a plan is new, the arrays the step writes must not share memory, nor the
+        gradients with them (`_written_spans`); a kept plan's arrays are those, and its
+        new gradients are compared where it checked them (not those it takes by their
+        fingerprints, numpy's and torch's in a training loop: a new torch gradient is
+        memory of its own, but one the user points at another parameter's memory
+        there is not seen)."""
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        now = [plan for _, plan, known in plans if known]
+        if len(now) != len(plans) or now != self._written_by:  # (a plan compares by identity)
+            now = [plan for _, plan, _ in plans]
+            self._written, self._written_by = _written_spans(plans), now
+            grads = [
+                (backend, grad(), at)
+                for plan in now
+                for _, _, grad, _, _, backend, at in plan.entries
+                if backend is not None and grad is not None and grad() is not None
+            ]
+        else:  # the arrays of the last step that checked them: only new gradients to compare
+            grads = [item for plan in now if plan.fresh for item in plan.fresh]
+        for plan in now:
+            if plan.fresh:
+                plan.fresh = []  # (held no longer than this)
+        if grads:
+            _refuse_shared_gradients(self._written, grads)
+        return plans
 
     def _plan(self, index: int, group: GroupT) -> tuple[Step, _Plan, bool]:
         """Check one group for this step; change nothing the user sees.
