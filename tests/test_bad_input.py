@@ -404,3 +404,21 @@ def test_arrays_next_to_each_other_and_a_gradient_that_is_its_parameter_are_take
 
 def _copy_of(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else x.copy()
+
+
+def test_a_parameter_put_in_two_places_by_a_list_change_is_refused() -> None:
+    # the constructor and add_param_group refuse a parameter given twice; a param
+    # group's list changed in place afterwards is checked at the step, which changes
+    # nothing
+    a = Parameter(np.ones(3, F32), np.full(3, 0.5, F32))
+    b = Parameter(np.ones(3, F32), np.full(3, 0.5, F32))
+    opt = RMSProp([a], lr=0.1)
+    opt.add_param_group({"params": [b]})
+    opt.step()
+    before = [a.data.copy(), b.data.copy()]
+    opt.param_groups[0]["params"][0] = b
+    with pytest.raises(
+        ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is param_groups\[0\]\['params'\]\[0\] again"
+    ):
+        opt.step()
+    assert [x.tobytes() for x in (a.data, b.data)] == [x.tobytes() for x in before]

@@ -184,6 +184,7 @@ _CHANGES = [
     "params[k] = params[k]",
     "params[k] = a copy of it",
     "params[k] = the spare",
+    "add_param_group(the spare)",
     "group['params'] = plain list",
 ]
 
@@ -210,8 +211,11 @@ def _change(change: str, opt: Optimizer[Any, Any, Any, Any], params: list[Any], 
         opt.load_state_dict(opt.state_dict())
     elif change == "params[k] = the spare":  # (another parameter the test made: `params[-1]`)
         group = opt.param_groups[0]["params"]
-        if k < len(group) and all(p is not params[-1] for p in group):
+        if k < len(group) and all(p is not params[-1] for g in opt.param_groups for p in g["params"]):
             group[k] = params[-1]
+    elif change == "add_param_group(the spare)":
+        if all(p is not params[-1] for group in opt.param_groups for p in group["params"]):
+            opt.add_param_group({"params": [params[-1]], "lr": 3e-3})
     elif change in _GROUP_CHANGES:
         _GROUP_CHANGES[change](opt.param_groups[0], k)
     elif change == "state['step'] = another count":
@@ -276,7 +280,7 @@ _GROUP_CHANGES: dict[str, Any] = {
 alike in the kept optimizer and the reference."""
 
 
-# (a change is one of 24, each after a kept plan: more examples than the profile's 30)
+# (a change is one of 25, each after a kept plan: more examples than the profile's 30)
 @settings(max_examples=max(200, settings().max_examples))
 @given(data=st.data())
 def test_fuzz_kept_plans_follow_every_change(data: st.DataObject, queue: cl.CommandQueue) -> None:

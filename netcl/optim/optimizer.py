@@ -527,10 +527,14 @@ def _written_spans(plans: list[tuple[Step, _Plan, bool]]) -> list[_Span]:
     updates many parameters at once, so such arrays would be read and written in an
     order nobody chose. (Arrays whose memory a backend cannot tell are left out.)"""
     written: list[_Span] = []
+    places: dict[int, str] = {}
     for step, plan, _ in plans:
-        for _, data, grad, state, _, backend, at in plan.entries:
+        for param, data, grad, state, _, backend, at in plan.entries:
             if backend is None or state is None or grad is None:  # (no gradient: not updated)
                 continue
+            place = places.setdefault(id(param), at)
+            if place is not at:  # (a list changed in place: the constructor refuses it too)
+                raise ValueError(f"{at} is {place} again; give each parameter once, in one group")
             arrays = [(data, f"{at}.data"), *((state[n], f"state[{n!r}] of {at}") for n in step.buffers if n in state)]
             for array, what in arrays:
                 extent = backend.extent(array)
