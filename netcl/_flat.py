@@ -10,7 +10,7 @@ that a user lays out the same way get the same launch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from math import prod
 from typing import Any, overload
 
@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pyopencl as cl
 import pyopencl.array as cl_array
 
+from netcl._backends import describe
 from netcl._backends.base import DTYPE_NAMES, SUPPORTED_DTYPES
 from netcl._parameter import Parameter
 
@@ -53,8 +54,10 @@ def flat_parameters(
         dtype: float32, float64, float16 or bfloat16 (`ml_dtypes.bfloat16`).
 
     Raises:
-        TypeError: `dtype` is not one of those, or a shape is not a tuple of ints.
-        ValueError: A dimension is negative.
+        TypeError: `queue` is not a pyopencl queue or None, `dtype` is not one of
+            those, or a shape is not a tuple of ints.
+        ValueError: A dimension is negative, or the values do not fit in one buffer
+            (the device's largest, `max_mem_alloc_size`).
 
     Example:
         ```python
@@ -67,12 +70,24 @@ def flat_parameters(
         optimizer.step()
         ```
     """
-    kind = np.dtype(dtype)
-    if kind not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be {DTYPE_NAMES}, got {kind}")
+    if queue is not None and not isinstance(queue, cl.CommandQueue):
+        raise TypeError(f"queue must be a pyopencl CommandQueue, or None for numpy arrays; got {describe(queue)}")
+    try:  # (None, numpy's float64 and torch's float32, says neither here)
+        kind = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        kind = None
+    if kind is None or kind not in SUPPORTED_DTYPES:  # (`None in` a list of dtypes finds float64)
+        raise TypeError(f"dtype must be {DTYPE_NAMES}, got {dtype if kind is None else kind}")
+    if isinstance(shapes, str | bytes) or not isinstance(shapes, Iterable):
+        raise TypeError(f"shapes must be a sequence of tuples of ints, got {describe(shapes)}")
     checked: list[tuple[int, ...]] = []
     for k, shape in enumerate(shapes):
-        if not isinstance(shape, tuple) or not all(isinstance(n, int | np.integer) for n in shape):
+        # (a bool is an int to Python, not a dimension)
+        if (
+            not isinstance(shape, tuple)
+            or not all(isinstance(n, int | np.integer) for n in shape)
+            or any(isinstance(n, bool | np.bool_) for n in shape)
+        ):
             raise TypeError(f"shapes[{k}] must be a tuple of ints, got {shape!r}")
         if any(n < 0 for n in shape):
             raise ValueError(f"shapes[{k}] has a negative dimension: {shape!r}")
@@ -80,6 +95,10 @@ def flat_parameters(
     sizes = [prod(shape) for shape in checked]
     total = sum(sizes)
     starts = np.cumsum([0, *sizes])
+    largest = queue.device.max_mem_alloc_size if queue is not None else np.iinfo(np.intp).max
+    if total * kind.itemsize > largest:
+        where = f"the device's largest buffer ({largest:,} bytes)" if queue is not None else "numpy's largest array"
+        raise ValueError(f"shapes need {total:,} values of {kind} in one buffer, more than {where}")
     if queue is None:
         data_np, grad_np = np.zeros(total, kind), np.zeros(total, kind)
         return [

@@ -50,13 +50,30 @@ def test_flat_parameters_are_views_of_one_buffer_in_order(where: str, queue: cl.
         offset += int(np.prod(p.data.shape)) * 4
 
 
-def test_flat_parameters_refuse_bad_arguments() -> None:
+def test_flat_parameters_refuse_bad_arguments(queue: cl.CommandQueue) -> None:
     with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16, got int32"):
         flat_parameters(None, [(3,)], np.int32)
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16, got no such dtype"):
+        flat_parameters(None, [(3,)], "no such dtype")
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16, got None"):
+        flat_parameters(None, [(3,)], None)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match=r"shapes\[1\] must be a tuple of ints, got \[3\]"):
         flat_parameters(None, [(3,), [3]])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"shapes\[0\] must be a tuple of ints, got \(True,\)"):
+        flat_parameters(None, [(True,)])
+    with pytest.raises(TypeError, match="shapes must be a sequence of tuples of ints, got builtins.int"):
+        flat_parameters(None, 3)  # type: ignore[call-overload]
     with pytest.raises(ValueError, match=r"shapes\[0\] has a negative dimension: \(-1,\)"):
         flat_parameters(None, [(-1,)])
+    with pytest.raises(
+        TypeError, match="queue must be a pyopencl CommandQueue, or None for numpy arrays; got builtins.str"
+    ):
+        flat_parameters("queue", [(3,)])  # type: ignore[call-overload]
+    largest = queue.device.max_mem_alloc_size
+    with pytest.raises(ValueError, match=rf"more than the device's largest buffer \({largest:,} bytes\)"):
+        flat_parameters(queue, [(largest // 4 + 1,)])
+    with pytest.raises(ValueError, match="more than numpy's largest array"):
+        flat_parameters(None, [(1 << 40, 1 << 40)])
 
 
 def _runs(
