@@ -275,7 +275,7 @@ def raises(call: Callable[[], object], kind: type[Exception], words: str) -> str
 
 
 def bad_input() -> None:
-    """Bad input on one rank: every rank raises in the same call and nothing changes
+    """Bad input on one rank (arrays that share memory too): every rank raises in the same call and nothing changes
     anywhere; a good step afterwards works on every rank (nobody was left waiting)."""
     for kind in ("pyopencl", "numpy", "torch"):
         bad_input_of(kind)
@@ -330,6 +330,18 @@ def bad_input_of(kind: str) -> None:
         state_now = [get(optimizer.optimizer.state[id(p)]["exp_avg"]) for p in model.params]
         equal(state_now, state, f"{kind} {setup.__name__}: state changed")
         optimizer.param_groups[0]["lr"] = 1e-2
+
+    # arrays that share memory on one rank (a state buffer in another parameter's memory)
+    model.set_grads(gradients(1, RANK))
+    entry = optimizer.optimizer.state[id(model.params[1])]
+    own = entry["exp_avg"]
+    if RANK == 1:
+        entry["exp_avg"] = model.params[2].data[0:5]
+    message = raises(optimizer.step, ValueError, "shares memory" if RANK == 1 else "rank 1")
+    entry["exp_avg"] = own
+    equal(model.values(), before, f"{kind}: shared memory on one rank changed parameters")
+    if RANK == 1:
+        assert "param_groups[0]['params'][2].data" in message, message
 
     def closure_fails() -> float:
         if RANK == 0:
