@@ -135,3 +135,63 @@ def test_torch_load_weights_only_reads_a_saved_state_dict(
             np.testing.assert_array_equal(back["state"][index][name], value)
     twin.load_state_dict(torch.load(converted, weights_only=True))  # torch's tensors: nothing to allow
     assert set(twin.state_dict()["state"]) == set(saved["state"])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "torch.nn.Parameter"])
+@pytest.mark.parametrize("copied", ["copy.deepcopy", "pickle"])
+@pytest.mark.parametrize(("cls", "torch_cls", "hyper"), OPTIMIZERS, ids=IDS)
+def test_an_optimizer_is_copied_and_pickled_with_its_state(
+    cls: type[Any], torch_cls: Any, hyper: dict[str, Any], copied: str, kind: str
+) -> None:
+    # torch's optimizers can be deep-copied and pickled: a copy over copies of the
+    # parameters, whose state (keyed on `id()`, which the copies do not share) follows
+    # them; it steps as the original does, each on its own arrays
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(3)
+    starts = [rng.standard_normal(n).astype(np.float32) for n in (5, 40)]
+    grads = [[rng.standard_normal(n).astype(np.float32) for n in (5, 40)] for _ in range(6)]
+
+    def make(values: np.ndarray[Any, Any]) -> Any:
+        if kind == "numpy":
+            return Parameter(values.copy(), np.zeros_like(values))
+        if kind == "torch":
+            return Parameter(torch.tensor(values), torch.zeros(values.shape))
+        return torch.nn.Parameter(torch.tensor(values))
+
+    params = [make(x) for x in starts]
+    original = cls(params, **hyper)
+
+    def step(optimizer: Any, k: int) -> None:
+        for p, g in zip(optimizer.param_groups[0]["params"], grads[k], strict=True):
+            p.grad = torch.tensor(g) if kind != "numpy" else g.copy()
+        optimizer.step()
+
+    for k in range(3):
+        step(original, k)
+    twin = copy.deepcopy(original) if copied == "copy.deepcopy" else pickle.loads(pickle.dumps(original))
+    copies = twin.param_groups[0]["params"]
+    assert all(c is not p for c, p in zip(copies, params, strict=True))
+    assert sorted(twin.state) == sorted(map(id, copies))
+    for k in range(3, 6):
+        step(original, k)
+        step(twin, k)
+    for p, c in zip(params, copies, strict=True):
+        assert np.asarray(p.data).tobytes() == np.asarray(c.data).tobytes()
+        for name, value in original.state[p].items():
+            other = twin.state[c][name]
+            assert other == value if name == "step" else np.asarray(value).tobytes() == np.asarray(other).tobytes()
+            assert name == "step" or other is not value
+
+
+def test_an_optimizer_of_opencl_arrays_says_it_cannot_be_copied(queue: cl.CommandQueue) -> None:
+    import copy
+
+    param = Parameter(cl_array.zeros(queue, 4, np.float32), cl_array.zeros(queue, 4, np.float32))
+    optimizer = Adam([param])
+    optimizer.step()
+    with pytest.raises(TypeError, match="cannot be pickled or copied .* state_dict"):
+        copy.deepcopy(optimizer)
+    optimizer.step()  # (it still steps)
+    assert optimizer.state[param]["step"] == 2

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
+from netcl._backends.opencl import is_opencl
 from netcl._backends.base import NONE_TYPE, Tally, check_dtype, grad_of, weak
 from netcl._kernels import NonFinite
 from netcl._parameter import Parameter
@@ -736,25 +737,57 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             raise ValueError(f"nonfinite must be 'skip', 'count' or 'propagate', got {nonfinite!r}")
         self.nonfinite: NonFinite = nonfinite
         """What a step does with an element whose gradient is NaN or infinite."""
+        self._start()
+        self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
+        self._check_combination(self.defaults, "")
+        self.param_groups = []
+        for group in _as_groups(params):
+            self._add_group(group)
+
+    def _start(self) -> None:
+        """Make the state and the caches empty (a new optimizer's, or a copy's)."""
         self._tally = Tally()
         self._lock = threading.RLock()
         self._checked: dict[int, _Checked] = {}
         """Per parameter (by `id()`), the record of its last full check."""
         self._kept: dict[int, _Kept] = {}
+        """Per param group (by index), what it keeps from its last step."""
         self._written: list[_Span] = []
         """The memory of the arrays the plans `_written_by` write (`_written_spans`)."""
         self._written_by: list[_Plan] = []
-        """Per param group (by index), what it keeps from its last step."""
         self._owners: dict[int, ParameterLike] = {}
         """The parameter of each entry of `state`: held, so that no new object takes
         over its `id()` while the entry exists (see `_prune`)."""
         self._group_count = 0
-        self.defaults = {name: check(name, defaults[name]) for name, check in self.hyperparameters.items()}
-        self._check_combination(self.defaults, "")
         self.state = ParameterState()
-        self.param_groups = []
-        for group in _as_groups(params):
-            self._add_group(group)
+
+    def __getstate__(self) -> dict[str, object]:
+        """What `pickle` and `copy.deepcopy` take of the optimizer: its settings, param
+        groups and state, each state with its parameter (`state` is keyed on `id()`s,
+        which a copy's parameters do not share); not its caches (kernels and queues,
+        which pickle refuses) nor the count of `skipped_nonfinite()`."""
+        owners = {**self._owners, **{id(param): param for group in self.param_groups for param in group["params"]}}
+        if any(is_opencl(param.data) for param in owners.values()):
+            raise TypeError(
+                "an optimizer of OpenCL arrays cannot be pickled or copied (pyopencl arrays cannot); "
+                "save its state_dict() (see netcl.optim.checkpoint) and load it into a new optimizer"
+            )
+        return {
+            "defaults": self.defaults,
+            "nonfinite": self.nonfinite,
+            "param_groups": self.param_groups,
+            "state": [(owners.get(key), value) for key, value in self.state.items()],
+        }
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        """Restore what `__getstate__` gave, the state keyed on the copied parameters."""
+        self._start()
+        self.defaults, self.nonfinite, self.param_groups = saved["defaults"], saved["nonfinite"], saved["param_groups"]
+        for param, value in saved["state"]:
+            if param is not None:
+                dict.__setitem__(self.state, id(param), value)
+                self._owners[id(param)] = param
+        self._group_count = len(self.param_groups)
 
     # --- parameters and groups -------------------------------------------------------
 
