@@ -23,8 +23,8 @@ import numpy.typing as npt
 
 from netcl._backends import Backend, Work, backend_for, checked_backend, describe
 from netcl._backends.array_api import is_array_api
-from netcl._backends.opencl import is_opencl
 from netcl._backends.base import NONE_TYPE, Tally, check_dtype, grad_of, weak
+from netcl._backends.opencl import is_opencl
 from netcl._kernels import NonFinite
 from netcl._parameter import Parameter
 from netcl._precision import compute_dtype, stochastic_key
@@ -1084,7 +1084,12 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             if plan.fresh:
                 plan.fresh = []  # (held no longer than this)
         if grads:
-            _refuse_shared_gradients(self._written, grads)
+            try:
+                _refuse_shared_gradients(self._written, grads)
+            except ValueError:
+                for kept in self._kept.values():
+                    kept.plan = None  # (a kept plan took the gradients as its own: checked afresh)
+                raise
         return plans
 
     def _plan(self, index: int, group: GroupT) -> tuple[Step, _Plan, bool]:
