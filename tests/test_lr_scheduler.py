@@ -128,10 +128,35 @@ def test_state_dict_resumes_the_sequence() -> None:
     assert got == expected
 
 
-def test_a_value_written_by_a_scheduler_is_checked_at_the_next_step() -> None:
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_a_scheduler_refuses_a_learning_rate_it_computes_out_of_range(bad: float) -> None:
+    # (torch writes it, and its optimizer steps with it; netcl's scheduler refuses it at
+    # its step, and changes nothing: its epoch, its last rates, the group's lr)
     param = Parameter(np.ones(3, np.float32), np.ones(3, np.float32))
     optimizer = SGD([param], lr=0.1)
-    ours.LambdaLR(optimizer, lambda epoch: -1.0 if epoch >= 1 else 1.0).step()
+    scheduler = ours.LambdaLR(optimizer, lambda epoch: bad if epoch == 2 else 1.0 / (epoch + 1))
+    scheduler.step()
+    before = dict(scheduler.__dict__)
+    with pytest.raises(ValueError, match=r"LambdaLR gives param_groups\[0\] lr=.* at last_epoch=2; a learning rate"):
+        scheduler.step()
+    assert scheduler.__dict__ == before and optimizer.param_groups[0]["lr"] == 0.05
+    optimizer.step()  # (the optimizer still steps)
+
+
+def test_warm_restarts_refusing_a_learning_rate_change_nothing() -> None:
+    # (its step moves its own counters before it computes the rates)
+    optimizer = SGD([Parameter(np.ones(3, np.float32), np.ones(3, np.float32))], lr=0.1)
+    scheduler = ours.CosineAnnealingWarmRestarts(optimizer, T_0=4, eta_min=-1.0)  # (below 0 from the 2nd epoch)
+    before, lr = dict(scheduler.__dict__), optimizer.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match=r"CosineAnnealingWarmRestarts gives param_groups\[0\] lr=-0.06"):
+        scheduler.step()
+    assert scheduler.__dict__ == before and optimizer.param_groups[0]["lr"] == lr
+
+
+def test_a_learning_rate_written_out_of_range_is_checked_at_the_next_step() -> None:
+    param = Parameter(np.ones(3, np.float32), np.ones(3, np.float32))
+    optimizer = SGD([param], lr=0.1)
+    optimizer.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match=r"param_groups\[0\]: lr"):
         optimizer.step()
     assert np.array_equal(param.data, np.ones(3, np.float32))

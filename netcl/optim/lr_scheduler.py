@@ -33,12 +33,13 @@ print(scheduler.get_last_lr())  # [0.025]
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import types
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 __all__ = [
@@ -153,10 +154,27 @@ class LRScheduler:
         return None
 
     def step(self) -> None:
-        """Move to the next epoch (or step) and write each group's learning rate."""
-        self._step_count += 1
-        self.last_epoch += 1
-        self._write(self.get_lr())
+        """Move to the next epoch (or step) and write each group's learning rate.
+
+        Raises:
+            ValueError: The schedule gives a learning rate that is not a finite real
+                >= 0 (an `lr_lambda`'s NaN, say); then nothing changes.
+        """
+        with self._undone_on_error():
+            self._step_count += 1
+            self.last_epoch += 1
+            self._write(self.get_lr())
+
+    @contextlib.contextmanager
+    def _undone_on_error(self) -> Iterator[None]:
+        """Put the scheduler's attributes back as they were where the body raises."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
 
     def _restart(self) -> None:
         """Set `last_epoch` to 0 and write the learning rates there (SequentialLR's
@@ -166,7 +184,14 @@ class LRScheduler:
         self._write(closed if closed is not None else self.get_lr())
 
     def _write(self, values: Iterable[float]) -> None:
-        for group, lr in zip(self.optimizer.param_groups, values, strict=True):
+        lrs = list(values)
+        for k, lr in enumerate(lrs):  # (all checked before any is written)
+            if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= lr < math.inf:
+                raise ValueError(
+                    f"{type(self).__name__} gives param_groups[{k}] lr={lr!r} at last_epoch={self.last_epoch}; "
+                    "a learning rate is a finite real >= 0, so nothing was written"
+                )
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
@@ -455,6 +480,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def step(self) -> None:
         """Move to the next epoch, restarting the cosine at the end of each period."""
+        with self._undone_on_error():
+            self._restarting_step()
+
+    def _restarting_step(self) -> None:
         self._step_count += 1
         if self.last_epoch < 0:
             epoch = 0
