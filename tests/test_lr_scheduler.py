@@ -209,3 +209,23 @@ def test_schedulers_steer_the_distributed_wrappers() -> None:
         inner = optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer.optim
         optimizer.step()  # the inner optimizer takes the written rate
         assert inner.param_groups[0]["lr"] == 0.0125
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"last_epoch": "3"}, r"state_dict\['last_epoch'\] must be an int >= -1, got '3'"),
+        ({"last_epoch": True}, r"state_dict\['last_epoch'\] must be an int >= -1, got True"),
+        ({"_step_count": -5}, r"state_dict\['_step_count'\] must be an int >= -1, got -5"),
+        ({"base_lrs": ["0.1"]}, r"state_dict\['base_lrs'\] must be a list of real numbers"),
+        ({"base_lrs": 0.1}, r"state_dict\['base_lrs'\] must be a list of real numbers"),
+    ],
+)
+def test_a_scheduler_state_dict_with_counts_of_the_wrong_kind_is_refused(change: dict[str, Any], words: str) -> None:
+    optimizer = SGD([Parameter(np.ones(3, np.float32), np.ones(3, np.float32))], lr=0.1)
+    scheduler = ours.StepLR(optimizer, step_size=2)
+    scheduler.step()
+    before = dict(scheduler.__dict__)
+    with pytest.raises(ValueError, match=words):
+        scheduler.load_state_dict({**scheduler.state_dict(), **change})
+    assert scheduler.__dict__ == before

@@ -211,13 +211,21 @@ class LRScheduler:
 
         Raises:
             TypeError: `state_dict` is not a dict.
-            ValueError: It has keys this scheduler does not have.
+            ValueError: It has keys this scheduler does not have, or a count
+                (`last_epoch`, `_step_count`) or `base_lrs` of the wrong kind.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         unknown = sorted(set(state_dict) - set(self.__dict__))
         if unknown:
             raise ValueError(f"state_dict has keys {unknown} that {type(self).__name__} does not have")
+        for key in ("last_epoch", "_step_count"):  # (the counts every schedule reads)
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+                raise ValueError(f"state_dict['{key}'] must be an int >= -1, got {value!r}")
+        lrs = state_dict.get("base_lrs", self.__dict__.get("base_lrs", []))
+        if not isinstance(lrs, list) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in lrs):
+            raise ValueError(f"state_dict['base_lrs'] must be a list of real numbers, got {lrs!r}")
         self.__dict__.update(state_dict)
 
     def __repr__(self) -> str:
