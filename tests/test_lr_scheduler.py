@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -229,3 +230,32 @@ def test_a_scheduler_state_dict_with_counts_of_the_wrong_kind_is_refused(change:
     with pytest.raises(ValueError, match=words):
         scheduler.load_state_dict({**scheduler.state_dict(), **change})
     assert scheduler.__dict__ == before
+
+
+@pytest.mark.parametrize("composite", ["ChainedScheduler", "SequentialLR"])
+def test_a_composite_whose_scheduler_refuses_a_rate_changes_nothing(composite: str) -> None:
+    # (ChainedScheduler's first scheduler has written its rate when the second refuses
+    # its own: that write is undone too)
+    optimizer = SGD([Parameter(np.ones(3, np.float32), np.ones(3, np.float32))], lr=0.1)
+    first = ours.ExponentialLR(optimizer, gamma=0.5)
+    second = ours.LambdaLR(optimizer, lambda epoch: math.nan if epoch == 2 else 1.0)
+    scheduler: ours.LRScheduler = (
+        ours.ChainedScheduler([first, second])
+        if composite == "ChainedScheduler"
+        else ours.SequentialLR(optimizer, [first, second], milestones=[1])
+    )
+    steps = 0
+    for _ in range(5):  # (until the second scheduler's epoch 2)
+        before = [dict(s.__dict__) for s in (scheduler, first, second)]
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            scheduler.step()
+        except ValueError as error:
+            assert re.search(r"LambdaLR gives param_groups\[0\] lr=nan", str(error)), error
+            break
+        steps += 1
+    else:
+        raise AssertionError("no step refused the rate")
+    assert steps >= 1  # (a step went through before)
+    assert [s.__dict__ for s in (scheduler, first, second)] == before
+    assert optimizer.param_groups[0]["lr"] == lr

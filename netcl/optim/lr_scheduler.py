@@ -167,13 +167,19 @@ class LRScheduler:
 
     @contextlib.contextmanager
     def _undone_on_error(self) -> Iterator[None]:
-        """Put the scheduler's attributes back as they were where the body raises."""
-        saved = dict(self.__dict__)
+        """Put the scheduler's attributes (and those of the schedulers it is made of),
+        and the param groups' learning rates, back as they were where the body raises."""
+        schedulers = [self, *getattr(self, "_schedulers", ())]
+        saved = [dict(s.__dict__) for s in schedulers]
+        lrs = self._lrs()
         try:
             yield
         except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(saved)
+            for scheduler, attributes in zip(schedulers, saved, strict=True):
+                scheduler.__dict__.clear()
+                scheduler.__dict__.update(attributes)
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
             raise
 
     def _restart(self) -> None:
@@ -766,7 +772,12 @@ class SequentialLR(_Composite):
         self._last_lr = first.get_last_lr()
 
     def step(self) -> None:
-        """Step the scheduler whose turn it is (restarted at its milestone)."""
+        """Step the scheduler whose turn it is (restarted at its milestone); one that
+        refuses a rate changes nothing (see `LRScheduler.step`)."""
+        with self._undone_on_error():
+            self._sequence_step()
+
+    def _sequence_step(self) -> None:
         self.last_epoch += 1
         index = bisect_right(self._milestones, self.last_epoch)
         scheduler = self._schedulers[index]
@@ -790,10 +801,12 @@ class ChainedScheduler(_Composite):
         self._last_lr = self._lrs()
 
     def step(self) -> None:
-        """Step every scheduler, in order."""
-        for scheduler in self._schedulers:
-            scheduler.step()
-        self._last_lr = self._lrs()
+        """Step every scheduler, in order; one that refuses a rate changes nothing, the
+        others' steps included (see `LRScheduler.step`)."""
+        with self._undone_on_error():
+            for scheduler in self._schedulers:
+                scheduler.step()
+            self._last_lr = self._lrs()
 
 
 def _check_chain(optimizer: HasParamGroups, schedulers: Sequence[LRScheduler]) -> None:
