@@ -195,3 +195,97 @@ def test_an_optimizer_of_opencl_arrays_says_it_cannot_be_copied(queue: cl.Comman
         copy.deepcopy(optimizer)
     optimizer.step()  # (it still steps)
     assert optimizer.state[param]["step"] == 2
+
+
+def test_step_hooks_run_as_torchs() -> None:
+    # torch's register_step_pre_hook / register_step_post_hook: the same calls, in the
+    # same order, with the step's arguments (the optimizer first, as the method's
+    # `self`), on netcl's optimizer and on torch's
+    calls: dict[str, list[tuple[str, tuple[object, ...], dict[str, object]]]] = {"ours": [], "theirs": []}
+
+    def recorder(log: list[tuple[str, tuple[object, ...], dict[str, object]]], name: str) -> Any:
+        def hook(optimizer: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            assert args[0] is optimizer
+            log.append((name, args[1:], kwargs))
+
+        return hook
+
+    def closure() -> float:
+        return 1.0
+
+    param = Parameter(np.ones(3, np.float32), np.full(3, 0.5, np.float32))
+    twin = torch.nn.Parameter(torch.ones(3))
+    twin.grad = torch.full((3,), 0.5)
+    for key, optimizer in (("ours", SGD([param], lr=0.1)), ("theirs", torch.optim.SGD([twin], lr=0.1))):
+        log = calls[key]
+        handles = [
+            optimizer.register_step_pre_hook(recorder(log, "pre 1")),
+            optimizer.register_step_post_hook(recorder(log, "post")),
+            optimizer.register_step_pre_hook(recorder(log, "pre 2")),
+        ]
+        optimizer.step()
+        optimizer.step(closure)
+        handles[0].remove()
+        handles[0].remove()  # (again: nothing)
+        optimizer.step()
+        for handle in handles[1:]:
+            handle.remove()
+        optimizer.step()
+    assert calls["ours"] == calls["theirs"]
+    assert calls["ours"][:4] == [("pre 1", (), {}), ("pre 2", (), {}), ("post", (), {}), ("pre 1", (closure,), {})]
+    assert np.allclose(param.data, twin.detach().numpy())  # (four steps each)
+
+
+Args = tuple[object, ...]
+Kwargs = dict[str, object]
+
+
+def test_a_step_pre_hook_gives_the_step_its_arguments_and_can_stop_it() -> None:
+    import copy
+
+    param = Parameter(np.ones(3, np.float32), np.full(3, 0.5, np.float32))
+    optimizer = Adam([param], lr=0.1)
+    seen: list[float] = []
+
+    def closure() -> float:
+        seen.append(float(param.data[0]))
+        return 2.0
+
+    def give(opt: Any, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
+        return (opt,), {"closure": closure}
+
+    with optimizer.register_step_pre_hook(give):
+        assert optimizer.step() == 2.0  # (the closure the hook gave it)
+    assert seen == [1.0]
+    assert optimizer.step() is None  # (the handle removed the hook at the end of `with`)
+
+    def refuse(opt: Any, args: Args, kwargs: Kwargs) -> None:
+        raise KeyError("not now")
+
+    before = (param.data.copy(), optimizer.state[param]["step"])
+    with optimizer.register_step_pre_hook(refuse), pytest.raises(KeyError, match="not now"):
+        optimizer.step()
+    assert np.array_equal(param.data, before[0]) and optimizer.state[param]["step"] == before[1]
+    wrong_returns: list[tuple[object, str]] = [
+        (3, "returned builtins.int"),
+        (((optimizer, closure, closure), {}), "and one more, the closure"),
+        (((closure,), {}), "it takes the optimizer"),
+    ]
+    for bad, words in wrong_returns:
+
+        def wrong(opt: Any, args: Args, kwargs: Kwargs, bad: object = bad) -> Any:
+            return bad
+
+        with optimizer.register_step_pre_hook(wrong), pytest.raises(TypeError, match=words):
+            optimizer.step()
+        assert np.array_equal(param.data, before[0]) and optimizer.state[param]["step"] == before[1]
+    with pytest.raises(TypeError, match="a step post-hook must be callable, got builtins.int"):
+        optimizer.register_step_post_hook(3)  # type: ignore[arg-type]
+
+    def note(opt: Any, args: Args, kwargs: Kwargs) -> None:
+        seen.append(-1.0)
+
+    with optimizer.register_step_post_hook(note):
+        copy.deepcopy(optimizer).step()  # (a copy has no hooks, as torch's)
+        optimizer.step()
+    assert seen == [1.0, -1.0]

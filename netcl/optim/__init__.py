@@ -6,6 +6,7 @@ from netcl.optim import RMSProp
 """
 
 from netcl.optim import checkpoint, lr_scheduler
+from netcl.optim._hooks import HookHandle
 from netcl.optim.adam import (
     Adam,
     AdamHyperparameters,
@@ -49,6 +50,7 @@ __all__ = [
     "AdamState",
     "AdamStateDict",
     "AdamW",
+    "HookHandle",
     "NonFinite",
     "Optimizer",
     "ParameterState",

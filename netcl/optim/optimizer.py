@@ -31,6 +31,7 @@ from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
 from netcl._update import MASTER, Step, UpdateRule
 from netcl._writes import PARAMETER_WRITE, STATE_WRITE, NotedList, note_state_write
+from netcl.optim._hooks import HookHandle, Hooks
 from netcl.optim._hyper import HyperCheck
 
 __all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer", "ParameterState"]
@@ -760,12 +761,15 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         over its `id()` while the entry exists (see `_prune`)."""
         self._group_count = 0
         self.state = ParameterState()
+        self._pre_hooks: Hooks[Callable[..., object]] = Hooks("a step pre-hook")
+        self._post_hooks: Hooks[Callable[..., object]] = Hooks("a step post-hook")
 
     def __getstate__(self) -> dict[str, object]:
         """What `pickle` and `copy.deepcopy` take of the optimizer: its settings, param
         groups and state, each state with its parameter (`state` is keyed on `id()`s,
         which a copy's parameters do not share); not its caches (kernels and queues,
-        which pickle refuses) nor the count of `skipped_nonfinite()`."""
+        which pickle refuses), its step hooks (as torch's) nor the count of
+        `skipped_nonfinite()`."""
         owners = {**self._owners, **{id(param): param for group in self.param_groups for param in group["params"]}}
         if any(is_opencl(param.data) for param in owners.values()):
             raise TypeError(
@@ -856,6 +860,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         once every update has been written. OpenCL arrays are updated by the fused
         kernel on their own queue, without waiting on the host.
 
+        The hooks of `register_step_pre_hook` run before it, those of
+        `register_step_post_hook` after it.
+
         Args:
             closure: Called first, to recompute the loss (and the gradients); its result
                 is returned.
@@ -868,6 +875,11 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 context or layout than its parameter, or a state's `step` is not a
                 whole number >= 0.
         """
+        if self._pre_hooks.hooks or self._post_hooks.hooks:
+            return self._hooked_step(closure)
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], LossT] | None) -> LossT | None:
         loss: LossT | None = None
         if closure is not None:
             if not callable(closure):
@@ -901,6 +913,74 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 if plan.quiet_able and plan.count is not None and self._kept[index].plan is plan:
                     plan.quiet_tokens = tokens
         return loss
+
+    def _hooked_step(self, closure: Callable[[], LossT] | None) -> LossT | None:
+        """`step()` with its pre-hooks before it and its post-hooks after it (torch's
+        order and arguments: the step's positional and keyword arguments)."""
+        args: tuple[object, ...] = (self,) if closure is None else (self, closure)  # (torch's: `step`'s own)
+        kwargs: dict[str, object] = {}
+        for hook in self._pre_hooks:
+            result = hook(self, args, kwargs)
+            if result is None:
+                continue
+            if not (
+                isinstance(result, tuple)
+                and len(result) == 2
+                and isinstance(result[0], tuple)
+                and isinstance(result[1], dict)
+            ):
+                raise TypeError(
+                    f"a step pre-hook returned {describe(result)}; it returns None, or a tuple (args, kwargs) "
+                    "of the step's new arguments"
+                )
+            args, kwargs = result
+        if not args or args[0] is not self or len(args) > 2 or set(kwargs) - {"closure"} or (args[1:] and kwargs):
+            raise TypeError(
+                f"the step pre-hooks gave step() the arguments {args!r}, {kwargs!r}; it takes the optimizer "
+                "and one more, the closure"
+            )
+        given = args[1] if len(args) > 1 else kwargs.get("closure")
+        loss = self._step(cast("Callable[[], LossT] | None", given))
+        for hook in self._post_hooks:
+            hook(self, args, kwargs)
+        return loss
+
+    def register_step_pre_hook(
+        self,
+        hook: Callable[
+            [Self, tuple[object, ...], dict[str, object]], tuple[tuple[object, ...], dict[str, object]] | None
+        ],
+    ) -> HookHandle:
+        """Call `hook(optimizer, args, kwargs)` before each `step()`, as torch does:
+        `args` and `kwargs` are the step's arguments, the optimizer first (`(optimizer,)`
+        and `{}` for `step()`, `(optimizer, closure)` for `step(closure)`); a hook that
+        returns `(args, kwargs)` gives the step (and the next hooks) those instead. Hooks run in the order registered,
+        outside the step's checks: one that raises stops the step before it changes
+        anything.
+
+        Returns:
+            A handle whose `remove()` takes the hook away.
+
+        Raises:
+            TypeError: `hook` is not callable (at once), or returned something other
+                than None or `(args, kwargs)` of one closure (at the step).
+        """
+        return self._pre_hooks.add(hook)
+
+    def register_step_post_hook(
+        self, hook: Callable[[Self, tuple[object, ...], dict[str, object]], None]
+    ) -> HookHandle:
+        """Call `hook(optimizer, args, kwargs)` after each `step()` that succeeded, with
+        the step's arguments (as the pre-hooks left them), as torch does; hooks run in
+        the order registered.
+
+        Returns:
+            A handle whose `remove()` takes the hook away.
+
+        Raises:
+            TypeError: `hook` is not callable.
+        """
+        return self._post_hooks.add(hook)
 
     def _check_step(self) -> None:
         """Raise as `step()` would on this input, and change nothing (the distributed

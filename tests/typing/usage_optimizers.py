@@ -14,6 +14,7 @@ from netcl.optim import (
     AdamParamGroup,
     AdamStateDict,
     AdamW,
+    HookHandle,
     SGDParamGroup,
     SGDStateDict,
 )
@@ -44,3 +45,15 @@ SGD([param], 1e-2, 0.9, 0.0, 0.0, False, True)  # type: ignore[call-arg]
 adam.param_groups[0]["betas"] = 0.9  # type: ignore[typeddict-item]
 sgd.param_groups[0]["betas"]  # type: ignore[typeddict-item]
 adamw.add_param_group({"params": [param], "momentum": 0.9})  # type: ignore[typeddict-unknown-key]
+
+
+# step hooks: the optimizer's own type, the step's arguments; a handle
+def log_lr(optimizer: Adam, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    assert_type(optimizer.param_groups[0]["lr"], float)
+
+
+handle = adam.register_step_post_hook(log_lr)
+assert_type(handle, HookHandle)
+handle.remove()
+adam.register_step_pre_hook(lambda optimizer, args, kwargs: None)
+adam.register_step_pre_hook(lambda optimizer, args, kwargs: 3)  # type: ignore[arg-type,return-value]
