@@ -289,3 +289,53 @@ def test_a_step_pre_hook_gives_the_step_its_arguments_and_can_stop_it() -> None:
         copy.deepcopy(optimizer).step()  # (a copy has no hooks, as torch's)
         optimizer.step()
     assert seen == [1.0, -1.0]
+
+
+def test_state_dict_hooks_run_as_torchs() -> None:
+    # torch's four state-dict hooks: the same calls in the same order (`prepend` first),
+    # a post-hook's state dict returned, a load pre-hook's loaded instead
+    calls: dict[str, list[str]] = {"ours": [], "theirs": []}
+    param = Parameter(np.ones(3, np.float32), np.full(3, 0.5, np.float32))
+    twin = torch.nn.Parameter(torch.ones(3))
+    twin.grad = torch.full((3,), 0.5)
+    results = {}
+    pairs: list[tuple[str, Any]] = [("ours", Adam([param], lr=0.1)), ("theirs", torch.optim.Adam([twin], lr=0.1))]
+    for key, optimizer in pairs:
+        log = calls[key]
+        optimizer.step()
+
+        def noted(name: str, log: list[str] = log) -> Any:
+            return lambda *args: log.append(name)
+
+        def marked(opt: Any, state_dict: Any, log: list[str] = log) -> Any:
+            log.append("save post: marked")
+            return {**state_dict, "param_groups": [{**g, "lr": 0.5} for g in state_dict["param_groups"]]}
+
+        def halved(opt: Any, state_dict: Any, log: list[str] = log) -> Any:
+            log.append("load pre: halved")
+            return {**state_dict, "param_groups": [{**g, "lr": g["lr"] / 2} for g in state_dict["param_groups"]]}
+
+        handles = [
+            optimizer.register_state_dict_pre_hook(noted("save pre")),
+            optimizer.register_state_dict_pre_hook(noted("save pre, prepended"), prepend=True),
+            optimizer.register_state_dict_post_hook(marked),
+            optimizer.register_state_dict_post_hook(noted("save post")),
+            optimizer.register_load_state_dict_pre_hook(halved),
+            optimizer.register_load_state_dict_post_hook(noted("load post")),
+        ]
+        saved = optimizer.state_dict()
+        optimizer.load_state_dict(saved)
+        results[key] = (saved["param_groups"][0]["lr"], optimizer.param_groups[0]["lr"])
+        for handle in handles:
+            handle.remove()
+        optimizer.load_state_dict(optimizer.state_dict())
+    assert calls["ours"] == calls["theirs"]
+    assert calls["ours"] == [
+        "save pre, prepended",
+        "save pre",
+        "save post: marked",
+        "save post",
+        "load pre: halved",
+        "load post",
+    ]
+    assert results["ours"] == results["theirs"] == (0.5, 0.25)

@@ -1,5 +1,5 @@
-"""Hooks an optimizer calls around its step (torch's `register_step_pre_hook` and
-`register_step_post_hook`): kept in the order of registration, each removed by the
+"""Hooks an optimizer calls around its step, `state_dict()` and `load_state_dict()`
+(torch's `register_step_pre_hook` and the like): kept in order, each removed by the
 handle its registration returned."""
 
 from __future__ import annotations
@@ -46,12 +46,19 @@ class Hooks(Generic[HookT]):
         self.what = what
         self.hooks: dict[int, HookT] = {}
 
-    def add(self, hook: HookT) -> HookHandle:
-        """Register `hook`; raise TypeError unless it is callable."""
+    def add(self, hook: HookT, prepend: bool = False) -> HookHandle:
+        """Register `hook`, to run after the others (before them with `prepend`); raise
+        TypeError unless it is callable."""
         if not callable(hook):
             raise TypeError(f"{self.what} must be callable, got {type(hook).__module__}.{type(hook).__qualname__}")
         key = next(_keys)
-        self.hooks[key] = hook
+        if prepend:  # (in place: the handles hold this dict)
+            others = list(self.hooks.items())
+            self.hooks.clear()
+            self.hooks[key] = hook
+            self.hooks.update(others)
+        else:
+            self.hooks[key] = hook
         return HookHandle(self.hooks, key)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[HookT]:

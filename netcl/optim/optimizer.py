@@ -763,12 +763,20 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self.state = ParameterState()
         self._pre_hooks: Hooks[Callable[..., object]] = Hooks("a step pre-hook")
         self._post_hooks: Hooks[Callable[..., object]] = Hooks("a step post-hook")
+        self._save_hooks: tuple[Hooks[Callable[..., object]], Hooks[Callable[..., object]]] = (
+            Hooks("a state_dict pre-hook"),
+            Hooks("a state_dict post-hook"),
+        )
+        self._load_hooks: tuple[Hooks[Callable[..., object]], Hooks[Callable[..., object]]] = (
+            Hooks("a load_state_dict pre-hook"),
+            Hooks("a load_state_dict post-hook"),
+        )
 
     def __getstate__(self) -> dict[str, object]:
         """What `pickle` and `copy.deepcopy` take of the optimizer: its settings, param
         groups and state, each state with its parameter (`state` is keyed on `id()`s,
         which a copy's parameters do not share); not its caches (kernels and queues,
-        which pickle refuses), its step hooks (as torch's) nor the count of
+        which pickle refuses), its hooks (as torch's) nor the count of
         `skipped_nonfinite()`."""
         owners = {**self._owners, **{id(param): param for group in self.param_groups for param in group["params"]}}
         if any(is_opencl(param.data) for param in owners.values()):
@@ -1285,8 +1293,19 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         `step` (an int) and its state buffers as host numpy arrays; `param_groups` lists
         each group's hyperparameters with `params` as a list of indices. The snapshot is
         picklable and shares no memory with the optimizer. For OpenCL arrays it waits
-        for the buffers' pending work.
+        for the buffers' pending work. The hooks of `register_state_dict_pre_hook` run
+        before it, those of `register_state_dict_post_hook` after it.
         """
+        for hook in self._save_hooks[0]:
+            hook(self)
+        saved = self._state_dict()
+        for hook in self._save_hooks[1]:
+            result = hook(self, saved)
+            if result is not None:
+                saved = cast(StateDictT, result)
+        return saved
+
+    def _state_dict(self) -> StateDictT:
         with self._lock:
             for g, group in enumerate(self.param_groups):
                 self._step_of(g, group)  # a value edited into a group is checked first
@@ -1323,10 +1342,65 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         the optimizer shares no memory with `state_dict`. Keys that only steer how torch
         runs (`foreach`, `capturable`, `differentiable`, `fused`) are accepted and ignored.
 
+        The hooks of `register_load_state_dict_pre_hook` run before it (one that returns
+        a state dict gives it that one instead), those of
+        `register_load_state_dict_post_hook` after it.
+
         Raises:
             TypeError: A value has the wrong type.
             ValueError: Anything in `state_dict` does not fit this optimizer.
         """
+        for hook in self._load_hooks[0]:
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = cast("Mapping[str, object]", result)
+        self._load_state_dict(state_dict)
+        for hook in self._load_hooks[1]:
+            hook(self)
+
+    def register_state_dict_pre_hook(self, hook: Callable[[Self], None], prepend: bool = False) -> HookHandle:
+        """Call `hook(optimizer)` before each `state_dict()`, as torch does (before the
+        other hooks with `prepend`). Returns a handle whose `remove()` takes it away.
+
+        Raises:
+            TypeError: `hook` is not callable.
+        """
+        return self._save_hooks[0].add(hook, prepend)
+
+    def register_state_dict_post_hook(
+        self, hook: Callable[[Self, StateDictT], StateDictT | None], prepend: bool = False
+    ) -> HookHandle:
+        """Call `hook(optimizer, state_dict)` after each `state_dict()`, as torch does: a
+        hook that returns a state dict gives the caller (and the next hooks) that one.
+        Returns a handle whose `remove()` takes it away.
+
+        Raises:
+            TypeError: `hook` is not callable.
+        """
+        return self._save_hooks[1].add(hook, prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[[Self, Mapping[str, object]], Mapping[str, object] | None], prepend: bool = False
+    ) -> HookHandle:
+        """Call `hook(optimizer, state_dict)` before each `load_state_dict()`, as torch
+        does: a hook that returns a state dict has that one loaded (and checked) instead.
+        Returns a handle whose `remove()` takes it away.
+
+        Raises:
+            TypeError: `hook` is not callable.
+        """
+        return self._load_hooks[0].add(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable[[Self], None], prepend: bool = False) -> HookHandle:
+        """Call `hook(optimizer)` after each `load_state_dict()` that succeeded, as torch
+        does. Returns a handle whose `remove()` takes it away.
+
+        Raises:
+            TypeError: `hook` is not callable.
+        """
+        return self._load_hooks[1].add(hook, prepend)
+
+    def _load_state_dict(self, state_dict: Mapping[str, object]) -> None:
         with self._lock:
             hypers, id_map, saved_state = self._check_state_dict(state_dict)
             new_state: dict[int, StateT] = {}

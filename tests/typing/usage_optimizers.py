@@ -57,3 +57,11 @@ assert_type(handle, HookHandle)
 handle.remove()
 adam.register_step_pre_hook(lambda optimizer, args, kwargs: None)
 adam.register_step_pre_hook(lambda optimizer, args, kwargs: 3)  # type: ignore[arg-type,return-value]
+
+
+def trimmed(optimizer: Adam, state_dict: AdamStateDict) -> AdamStateDict:
+    return state_dict
+
+
+adam.register_state_dict_post_hook(trimmed, prepend=True)
+adam.register_load_state_dict_post_hook(lambda optimizer: None)
