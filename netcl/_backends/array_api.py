@@ -29,7 +29,7 @@ from netcl._backends.base import (
     check_same_shape,
     describe,
 )
-from netcl._backends.host import host_view, joined_runs, update_on_host
+from netcl._backends.host import dlpack_view, host_view, joined_runs, update_on_host
 from netcl._precision import BFLOAT16, FLOAT16, compute_dtype, is_half, round_half
 from netcl._update import MASTER, Step
 from netcl._xp import ArrayNamespace, is_torch
@@ -95,14 +95,6 @@ def _check_written_in_place(x: Any, where: str) -> None:
         )
 
 
-def _dlpack_view(x: Any) -> np.ndarray[Any, Any] | None:
-    """A numpy array over `x`'s memory (host memory only), or None."""
-    try:
-        return np.from_dlpack(x)
-    except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
-        return None  # (no DLPack, a dtype numpy lacks, another device)
-
-
 _byte_bounds: Callable[[np.ndarray[Any, Any]], tuple[int, int]] = getattr(np.lib, "array_utils", np).byte_bounds
 """numpy's first and one-past-last byte of an array (`np.lib.array_utils` from numpy 2)."""
 
@@ -155,7 +147,7 @@ class ArrayAPIBackend(Backend):
             return where, start, start + (span + 1) * itemsize
         if _rebinds(array):
             return None
-        view = array if isinstance(array, np.ndarray) else _dlpack_view(array)
+        view = array if isinstance(array, np.ndarray) else dlpack_view(array)
         if view is None or view.size == 0:
             return None
         low, high = _byte_bounds(view)

@@ -112,6 +112,16 @@ def host_queue() -> cl.CommandQueue | None:
     return None
 
 
+def dlpack_view(x: Any) -> npt.NDArray[Any] | None:
+    """A numpy array over the memory of `x` (an array of another library, in host
+    memory), through DLPack; None where it has none, or a dtype numpy lacks, or is on
+    another device."""
+    try:
+        return np.from_dlpack(x.detach() if is_torch(x) else x)
+    except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+        return None
+
+
 def host_view(x: Any) -> npt.NDArray[Any] | None:
     """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
     if isinstance(x, np.ndarray):
@@ -120,15 +130,15 @@ def host_view(x: Any) -> npt.NDArray[Any] | None:
         # (DLPack has bfloat16, numpy has not: the bits, seen as ml_dtypes' bfloat16)
         import torch
 
-        try:
-            view = np.from_dlpack(x.detach().view(torch.int16)).view(BFLOAT16)
-        except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+        bits = dlpack_view(x.detach().view(torch.int16))
+        if bits is None:
             return None
+        view = bits.view(BFLOAT16)
     else:
-        try:
-            view = np.from_dlpack(x.detach() if is_torch(x) else x)
-        except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
+        found = dlpack_view(x)
+        if found is None:
             return None
+        view = found
     if not (view.flags.writeable and view.flags.aligned and view.dtype in SUPPORTED_DTYPES):
         return None
     if not (view.flags.c_contiguous or view.flags.f_contiguous):
