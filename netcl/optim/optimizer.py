@@ -1161,10 +1161,10 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             now = [plan for _, plan, _ in plans]
             self._written, self._written_by = _written_spans(plans), now
             grads = [
-                (backend, grad(), at)
+                (backend, gradient, at)
                 for plan in now
                 for _, _, grad, _, _, backend, at in plan.entries
-                if backend is not None and grad is not None and grad() is not None
+                if backend is not None and grad is not None and (gradient := grad()) is not None
             ]
         else:  # the arrays of the last step that checked them: only new gradients to compare
             grads = [item for plan in now if plan.fresh for item in plan.fresh]
