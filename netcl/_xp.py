@@ -9,12 +9,13 @@ tensors that the adapters run on arrays at every step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import EllipsisType
 from typing import Protocol, Self, TypeVar
 
 import array_api_compat
 
-__all__ = ["ArrayNamespace", "XArray", "is_torch"]
+__all__ = ["ArrayNamespace", "XArray", "is_torch", "torch_kinds"]
 
 
 _TORCH_TYPES: dict[type, bool] = {}
@@ -29,6 +30,11 @@ def is_torch(x: object) -> bool:
     if found is None:
         found = _TORCH_TYPES[kind] = array_api_compat.is_torch_array(x)
     return found
+
+
+def torch_kinds(kinds: Iterable[type]) -> bool:
+    """Whether every one of `kinds` is known (`is_torch`) as a torch tensor's type."""
+    return all(map(_TORCH_TYPES.get, kinds))
 
 
 class XArray(Protocol):
