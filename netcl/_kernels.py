@@ -439,7 +439,7 @@ class Launcher:
         if fused.keyed:
             for k, values in enumerate(keys):
                 self._set_member(k, values)
-        per_slot, refs = fused.per_slot, self.grads
+        per_slot, refs, dirty = fused.per_slot, self.grads, self.dirty
         for k in range(fused.slots):
             grad = grads[k] if k < len(grads) else grads[0]
             known = refs[k]
@@ -448,9 +448,14 @@ class Launcher:
                 # no new argument; another object may have rebound its buffer)
                 fixed = isinstance(grad, cl_array.Array) or getattr(grad, "fixed_binding", False)
                 refs[k] = weakref.ref(grad) if fixed else None
-                args[k * per_slot + 2] = grad.base_data
-                args[k * per_slot + 3] = grad.offset
-                self._mark(k * per_slot + 2, 2)
+                index = k * per_slot + 2
+                args[index] = grad.base_data
+                offset = grad.offset
+                if dirty is not None:
+                    dirty.add(index)
+                    if args[index + 1] != offset:  # (mostly 0, as the last one's)
+                        dirty.add(index + 1)
+                args[index + 1] = offset
         self._send(grads)
 
     def _send(self, grads: Sequence[Any]) -> None:

@@ -176,12 +176,13 @@ class _GradBuffer:
     made for (`owner`) at the same address and size, or (`reuse`) for a new gradient in
     that memory."""
 
-    __slots__ = ("__weakref__", "address", "base_data", "live", "nbytes", "offset", "owner")
+    __slots__ = ("__weakref__", "base_data", "live", "memory", "offset", "owner")
     fixed_binding = True
     """Its buffer never changes (see `Launcher.set`)."""
 
     def __init__(self, context: cl.Context, address: int, nbytes: int, owner: object) -> None:
-        self.address, self.nbytes, self.offset = address, nbytes, 0
+        self.memory, self.offset = (address, nbytes), 0
+        """The address and size of the memory it is over."""
         self.owner = weakref.ref(owner)  # (first: an array that takes no weak reference makes nothing)
         memory = (ctypes.c_char * nbytes).from_address(address)
         self.base_data = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=memory)
@@ -194,10 +195,6 @@ class _GradBuffer:
 
     def holds(self, view: npt.NDArray[Any], owner: object) -> bool:
         return self.owner() is owner and (_address(view), view.nbytes) == self.memory
-
-    @property
-    def memory(self) -> tuple[int, int]:
-        return self.address, self.nbytes
 
     def release(self) -> None:
         _release_once(self.live)

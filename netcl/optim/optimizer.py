@@ -261,6 +261,12 @@ _DATA = operator.attrgetter("data")
 _STEP = operator.itemgetter("step")
 
 
+def _values_getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[object, ...]]:
+    """A call that gives a param group's values of `names`, in order."""
+    getter = operator.itemgetter(*names)
+    return getter if len(names) > 1 else lambda group: (getter(group),)
+
+
 def _no_buffers(state: Mapping[str, Any]) -> tuple[()]:
     """The buffers of a state that has none (plain SGD's: its count alone)."""
     return ()
@@ -760,6 +766,8 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         """The parameter of each entry of `state`: held, so that no new object takes
         over its `id()` while the entry exists (see `_prune`)."""
         self._group_count = 0
+        self._hyper_values = _values_getter(tuple(self.hyperparameters))
+        """A group's values of `hyperparameters`, in order (KeyError where one is missing)."""
         self.state = ParameterState()
         self._pre_hooks: Hooks[Callable[..., object]] = Hooks("a step pre-hook")
         self._post_hooks: Hooks[Callable[..., object]] = Hooks("a step post-hook")
@@ -1105,10 +1113,14 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         """The group's `Step` for its hyperparameters: the last one while each value is
         the very same object (a `Step` depends on nothing else). A changed value is
         checked as the constructor checks it, and written back normalized."""
-        values = [group.get(name, _NOTHING) for name in self.hyperparameters]
         kept = self._kept.get(index)
-        if kept is not None and all(a is b for a, b in zip(values, kept.values, strict=True)):
-            return kept.step
+        if kept is not None:
+            try:  # (in C's loops: this runs for every group at every step)
+                if all(map(operator.is_, self._hyper_values(group), kept.values)):
+                    return kept.step
+            except KeyError:  # (one is missing: said below)
+                pass
+        values = [group.get(name, _NOTHING) for name in self.hyperparameters]
         where = f"param_groups[{index}]: "
         hyper: dict[str, HyperValue] = {}
         for name, check in self.hyperparameters.items():
@@ -1125,9 +1137,11 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
             kept.values, kept.step = values, step
         return step
 
-    def _check_dtypes(self, index: int, step: Step, dtypes: Iterable[np.dtype[Any]]) -> None:
+    def _check_dtypes(self, index: int, step: Step, dtypes: set[np.dtype[Any]]) -> None:
         """Raise ValueError if a hyperparameter, or a scalar the kernel computes from
         them, leaves its range in a dtype of the group's parameters."""
+        if dtypes <= step.checked_dtypes:  # (every one its own compute dtype, checked)
+            return
         for dtype in {compute_dtype(d) for d in dtypes}:  # (half parameters: float32)
             if dtype in step.checked_dtypes:
                 continue
