@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -145,18 +145,23 @@ def test_host_buffers_of_parameters_and_state_are_kept_from_step_to_step(monkeyp
     assert results[0] == results[1]
 
 
-def _count_layouts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A list whose last entry counts the host launches laid out (`_HostLaunches` made):
-    a test appends a 0 before each step to count step by step."""
+def _count_made(monkeypatch: pytest.MonkeyPatch, kind: type) -> list[int]:
+    """A list whose last entry counts the objects of `kind` made: a test appends a 0
+    before each step to count step by step."""
     made = [0]
-    original = host._HostLaunches.__init__
+    original = cast("Callable[..., None]", vars(kind)["__init__"])
 
     def counting(self: Any, *args: Any) -> None:
         made[-1] += 1
         original(self, *args)
 
-    monkeypatch.setattr(host._HostLaunches, "__init__", counting)
+    monkeypatch.setattr(kind, "__init__", counting)
     return made
+
+
+def _count_layouts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """`_count_made` of the host launches laid out (`_HostLaunches` made)."""
+    return _count_made(monkeypatch, host._HostLaunches)
 
 
 @pytest.mark.parametrize("flat", [False, True], ids=["separate", "flat"])
@@ -280,14 +285,7 @@ def test_new_torch_gradients_in_memory_used_before_take_the_buffers_made_for_it(
     starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     pools = [[torch.zeros(n) for n in sizes] for _ in range(2)]  # the memory the gradients come in
     values = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(6)]
-    made: list[int] = []
-    original = host._GradBuffer.__init__
-
-    def counting(self: Any, *args: Any) -> None:
-        made[-1] += 1
-        original(self, *args)
-
-    monkeypatch.setattr(host._GradBuffer, "__init__", counting)
+    made = _count_made(monkeypatch, host._GradBuffer)
     results = []
     for path in ("kernel", "array-api"):
         monkeypatch.setattr(host, "PATH", path)
@@ -304,6 +302,47 @@ def test_new_torch_gradients_in_memory_used_before_take_the_buffers_made_for_it(
         results.append([np.asarray(p.data).tobytes() for p in params])
         if path == "kernel":
             assert made == [3, 3, 3, 0, 0, 0]  # (the first step lays out; then each pool's memory once)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("pools", [3, 4])
+def test_buffers_kept_over_old_gradients_memory_are_bounded_per_run(
+    pools: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the buffers over the memory of earlier gradients are kept for the next ones, at
+    # most SPARE_GRAD_BUFFERS per run (here 2, over 3 parameters: 6, and the 3 in use):
+    # gradients that come back to 9 places make no buffer once each was seen, and 12
+    # places make one per gradient, the oldest buffers let go; the bits are the
+    # array-API path's either way
+    from netcl.optim import RMSProp
+
+    monkeypatch.setattr(host, "SPARE_GRAD_BUFFERS", 2)
+    rng = np.random.default_rng(12)
+    sizes = (300, 40, 500)
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    memory = [[torch.zeros(n) for n in sizes] for _ in range(pools)]
+    values = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(3 * pools)]
+    made = _count_made(monkeypatch, host._GradBuffer)
+    results = []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = [Parameter(torch.tensor(x)) for x in starts]
+        opt = RMSProp(params, lr=1e-2)
+        made.clear()
+        for k, step in enumerate(values):
+            for p, pool, g in zip(params, memory[k % pools], step, strict=True):
+                pool.copy_(torch.from_numpy(g))
+                p.grad = pool.view(pool.shape)
+            made.append(0)
+            opt.step()
+            if path == "kernel":
+                (launches,) = [c["host"] for c in opt._kept[0].launches.values()]
+                assert len(launches.spare) <= 2 * 3
+        results.append([np.asarray(p.data).tobytes() for p in params])
+        if path == "kernel":
+            # (the first step's buffers go with its launches: the state it made lays
+            # the launches out again at the second)
+            assert made == ([3] * (pools + 1) + [0] * (2 * pools - 1) if pools == 3 else [3] * 3 * pools)
     assert results[0] == results[1]
 
 

@@ -211,9 +211,12 @@ def _torch_memory(x: Any) -> tuple[int, int] | None:
     return (address, itemsize * x.numel()) if address % itemsize == 0 else None
 
 
-SPARE_GRAD_BUFFERS = 32
+SPARE_GRAD_BUFFERS = 16
 """How many buffers over the memory of earlier gradients a step's launches keep for the
-next gradients (a few per parameter of a small model; each holds no memory of its own)."""
+next gradients, per run of arrays they launch (each holds no memory of its own, and
+making one cost about 15 us of a step). A training loop's allocator hands each new
+gradient one of a few dozen places: on the benchmark's LSTM (7 tensors), 16 per run made
+0.6 buffers per step, and 32 in all made 1.6 (`python -m tests.step_costs`)."""
 
 
 SPIN_SECONDS = 1e-3
@@ -561,7 +564,10 @@ class _HostLaunches:
         gradient in other memory takes the place (then in `spare`)."""
         self.spare: dict[tuple[int, int], _GradBuffer] = {}
         """Buffers over gradients' memory that the last steps used, by address and size,
-        for the next gradients there (the most recent `SPARE_GRAD_BUFFERS`)."""
+        for the next gradients there (the most recent `SPARE_GRAD_BUFFERS` per run)."""
+        self.places = len(runs)
+        """How many runs the launches take (each gradient's buffer, or a joined run's, has
+        a place)."""
         self.counter: cl.Buffer | None = None
         """The counter the launches are bound to count skipped values in."""
         self.joined = JoinedGrads()
@@ -701,7 +707,7 @@ class _HostLaunches:
         buffer = found.reuse(grad) if found is not None and found.live else _GradBuffer(context, *memory, grad)
         if known is not None and known.live:
             self.spare[known.memory] = known
-            while len(self.spare) > SPARE_GRAD_BUFFERS:
+            while len(self.spare) > SPARE_GRAD_BUFFERS * self.places:
                 self.spare.pop(next(iter(self.spare))).release()
         self.grads[place] = buffer
         return buffer
@@ -712,7 +718,7 @@ class _HostLaunches:
         shared = step.kernel.member_scalar_count
         counter = tally.counter(queue)
         bind, self.counter = counter is not self.counter, counter
-        place = 0
+        place, context = 0, queue.context  # (pyopencl makes a new object at each access)
         try:
             for launch in self.launches:  # every launch's arguments first, then the launches
                 now = [run.items[0].grad for run in launch.runs]
@@ -726,7 +732,7 @@ class _HostLaunches:
                 else:
                     grads = []
                     for run in launch.runs:
-                        grad = self._grad(queue.context, run, place)
+                        grad = self._grad(context, run, place)
                         if grad is None:
                             return False
                         grads.append(grad)
