@@ -37,7 +37,7 @@ from netcl._backends.base import SUPPORTED_DTYPES, JoinedGrads, Tally, Work
 from netcl._kernels import Launcher, Member, fused_kernel, max_slots, shares_state, slots_for
 from netcl._precision import BFLOAT16, compute_dtype
 from netcl._update import Step
-from netcl._xp import is_torch
+from netcl._xp import is_torch, torch_kinds
 from netcl.device import compile_failure, create_queue
 
 __all__ = ["PATH", "Costs", "host_queue", "update_on_host"]
@@ -198,17 +198,6 @@ class _GradBuffer:
 
     def release(self) -> None:
         _release_once(self.live)
-
-
-def _torch_memory(x: Any) -> tuple[int, int] | None:
-    """The address and size of a torch tensor's memory, where it is aligned to its
-    elements, without a DLPack export; None for another array. A buffer over it fits a
-    launch only for a gradient whose fingerprint (shape, strides, dtype, device) is the
-    one of the gradient the launch was laid out with: its memory is then laid out alike."""
-    if not is_torch(x):
-        return None
-    address, itemsize = int(x.data_ptr()), x.element_size()
-    return (address, itemsize * x.numel()) if address % itemsize == 0 else None
 
 
 SPARE_GRAD_BUFFERS = 16
@@ -524,6 +513,8 @@ class _HostLaunch:
     grads: list[_GradBuffer] = field(default_factory=list)
     """The buffers over the last step's gradients, one per run, where each was a numpy
     array kept alone (a run's own; see `_HostLaunches.run`)."""
+    alone: bool = False
+    """Whether each run is one item's (no gradients joined)."""
 
 
 class _HostLaunches:
@@ -623,7 +614,9 @@ class _HostLaunches:
                 fused = fused_kernel(context, queue.device, dtype, step.kernel, slots, one_state)
                 spare = launchers.get(id(fused))
                 launcher = spare.pop() if spare else fused.launcher()
-                self.launches.append(_HostLaunch(launcher, host_runs[start : start + limit], chunk))
+                runs_here = host_runs[start : start + limit]
+                alone = all(run.joined is None for run in runs_here)
+                self.launches.append(_HostLaunch(launcher, runs_here, chunk, alone=alone))
         self.joined = JoinedGrads(joined_items)
 
     def _wrap(
@@ -671,12 +664,6 @@ class _HostLaunches:
         for a new gradient that has no host view (the launches must be laid out again)."""
         grad = run.items[0].grad
         known = self.grads.get(place)
-        if known is not None and run.joined is None:
-            # a torch tensor by its memory, without a host view (which costs a DLPack
-            # export): the same tensor or, in a training loop, the next gradient
-            memory = _torch_memory(grad)
-            if memory is not None:
-                return known if known.memory == memory and known.live else self._kept_grad(context, place, memory, grad)
         view = host_view(grad)
         if view is None:
             return None
@@ -694,6 +681,31 @@ class _HostLaunches:
         made = _Wrapped(context, view)
         self.step_buffers.append(made)
         return made
+
+    def _torch_grads(
+        self, context: cl.Context, now: list[Any], first: int, launch: _HostLaunch
+    ) -> list[_GradBuffer] | None:
+        """The buffers over `now`, the gradients of `launch`'s runs (from the `first`-th
+        place on), where they are torch tensors each in a run of its own and the last
+        step had buffers for them: taken by their memory, without a host view (which
+        costs a DLPack export): the same tensor's or, in a training loop, the next
+        gradient's (`_kept_grad`). Else None (`_grad` takes them one by one). A buffer
+        over a tensor's memory fits the launch because the plan checked the tensor's
+        fingerprint (shape, strides, dtype, device): the one of the gradient the launch
+        was laid out with, so its memory is laid out alike."""
+        if not launch.alone or not torch_kinds(set(map(type, now))):
+            return None
+        grads, kept = [], self.grads
+        for place, grad in enumerate(now, first):
+            address, itemsize = grad.data_ptr(), grad.element_size()
+            memory = (address, itemsize * grad.numel())
+            known = kept.get(place)
+            if known is None or address % itemsize:  # (the first step; memory off its elements)
+                return None
+            grads.append(
+                known if known.memory == memory and known.live else self._kept_grad(context, place, memory, grad)
+            )
+        return grads
 
     def _kept_grad(self, context: cl.Context, place: int, memory: tuple[int, int], grad: object) -> _GradBuffer:
         """The kept buffer for a new gradient of the `place`-th run, in `memory` (address,
@@ -729,6 +741,9 @@ class _HostLaunches:
                     # array's memory moves only with a fingerprint the plan checked)
                     grads: list[Any] = kept
                     place += len(kept)
+                elif (torch := self._torch_grads(context, now, place, launch)) is not None:
+                    grads, launch.grads = torch, []
+                    place += len(torch)
                 else:
                     grads = []
                     for run in launch.runs:
