@@ -515,6 +515,8 @@ class _HostLaunch:
     array kept alone (a run's own; see `_HostLaunches.run`)."""
     alone: bool = False
     """Whether each run is one item's (no gradients joined)."""
+    itemsize: int = 0
+    """The size of an element of the parameters (and gradients) it launches."""
 
 
 class _HostLaunches:
@@ -616,7 +618,7 @@ class _HostLaunches:
                 launcher = spare.pop() if spare else fused.launcher()
                 runs_here = host_runs[start : start + limit]
                 alone = all(run.joined is None for run in runs_here)
-                self.launches.append(_HostLaunch(launcher, runs_here, chunk, alone=alone))
+                self.launches.append(_HostLaunch(launcher, runs_here, chunk, alone=alone, itemsize=dtype.itemsize))
         self.joined = JoinedGrads(joined_items)
 
     def _wrap(
@@ -695,13 +697,13 @@ class _HostLaunches:
         was laid out with, so its memory is laid out alike."""
         if not launch.alone or not torch_kinds(set(map(type, now))):
             return None
-        grads, kept = [], self.grads
+        grads, kept, itemsize = [], self.grads, launch.itemsize
         for place, grad in enumerate(now, first):
-            address, itemsize = grad.data_ptr(), grad.element_size()
-            memory = (address, itemsize * grad.numel())
+            address = grad.data_ptr()
             known = kept.get(place)
             if known is None or address % itemsize:  # (the first step; memory off its elements)
                 return None
+            memory = (address, known.memory[1])  # (its size: the same layout's)
             grads.append(
                 known if known.memory == memory and known.live else self._kept_grad(context, place, memory, grad)
             )
