@@ -443,6 +443,16 @@ def _moved(tensor: torch.Tensor) -> None:
     tensor.set_(copy.untyped_storage(), 0, copy.shape, copy.stride())
 
 
+def test_a_numpy_array_cannot_be_given_other_memory_in_place() -> None:
+    # kept launches take a numpy array by its fingerprint, which holds no address: they
+    # rely on numpy (2.0 and later, the least netcl takes) refusing to point an array
+    # at other memory, as torch's `set_` does (the test below)
+    array = np.zeros(4, np.float32)
+    with pytest.raises(AttributeError):
+        array.data = np.ones(4, np.float32).data  # type: ignore[misc]
+    assert not array.any()
+
+
 @pytest.mark.parametrize("path", ["kernel", "array-api"])
 def test_torch_arrays_given_other_memory_in_place_are_followed(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # `tensor.set_(...)` and `tensor.data = x` move the very same tensor object to other

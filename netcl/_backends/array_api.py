@@ -121,7 +121,8 @@ class ArrayAPIBackend(Backend):
     def fingerprint(self, array: Any, *, memory: bool = True) -> Hashable | None:
         # what the checks read: the library (type), shape, layout (overlapping
         # elements), dtype, device and writeability; for numpy and torch only. A numpy
-        # array's memory cannot change (its `data` is read-only from numpy 2); a torch
+        # array's memory cannot change (its `data` is read-only from numpy 2.0, the least
+        # netcl takes); a torch
         # tensor's can (`set_`, `tensor.data = x`), so with `memory` its address too
         if type(array) is np.ndarray:
             return _numpy_print(array)  # (four values: no torch tensor's)

@@ -325,10 +325,7 @@ def torch_safe_globals() -> list[Any]:
     """
     import importlib
 
-    try:
-        multiarray = importlib.import_module("numpy._core.multiarray")
-    except ImportError:  # numpy 1
-        multiarray = importlib.import_module("numpy.core.multiarray")
+    multiarray = importlib.import_module("numpy._core.multiarray")
     _reconstruct = multiarray._reconstruct
     dtypes = [type(np.dtype(kind)) for kind in (np.float32, np.float64)]
     return [_reconstruct, np.ndarray, np.dtype, *dtypes]
