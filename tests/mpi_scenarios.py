@@ -375,6 +375,72 @@ def bad_input_of(kind: str) -> None:
     equal(model.values(), before, f"{kind} ZeRO: parameters changed")
 
 
+def step_hooks() -> None:
+    """The wrapped optimizer's step hooks (and those of ZeRO's optimizer of this rank's
+    share) run on every rank: a pre-hook that raises on one rank makes every rank raise
+    before anything is averaged or changed (nobody left waiting), a closure a pre-hook
+    gives runs before the averaging, and the post-hooks run once the step is done."""
+    for kind in ("numpy", "torch"):
+        step_hooks_of(kind)
+
+
+def step_hooks_of(kind: str) -> None:
+    model = Model(kind, starts())
+    broadcast_parameters(model.params)
+    adam = Adam(model.params, lr=1e-2)
+    optimizer = DistributedOptimizer(adam)
+    seen: list[str] = []
+    fail = [False]
+
+    def pre(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        seen.append("pre")
+        if fail[0] and RANK == 1:
+            raise ValueError("a pre-hook of rank 1 refuses")
+
+    def post(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        # (every rank's gradients averaged, its parameters stepped)
+        seen.append("post")
+
+    adam.register_step_pre_hook(pre)
+    adam.register_step_post_hook(post)
+    model.set_grads(gradients(0, RANK))
+    optimizer.step()
+    assert seen == ["pre", "post"], seen
+    same_on_every_rank(model.values(), f"{kind}: parameters after a hooked step")
+
+    before, grads = model.values(), gradients(1, RANK)
+    model.set_grads(grads)
+    fail[0] = True
+    raises(optimizer.step, ValueError, "refuses" if RANK == 1 else "rank 1")
+    fail[0] = False
+    equal(model.values(), before, f"{kind}: a refusing pre-hook changed parameters")
+    equal([get(p.grad) for p in model.params], grads, f"{kind}: a refusing pre-hook averaged gradients")
+
+    def give_closure(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> Any:
+        def closure() -> float:
+            model.set_grads(gradients(2, RANK))
+            return 0.0
+
+        return (*args, closure), kwargs
+
+    handle = adam.register_step_pre_hook(give_closure)
+    optimizer.step()
+    handle.remove()
+    same_on_every_rank(model.values(), f"{kind}: parameters after a pre-hook's closure")
+    same_on_every_rank([get(p.grad) for p in model.params], f"{kind}: gradients after a pre-hook's closure")
+
+    sharded = ZeroRedundancyOptimizer(model.params, SGD, lr=0.1)
+    sharded.optim.register_step_pre_hook(pre)
+    model.set_grads(gradients(3, RANK))
+    before = model.values()
+    fail[0] = True
+    raises(sharded.step, ValueError, "refuses" if RANK == 1 else "rank 1")
+    fail[0] = False
+    equal(model.values(), before, f"{kind} ZeRO: a refusing pre-hook changed parameters")
+    sharded.step()
+    same_on_every_rank(model.values(), f"{kind} ZeRO: parameters after a hooked step")
+
+
 def checkpoints() -> None:
     """broadcast_optimizer_state gives rank 1 rank 0's state; a consolidated ZeRO state
     saved with netcl.optim.checkpoint on rank 0 loads on every rank and resumes."""
@@ -505,7 +571,16 @@ def half_precision() -> None:
 
 SCENARIOS: dict[str, Callable[[], None]] = {
     f.__name__: f
-    for f in (data_parallel, data_parallel_in_place, zero, bad_input, checkpoints, mean_on_any_ranks, half_precision)
+    for f in (
+        data_parallel,
+        data_parallel_in_place,
+        zero,
+        bad_input,
+        step_hooks,
+        checkpoints,
+        mean_on_any_ranks,
+        half_precision,
+    )
 }
 
 

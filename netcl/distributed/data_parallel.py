@@ -26,7 +26,7 @@ from netcl.distributed._comm import (
     host_views,
     in_buckets,
 )
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.optimizer import Optimizer, loss_of
 
 if TYPE_CHECKING:
     from netcl.distributed.zero import ZeroRedundancyOptimizer
@@ -167,16 +167,16 @@ class DistributedOptimizer(Generic[OptimizerT]):
             RuntimeError: The closure raised something else on another rank.
         """
         loss: LossT | None = None
+        step_and_post: tuple[Callable[[], object], Callable[[], None]] | None = None
         with contextlib.ExitStack() as stack:
             runs: list[npt.NDArray[Any]] = []
 
             def check() -> object:
-                nonlocal loss, runs
-                if closure is not None:
-                    if not callable(closure):
-                        raise TypeError(f"closure must be callable, got {describe(closure)}")
-                    loss = closure()
-                self.optimizer._check_step()
+                nonlocal loss, runs, step_and_post
+                loss = loss_of(closure)
+                # (the wrapped optimizer's step pre-hooks run here, on every rank, before
+                # the ranks agree: one that raises on one rank stops every rank)
+                step_and_post = self.optimizer._prepared_step()
                 described = describe_groups(self.param_groups)
                 if self.comm.Get_size() > 1:
                     grads = [param.grad for group in self.param_groups for param in group["params"]]
@@ -185,7 +185,10 @@ class DistributedOptimizer(Generic[OptimizerT]):
 
             agree(self.comm, "step()", check)
             allreduce_mean(self.comm, runs, self.bucket_bytes, self._buckets)
-        self.optimizer.step()
+        assert step_and_post is not None  # (set by the check every rank passed)
+        step, post = step_and_post
+        step()
+        post()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

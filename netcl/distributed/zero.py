@@ -12,11 +12,11 @@ from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
-from netcl._backends import backend_for, describe
+from netcl._backends import backend_for
 from netcl._types import ParameterLike
 from netcl.distributed._comm import MPI, agree, communicator, host_views
 from netcl.distributed.data_parallel import _check_root
-from netcl.optim.optimizer import Optimizer
+from netcl.optim.optimizer import Optimizer, loss_of
 
 __all__ = ["ZeroRedundancyOptimizer"]
 
@@ -133,11 +133,14 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
                     )
                 local[name] = group[name]
 
-    def _check_step(self) -> None:
+    def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
         """Raise as `step()` would here, and change nothing but the local optimizer's
-        copy of the hyperparameters."""
+        copy of the hyperparameters; return `step` (whose ranks agree again, where the
+        local optimizer's step hooks run) and nothing to call after it (see
+        `Optimizer._prepared_step`)."""
         self._sync()
         self.optim._check_step()
+        return self.step, _nothing
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -158,15 +161,15 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
                 or the ranks' parameters or hyperparameters differ.
         """
         loss: LossT | None = None
+        step_and_post: tuple[Callable[[], object], Callable[[], None]] | None = None
         datas = [param.data for group in self.param_groups for param in group["params"]]
 
         def check() -> object:
-            nonlocal loss
-            if closure is not None:
-                if not callable(closure):
-                    raise TypeError(f"closure must be callable, got {describe(closure)}")
-                loss = closure()
-            self._check_step()
+            nonlocal loss, step_and_post
+            loss = loss_of(closure)
+            self._sync()
+            # (the local optimizer's step pre-hooks run here, before the ranks agree)
+            step_and_post = self.optim._prepared_step()
             return [
                 (
                     sorted((k, repr(v)) for k, v in self._hyper(group).items()),
@@ -177,8 +180,11 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
 
         agree(self.comm, "step()", check)
         self._consolidated = None
-        self.optim.step()
+        assert step_and_post is not None  # (set by the check every rank passed)
+        step, post = step_and_post
+        step()
         self._gather(datas)
+        post()  # (after the gather, which every rank must reach)
         return loss
 
     def _gather(self, datas: list[Any]) -> None:
@@ -284,3 +290,7 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
     def __repr__(self) -> str:
         where = f"rank {self.comm.Get_rank()} of {self.comm.Get_size()}"
         return f"ZeroRedundancyOptimizer({type(self.optim).__name__}, {where})"
+
+
+def _nothing() -> None:
+    """Nothing to do."""

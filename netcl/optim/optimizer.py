@@ -261,6 +261,15 @@ _DATA = operator.attrgetter("data")
 _STEP = operator.itemgetter("step")
 
 
+def loss_of(closure: Callable[[], LossT] | None) -> LossT | None:
+    """Call a step's closure, if any: its loss (TypeError if it is not callable)."""
+    if closure is None:
+        return None
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {describe(closure)}")
+    return closure()
+
+
 def _values_getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[object, ...]]:
     """A call that gives a param group's values of `names`, in order."""
     getter = operator.itemgetter(*names)
@@ -896,11 +905,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         return self._step(closure)
 
     def _step(self, closure: Callable[[], LossT] | None) -> LossT | None:
-        loss: LossT | None = None
-        if closure is not None:
-            if not callable(closure):
-                raise TypeError(f"closure must be callable, got {describe(closure)}")
-            loss = closure()
+        loss = loss_of(closure)
         with self._lock:
             plans = self._plans()
             try:
@@ -933,6 +938,29 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def _hooked_step(self, closure: Callable[[], LossT] | None) -> LossT | None:
         """`step()` with its pre-hooks before it and its post-hooks after it (torch's
         order and arguments: the step's positional and keyword arguments)."""
+        args, kwargs, given = self._pre_step(closure)
+        loss = self._step(given)
+        self._post_step(args, kwargs)
+        return loss
+
+    def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
+        """For a wrapper that steps this optimizer once its ranks agree (the
+        distributed optimizers): run the step pre-hooks, and the closure they give, and
+        check the step as `step()` would, raising as it would; return the step itself
+        (without them again) and the post-hooks, which the wrapper calls once every
+        rank's work is done. (Hooks that ran in the agreement raise on one rank
+        before any rank communicates.)"""
+        none: Callable[[], object] | None = None
+        args, kwargs, given = self._pre_step(none)
+        loss_of(given)
+        self._check_step()
+        return (lambda: self._step(None)), (lambda: self._post_step(args, kwargs))
+
+    def _pre_step(
+        self, closure: Callable[[], LossT] | None
+    ) -> tuple[tuple[object, ...], dict[str, object], Callable[[], LossT] | None]:
+        """Run the step pre-hooks; return the step's arguments as they left them, and
+        the closure those give."""
         args: tuple[object, ...] = (self,) if closure is None else (self, closure)  # (torch's: `step`'s own)
         kwargs: dict[str, object] = {}
         for hook in self._pre_hooks:
@@ -956,10 +984,12 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 "and one more, the closure"
             )
         given = args[1] if len(args) > 1 else kwargs.get("closure")
-        loss = self._step(cast("Callable[[], LossT] | None", given))
+        return args, kwargs, cast("Callable[[], LossT] | None", given)
+
+    def _post_step(self, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        """Run the step post-hooks with the step's arguments."""
         for hook in self._post_hooks:
             hook(self, args, kwargs)
-        return loss
 
     def register_step_pre_hook(
         self,
