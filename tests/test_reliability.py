@@ -11,6 +11,7 @@ import multiprocessing
 import subprocess
 import sys
 import weakref
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -91,11 +92,26 @@ def test_an_edited_hyperparameter_is_checked_before_anything_is_written(
     assert _snapshot(opt, params) != before
 
 
-def test_a_deleted_hyperparameter_is_named() -> None:
+@pytest.mark.parametrize("stepped", [False, True], ids=["new", "after-a-step"])
+def test_a_deleted_hyperparameter_is_named(stepped: bool) -> None:
     opt = RMSProp([Parameter(np.ones(3, F32), np.ones(3, F32))])
+    if stepped:  # (then the step compares the group's values with the kept ones first)
+        opt.step()
     del opt.param_groups[0]["lr"]  # type: ignore[misc]
     with pytest.raises(ValueError, match=r"param_groups\[0\]: lr is missing"):
         opt.step()
+
+
+def test_a_param_group_that_makes_what_it_lacks_still_lacks_it() -> None:
+    # a group of another kind of mapping given after a step: a defaultdict makes a
+    # missing key when it is read, so the step must not read its values as a dict's
+    opt = RMSProp([Parameter(np.ones(3, F32), np.ones(3, F32))], lr=0.1)
+    opt.step()
+    group = defaultdict(lambda: 0.5, {k: v for k, v in opt.param_groups[0].items() if k != "alpha"})
+    opt.param_groups[0] = group  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: alpha is missing"):
+        opt.step()
+    assert "alpha" not in group
 
 
 def test_an_edited_value_is_normalized_as_the_constructor_does() -> None:

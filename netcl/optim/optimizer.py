@@ -1144,7 +1144,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         the very same object (a `Step` depends on nothing else). A changed value is
         checked as the constructor checks it, and written back normalized."""
         kept = self._kept.get(index)
-        if kept is not None:
+        if kept is not None and type(group) is dict:  # (a mapping of another kind may make what it lacks)
             try:  # (in C's loops: this runs for every group at every step)
                 if all(map(operator.is_, self._hyper_values(group), kept.values)):
                     return kept.step
