@@ -408,13 +408,18 @@ def step_hooks_of(kind: str) -> None:
     assert seen == ["pre", "post"], seen
     same_on_every_rank(model.values(), f"{kind}: parameters after a hooked step")
 
-    before, grads = model.values(), gradients(1, RANK)
-    model.set_grads(grads)
-    fail[0] = True
-    raises(optimizer.step, ValueError, "refuses" if RANK == 1 else "rank 1")
-    fail[0] = False
-    equal(model.values(), before, f"{kind}: a refusing pre-hook changed parameters")
-    equal([get(p.grad) for p in model.params], grads, f"{kind}: a refusing pre-hook averaged gradients")
+    def refused(step: Callable[[], object], at: int, what: str) -> None:
+        """`step` with the pre-hook refusing on rank 1: every rank raises, and neither
+        the parameters nor the gradients change anywhere."""
+        before, grads = model.values(), gradients(at, RANK)
+        model.set_grads(grads)
+        fail[0] = True
+        raises(step, ValueError, "refuses" if RANK == 1 else "rank 1")
+        fail[0] = False
+        equal(model.values(), before, f"{kind} {what}: a refusing pre-hook changed parameters")
+        equal([get(p.grad) for p in model.params], grads, f"{kind} {what}: a refusing pre-hook averaged gradients")
+
+    refused(optimizer.step, 1, "DistributedOptimizer")
 
     def give_closure(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> Any:
         def closure() -> float:
@@ -431,14 +436,17 @@ def step_hooks_of(kind: str) -> None:
 
     sharded = ZeroRedundancyOptimizer(model.params, SGD, lr=0.1)
     sharded.optim.register_step_pre_hook(pre)
-    model.set_grads(gradients(3, RANK))
-    before = model.values()
-    fail[0] = True
-    raises(sharded.step, ValueError, "refuses" if RANK == 1 else "rank 1")
-    fail[0] = False
-    equal(model.values(), before, f"{kind} ZeRO: a refusing pre-hook changed parameters")
+    refused(sharded.step, 3, "ZeRO")
     sharded.step()
     same_on_every_rank(model.values(), f"{kind} ZeRO: parameters after a hooked step")
+
+    # ZeRO under DistributedOptimizer: its optimizer's pre-hooks run before the averaging
+    both = DistributedOptimizer(sharded)
+    refused(both.step, 4, "ZeRO under DistributedOptimizer")
+    seen.clear()
+    both.step()
+    assert seen == ["pre"], seen  # (once: not again in ZeRO's own agreement)
+    same_on_every_rank(model.values(), f"{kind} ZeRO under DistributedOptimizer: parameters")
 
 
 def checkpoints() -> None:

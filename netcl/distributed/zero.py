@@ -134,13 +134,14 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
                 local[name] = group[name]
 
     def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
-        """Raise as `step()` would here, and change nothing but the local optimizer's
-        copy of the hyperparameters; return `step` (whose ranks agree again, where the
-        local optimizer's step hooks run) and nothing to call after it (see
-        `Optimizer._prepared_step`)."""
+        """For `DistributedOptimizer`, which agrees across ranks before it steps this:
+        run the local optimizer's step pre-hooks and raise as `step()` would here,
+        changing nothing but the local optimizer's copy of the hyperparameters; return
+        the step (whose ranks agree again, without those hooks) and nothing to call
+        after it (see `Optimizer._prepared_step`)."""
         self._sync()
-        self.optim._check_step()
-        return self.step, _nothing
+        prepared = self.optim._prepared_step()
+        return (lambda: self._step(None, prepared)), _nothing
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -160,16 +161,25 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
             TypeError, ValueError: The step is invalid on this rank or another (named),
                 or the ranks' parameters or hyperparameters differ.
         """
+        return self._step(closure, None)
+
+    def _step(
+        self, closure: Callable[[], LossT] | None, prepared: tuple[Callable[[], object], Callable[[], None]] | None
+    ) -> LossT | None:
+        """`step()`; `prepared`: the local optimizer's step and post-hooks where its
+        pre-hooks ran already (`_prepared_step`)."""
         loss: LossT | None = None
-        step_and_post: tuple[Callable[[], object], Callable[[], None]] | None = None
+        step_and_post = prepared
         datas = [param.data for group in self.param_groups for param in group["params"]]
 
         def check() -> object:
             nonlocal loss, step_and_post
             loss = loss_of(closure)
             self._sync()
-            # (the local optimizer's step pre-hooks run here, before the ranks agree)
-            step_and_post = self.optim._prepared_step()
+            if prepared is None:  # (the local optimizer's step pre-hooks run here, before the ranks agree)
+                step_and_post = self.optim._prepared_step()
+            else:
+                self.optim._check_step()
             return [
                 (
                     sorted((k, repr(v)) for k, v in self._hyper(group).items()),
