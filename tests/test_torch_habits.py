@@ -3,6 +3,7 @@ and state dicts that torch's optimizers and `torch.load(weights_only=True)` take
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,71 @@ def test_step_hooks_run_as_torchs() -> None:
     assert calls["ours"] == calls["theirs"]
     assert calls["ours"][:4] == [("pre 1", (), {}), ("pre 2", (), {}), ("post", (), {}), ("pre 1", (closure,), {})]
     assert np.allclose(param.data, twin.detach().numpy())  # (four steps each)
+
+
+def test_every_optimizers_step_hooks_run_as_torchs() -> None:
+    # torch.optim.optimizer.register_optimizer_step_pre_hook / _post_hook: hooks every
+    # optimizer calls around its step, the pre-hooks before its own, the post-hooks
+    # after; netcl's for netcl's optimizers, with the same calls in the same order
+    import torch.optim.optimizer as torch_optimizer
+
+    from netcl.optim import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    calls: dict[str, list[tuple[str, int]]] = {"ours": [], "theirs": []}
+
+    def recorder(log: list[tuple[str, int]], name: str, ids: list[object]) -> Any:
+        def hook(optimizer: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            assert args[0] is optimizer and kwargs == {}
+            log.append((name, ids.index(optimizer)))
+
+        return hook
+
+    makers: dict[str, tuple[Any, Callable[[], object], Any, Any]] = {
+        "ours": (
+            SGD,
+            lambda: Parameter(np.ones(3, np.float32), np.full(3, 0.5, np.float32)),
+            register_optimizer_step_pre_hook,
+            register_optimizer_step_post_hook,
+        ),
+        "theirs": (
+            torch.optim.SGD,
+            _torch_param,
+            torch_optimizer.register_optimizer_step_pre_hook,
+            torch_optimizer.register_optimizer_step_post_hook,
+        ),
+    }
+    for key, (kind, make, every_pre, every_post) in makers.items():
+        log = calls[key]
+        optimizers: list[Any] = [kind([make()], lr=0.1), kind([make()], lr=0.1)]
+        own = [
+            optimizers[0].register_step_pre_hook(recorder(log, "own pre", optimizers)),
+            optimizers[0].register_step_post_hook(recorder(log, "own post", optimizers)),
+        ]
+        every: list[Any] = [
+            every_pre(recorder(log, "every pre", optimizers)),
+            every_post(recorder(log, "every post", optimizers)),
+        ]
+        try:
+            for optimizer in optimizers:
+                optimizer.step()
+            every[0].remove()
+            optimizers[0].step()
+        finally:
+            for handle in every + own:
+                handle.remove()
+        optimizers[1].step()
+    assert calls["ours"] == calls["theirs"]
+    assert calls["ours"] == [
+        ("every pre", 0), ("own pre", 0), ("own post", 0), ("every post", 0),
+        ("every pre", 1), ("every post", 1),
+        ("own pre", 0), ("own post", 0), ("every post", 0),
+    ]  # fmt: skip
+
+
+def _torch_param() -> torch.nn.Parameter:
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 0.5)
+    return param
 
 
 Args = tuple[object, ...]

@@ -18,7 +18,13 @@ from netcl.optim.adam import (
     AdamStateDict,
 )
 from netcl.optim.adamw import AdamW
-from netcl.optim.optimizer import NonFinite, Optimizer, ParameterState
+from netcl.optim.optimizer import (
+    NonFinite,
+    Optimizer,
+    ParameterState,
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from netcl.optim.rmsprop import (
     RMSProp,
     RMSPropHyperparameters,
@@ -56,6 +62,8 @@ __all__ = [
     "ParameterState",
     "checkpoint",
     "lr_scheduler",
+    "register_optimizer_step_post_hook",
+    "register_optimizer_step_pre_hook",
     "RMSProp",
     "RMSPropHyperparameters",
     "RMSPropParamGroup",

@@ -1,6 +1,7 @@
 """Hooks an optimizer calls around its step, `state_dict()` and `load_state_dict()`
-(torch's `register_step_pre_hook` and the like): kept in order, each removed by the
-handle its registration returned."""
+(torch's `register_step_pre_hook` and the like), and those every optimizer calls around
+its step (`netcl.optim.register_optimizer_step_pre_hook` and `..._post_hook`, as
+torch's): kept in order, each removed by the handle its registration returned."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Generic, Self, TypeVar
 
-__all__ = ["HookHandle", "Hooks"]
+__all__ = ["EVERY_POST_STEP", "EVERY_PRE_STEP", "HookHandle", "Hooks"]
 
 HookT = TypeVar("HookT", bound=Callable[..., object])
 
@@ -63,3 +64,9 @@ class Hooks(Generic[HookT]):
 
     def __iter__(self) -> Iterator[HookT]:
         return iter(list(self.hooks.values()))  # (a hook may remove itself, or others)
+
+
+EVERY_PRE_STEP: Hooks[Callable[..., object]] = Hooks("an optimizer step pre-hook")
+"""The step pre-hooks of every optimizer, which run before each one's own."""
+EVERY_POST_STEP: Hooks[Callable[..., object]] = Hooks("an optimizer step post-hook")
+"""The step post-hooks of every optimizer, which run after each one's own."""

@@ -31,10 +31,18 @@ from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
 from netcl._update import MASTER, Step, UpdateRule
 from netcl._writes import PARAMETER_WRITE, STATE_WRITE, NotedList, note_state_write
-from netcl.optim._hooks import HookHandle, Hooks
+from netcl.optim._hooks import EVERY_POST_STEP, EVERY_PRE_STEP, HookHandle, Hooks
 from netcl.optim._hyper import HyperCheck
 
-__all__ = ["FloatArray", "HyperValue", "NonFinite", "Optimizer", "ParameterState"]
+__all__ = [
+    "FloatArray",
+    "HyperValue",
+    "NonFinite",
+    "Optimizer",
+    "ParameterState",
+    "register_optimizer_step_post_hook",
+    "register_optimizer_step_pre_hook",
+]
 
 
 HyperValue: TypeAlias = float | bool | tuple[float, float]
@@ -900,7 +908,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 context or layout than its parameter, or a state's `step` is not a
                 whole number >= 0.
         """
-        if self._pre_hooks.hooks or self._post_hooks.hooks:
+        if self._pre_hooks.hooks or self._post_hooks.hooks or EVERY_PRE_STEP.hooks or EVERY_POST_STEP.hooks:
             return self._hooked_step(closure)
         return self._step(closure)
 
@@ -963,7 +971,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         the closure those give."""
         args: tuple[object, ...] = (self,) if closure is None else (self, closure)  # (torch's: `step`'s own)
         kwargs: dict[str, object] = {}
-        for hook in self._pre_hooks:
+        for hook in (*EVERY_PRE_STEP, *self._pre_hooks):  # (torch's order: every optimizer's first)
             result = hook(self, args, kwargs)
             if result is None:
                 continue
@@ -987,8 +995,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         return args, kwargs, cast("Callable[[], LossT] | None", given)
 
     def _post_step(self, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        """Run the step post-hooks with the step's arguments."""
-        for hook in self._post_hooks:
+        """Run the step post-hooks with the step's arguments (its own, then every
+        optimizer's, as torch does)."""
+        for hook in (*self._post_hooks, *EVERY_POST_STEP):
             hook(self, args, kwargs)
 
     def register_step_pre_hook(
@@ -1682,3 +1691,39 @@ def _check_parameter(param: object, where: str) -> None:
             f"(an array) and `grad` attributes{hint}"
         )
     checked_backend(param.data, f"{where}.data")
+
+
+def register_optimizer_step_pre_hook(
+    hook: Callable[
+        [Optimizer[Any, Any, Any, Any], tuple[object, ...], dict[str, object]],
+        tuple[tuple[object, ...], dict[str, object]] | None,
+    ],
+) -> HookHandle:
+    """Call `hook(optimizer, args, kwargs)` before the `step()` of every netcl optimizer,
+    before the optimizer's own pre-hooks, as torch's
+    `torch.optim.optimizer.register_optimizer_step_pre_hook` does for torch's (see
+    `Optimizer.register_step_pre_hook` for the arguments and what it may return).
+
+    Returns:
+        A handle whose `remove()` takes the hook away.
+
+    Raises:
+        TypeError: `hook` is not callable.
+    """
+    return EVERY_PRE_STEP.add(hook)
+
+
+def register_optimizer_step_post_hook(
+    hook: Callable[[Optimizer[Any, Any, Any, Any], tuple[object, ...], dict[str, object]], None],
+) -> HookHandle:
+    """Call `hook(optimizer, args, kwargs)` after the `step()` of every netcl optimizer
+    that succeeded, after the optimizer's own post-hooks, as torch's
+    `torch.optim.optimizer.register_optimizer_step_post_hook` does for torch's.
+
+    Returns:
+        A handle whose `remove()` takes the hook away.
+
+    Raises:
+        TypeError: `hook` is not callable.
+    """
+    return EVERY_POST_STEP.add(hook)

@@ -3,7 +3,7 @@ run; each `# type: ignore[...]` line must be an error)."""
 
 from __future__ import annotations
 
-from typing import assert_type
+from typing import Any, assert_type
 
 import numpy as np
 
@@ -15,8 +15,11 @@ from netcl.optim import (
     AdamStateDict,
     AdamW,
     HookHandle,
+    Optimizer,
     SGDParamGroup,
     SGDStateDict,
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
 )
 
 param = Parameter(np.zeros(3, np.float32))
@@ -65,3 +68,13 @@ def trimmed(optimizer: Adam, state_dict: AdamStateDict) -> AdamStateDict:
 
 adam.register_state_dict_post_hook(trimmed, prepend=True)
 adam.register_load_state_dict_post_hook(lambda optimizer: None)
+
+
+def log_every(optimizer: Optimizer[Any, Any, Any, Any], args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    print(type(optimizer).__name__, optimizer.param_groups[0]["lr"])
+
+
+with register_optimizer_step_post_hook(log_every):
+    adam.step()
+register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: (args, kwargs)).remove()
+register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: 3)  # type: ignore[arg-type,return-value]
