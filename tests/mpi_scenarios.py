@@ -448,6 +448,35 @@ def step_hooks_of(kind: str) -> None:
     assert seen == ["pre"], seen  # (once: not again in ZeRO's own agreement)
     same_on_every_rank(model.values(), f"{kind} ZeRO under DistributedOptimizer: parameters")
 
+    # the distributed optimizers' own hooks: before and after those of what they step
+    def named(name: str, refuses: bool = False) -> Callable[[Any, tuple[object, ...], dict[str, object]], None]:
+        def hook(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            assert args[0] is opt
+            seen.append(name)
+            if refuses and fail[0] and RANK == 1:
+                raise ValueError(f"{name} of rank 1 refuses")
+
+        return hook
+
+    handles = [
+        both.register_step_pre_hook(named("both pre", refuses=True)),
+        both.register_step_post_hook(named("both post")),
+        sharded.register_step_pre_hook(named("zero pre", refuses=True)),
+        sharded.register_step_post_hook(named("zero post")),
+    ]
+    refused(both.step, 5, "DistributedOptimizer's own hook")
+    seen.clear()
+    both.step()
+    assert seen == ["both pre", "zero pre", "pre", "zero post", "both post"], seen
+    seen.clear()
+    sharded.step()
+    assert seen == ["zero pre", "pre", "zero post"], seen
+    handles[0].remove()
+    refused(both.step, 6, "ZeroRedundancyOptimizer's own hook")
+    for handle in handles:
+        handle.remove()
+    same_on_every_rank(model.values(), f"{kind} distributed optimizers' hooks: parameters")
+
 
 def checkpoints() -> None:
     """broadcast_optimizer_state gives rank 1 rank 0's state; a consolidated ZeRO state

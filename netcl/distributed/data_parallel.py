@@ -26,6 +26,7 @@ from netcl.distributed._comm import (
     host_views,
     in_buckets,
 )
+from netcl.optim._hooks import StepHooks, WithStepHooks
 from netcl.optim.optimizer import Optimizer, loss_of
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def describe_groups(param_groups: Sequence[MutableMapping[str, Any]]) -> list[ob
     return described
 
 
-class DistributedOptimizer(Generic[OptimizerT]):
+class DistributedOptimizer(WithStepHooks, Generic[OptimizerT]):
     """Data-parallel training: `step()` averages every gradient over the ranks of
     `comm`, then steps `optimizer` with the mean.
 
@@ -140,6 +141,7 @@ class DistributedOptimizer(Generic[OptimizerT]):
         """The ranks gradients are averaged over."""
         self.bucket_bytes: int = _check_bucket_bytes(bucket_bytes)
         self._buckets: dict[np.dtype[Any], npt.NDArray[Any]] = {}
+        self._step_hooks = StepHooks(every=False)
 
     @property
     def param_groups(self) -> list[Any]:
@@ -168,14 +170,18 @@ class DistributedOptimizer(Generic[OptimizerT]):
         """
         loss: LossT | None = None
         step_and_post: tuple[Callable[[], object], Callable[[], None]] | None = None
+        args: tuple[object, ...] = ()
+        kwargs: dict[str, object] = {}
         with contextlib.ExitStack() as stack:
             runs: list[npt.NDArray[Any]] = []
 
             def check() -> object:
-                nonlocal loss, runs, step_and_post
-                loss = loss_of(closure)
-                # (the wrapped optimizer's step pre-hooks run here, on every rank, before
-                # the ranks agree: one that raises on one rank stops every rank)
+                nonlocal loss, runs, step_and_post, args, kwargs
+                # (the step pre-hooks, this one's and the wrapped optimizer's, run here,
+                # on every rank, before the ranks agree: one that raises on one rank
+                # stops every rank)
+                args, kwargs, given = self._step_hooks.before(self, closure)
+                loss = loss_of(given)
                 step_and_post = self.optimizer._prepared_step()
                 described = describe_groups(self.param_groups)
                 if self.comm.Get_size() > 1:
@@ -189,6 +195,7 @@ class DistributedOptimizer(Generic[OptimizerT]):
         step, post = step_and_post
         step()
         post()
+        self._step_hooks.after(self, args, kwargs)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

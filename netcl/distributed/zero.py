@@ -16,6 +16,7 @@ from netcl._backends import backend_for
 from netcl._types import ParameterLike
 from netcl.distributed._comm import MPI, agree, communicator, host_views
 from netcl.distributed.data_parallel import _check_root
+from netcl.optim._hooks import StepHooks, WithStepHooks
 from netcl.optim.optimizer import Optimizer, loss_of
 
 __all__ = ["ZeroRedundancyOptimizer"]
@@ -28,7 +29,7 @@ def _size(param: ParameterLike) -> int:
     return int(np.prod([int(n) for n in param.data.shape], dtype=np.int64))
 
 
-class ZeroRedundancyOptimizer(Generic[OptimizerT]):
+class ZeroRedundancyOptimizer(WithStepHooks, Generic[OptimizerT]):
     """An optimizer whose state is split over the ranks of `comm`: each rank keeps and
     updates the state of its own share of the parameters, about 1/N of the whole.
 
@@ -112,6 +113,7 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
         """The local optimizer: this rank's parameters and their state."""
         self._consolidated: dict[str, Any] | None = None
         self._received = np.empty(0, np.uint8)
+        self._step_hooks = StepHooks(every=False)
 
     def _hyper(self, group: Mapping[str, Any]) -> dict[str, Any]:
         return {name: group[name] for name in self._whole.hyperparameters}
@@ -135,13 +137,16 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
 
     def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
         """For `DistributedOptimizer`, which agrees across ranks before it steps this:
-        run the local optimizer's step pre-hooks and raise as `step()` would here,
-        changing nothing but the local optimizer's copy of the hyperparameters; return
-        the step (whose ranks agree again, without those hooks) and nothing to call
-        after it (see `Optimizer._prepared_step`)."""
+        run the step pre-hooks (this one's, then the local optimizer's) and raise as
+        `step()` would here, changing nothing but the local optimizer's copy of the
+        hyperparameters; return the step (whose ranks agree again, without those hooks)
+        and the post-hooks (see `Optimizer._prepared_step`)."""
+        none: Callable[[], object] | None = None
+        args, kwargs, given = self._step_hooks.before(self, none)
+        loss_of(given)
         self._sync()
         prepared = self.optim._prepared_step()
-        return (lambda: self._step(None, prepared)), _nothing
+        return (lambda: self._step(None, prepared)), (lambda: self._step_hooks.after(self, args, kwargs))
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -170,15 +175,19 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
         pre-hooks ran already (`_prepared_step`)."""
         loss: LossT | None = None
         step_and_post = prepared
+        args: tuple[object, ...] = ()
+        kwargs: dict[str, object] = {}
         datas = [param.data for group in self.param_groups for param in group["params"]]
 
         def check() -> object:
-            nonlocal loss, step_and_post
-            loss = loss_of(closure)
-            self._sync()
-            if prepared is None:  # (the local optimizer's step pre-hooks run here, before the ranks agree)
+            nonlocal loss, step_and_post, args, kwargs
+            if prepared is None:  # (the step pre-hooks run here, before the ranks agree)
+                args, kwargs, given = self._step_hooks.before(self, closure)
+                loss = loss_of(given)
+                self._sync()
                 step_and_post = self.optim._prepared_step()
             else:
+                self._sync()
                 self.optim._check_step()
             return [
                 (
@@ -195,6 +204,8 @@ class ZeroRedundancyOptimizer(Generic[OptimizerT]):
         step()
         self._gather(datas)
         post()  # (after the gather, which every rank must reach)
+        if prepared is None:  # (else the caller's)
+            self._step_hooks.after(self, args, kwargs)
         return loss
 
     def _gather(self, datas: list[Any]) -> None:

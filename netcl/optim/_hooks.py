@@ -6,13 +6,16 @@ torch's): kept in order, each removed by the handle its registration returned.""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Generic, Self, TypeVar, cast
 
-__all__ = ["EVERY_POST_STEP", "EVERY_PRE_STEP", "HookHandle", "Hooks"]
+from netcl._backends import describe
+
+__all__ = ["EVERY_POST_STEP", "EVERY_PRE_STEP", "HookHandle", "Hooks", "StepHooks", "WithStepHooks"]
 
 HookT = TypeVar("HookT", bound=Callable[..., object])
+LossT = TypeVar("LossT")
 
 _keys = itertools.count()
 """Every hook's key, in the order of registration."""
@@ -70,3 +73,105 @@ EVERY_PRE_STEP: Hooks[Callable[..., object]] = Hooks("an optimizer step pre-hook
 """The step pre-hooks of every optimizer, which run before each one's own."""
 EVERY_POST_STEP: Hooks[Callable[..., object]] = Hooks("an optimizer step post-hook")
 """The step post-hooks of every optimizer, which run after each one's own."""
+
+
+class StepHooks:
+    """The step pre- and post-hooks of one optimizer (or distributed optimizer), with
+    those of every optimizer where `every` says so, in torch's order: every
+    optimizer's pre-hooks before its own, its own post-hooks before every
+    optimizer's."""
+
+    def __init__(self, every: bool) -> None:
+        self.pre: Hooks[Callable[..., object]] = Hooks("a step pre-hook")
+        self.post: Hooks[Callable[..., object]] = Hooks("a step post-hook")
+        self.every = every
+
+    def __bool__(self) -> bool:
+        """Whether there is a hook to run."""
+        return bool(
+            self.pre.hooks or self.post.hooks or (self.every and (EVERY_PRE_STEP.hooks or EVERY_POST_STEP.hooks))
+        )
+
+    def before(
+        self, owner: object, closure: Callable[[], LossT] | None
+    ) -> tuple[tuple[object, ...], dict[str, object], Callable[[], LossT] | None]:
+        """Run the pre-hooks of `owner`'s step; return the step's arguments as they left
+        them (torch's: `step`'s own, `owner` first), and the closure those give."""
+        args: tuple[object, ...] = (owner,) if closure is None else (owner, closure)
+        kwargs: dict[str, object] = {}
+        every: Iterable[Callable[..., object]] = EVERY_PRE_STEP if self.every else ()
+        for hook in (*every, *self.pre):
+            result = hook(owner, args, kwargs)
+            if result is None:
+                continue
+            if not (
+                isinstance(result, tuple)
+                and len(result) == 2
+                and isinstance(result[0], tuple)
+                and isinstance(result[1], dict)
+            ):
+                raise TypeError(
+                    f"a step pre-hook returned {describe(result)}; it returns None, or a tuple (args, kwargs) "
+                    "of the step's new arguments"
+                )
+            args, kwargs = result
+        if not args or args[0] is not owner or len(args) > 2 or set(kwargs) - {"closure"} or (args[1:] and kwargs):
+            raise TypeError(
+                f"the step pre-hooks gave step() the arguments {args!r}, {kwargs!r}; it takes the optimizer "
+                "and one more, the closure"
+            )
+        given = args[1] if len(args) > 1 else kwargs.get("closure")
+        return args, kwargs, cast("Callable[[], LossT] | None", given)
+
+    def after(self, owner: object, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        """Run the post-hooks of `owner`'s step, with the step's arguments."""
+        every: Iterable[Callable[..., object]] = EVERY_POST_STEP if self.every else ()
+        for hook in (*self.post, *every):
+            hook(owner, args, kwargs)
+
+
+class WithStepHooks:
+    """The registration of step hooks, for the optimizers and the distributed ones."""
+
+    _step_hooks: StepHooks
+
+    def register_step_pre_hook(
+        self,
+        hook: Callable[
+            [Self, tuple[object, ...], dict[str, object]], tuple[tuple[object, ...], dict[str, object]] | None
+        ],
+    ) -> HookHandle:
+        """Call `hook(optimizer, args, kwargs)` before each `step()`, as torch does:
+        `args` and `kwargs` are the step's arguments, the optimizer first (`(optimizer,)`
+        and `{}` for `step()`, `(optimizer, closure)` for `step(closure)`); a hook that
+        returns `(args, kwargs)` gives the step (and the next hooks) those instead.
+        Hooks run in the order registered, outside the step's checks: one that raises
+        stops the step before it changes anything. Under a distributed optimizer
+        (`netcl.distributed`), its hooks and those of the optimizer it steps run on
+        every rank before the ranks agree: one that raises on one rank makes every
+        rank raise, with nothing changed on any.
+
+        Returns:
+            A handle whose `remove()` takes the hook away.
+
+        Raises:
+            TypeError: `hook` is not callable (at once), or returned something other
+                than None or `(args, kwargs)` of one closure (at the step).
+        """
+        return self._step_hooks.pre.add(hook)
+
+    def register_step_post_hook(
+        self, hook: Callable[[Self, tuple[object, ...], dict[str, object]], None]
+    ) -> HookHandle:
+        """Call `hook(optimizer, args, kwargs)` after each `step()` that succeeded, with
+        the step's arguments (as the pre-hooks left them), as torch does; hooks run in
+        the order registered (a distributed optimizer's after those of the optimizer it
+        steps, once every rank has stepped).
+
+        Returns:
+            A handle whose `remove()` takes the hook away.
+
+        Raises:
+            TypeError: `hook` is not callable.
+        """
+        return self._step_hooks.post.add(hook)

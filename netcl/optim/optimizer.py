@@ -31,7 +31,7 @@ from netcl._precision import compute_dtype, stochastic_key
 from netcl._types import ParameterLike
 from netcl._update import MASTER, Step, UpdateRule
 from netcl._writes import PARAMETER_WRITE, STATE_WRITE, NotedList, note_state_write
-from netcl.optim._hooks import EVERY_POST_STEP, EVERY_PRE_STEP, HookHandle, Hooks
+from netcl.optim._hooks import EVERY_POST_STEP, EVERY_PRE_STEP, HookHandle, Hooks, StepHooks, WithStepHooks
 from netcl.optim._hyper import HyperCheck
 
 __all__ = [
@@ -720,7 +720,7 @@ class ParameterState(_NotesWrites[int, StateT]):
         return super().pop(self._key(key), *default)
 
 
-class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
+class Optimizer(WithStepHooks, Generic[GroupT, GroupInputT, StateT, StateDictT]):
     """The base of netcl's optimizers; use a concrete one such as `RMSProp`.
 
     Attributes:
@@ -786,8 +786,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         self._hyper_values = _values_getter(tuple(self.hyperparameters))
         """A group's values of `hyperparameters`, in order (KeyError where one is missing)."""
         self.state = ParameterState()
-        self._pre_hooks: Hooks[Callable[..., object]] = Hooks("a step pre-hook")
-        self._post_hooks: Hooks[Callable[..., object]] = Hooks("a step post-hook")
+        self._step_hooks = StepHooks(every=True)
         self._save_hooks: tuple[Hooks[Callable[..., object]], Hooks[Callable[..., object]]] = (
             Hooks("a state_dict pre-hook"),
             Hooks("a state_dict post-hook"),
@@ -908,7 +907,7 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
                 context or layout than its parameter, or a state's `step` is not a
                 whole number >= 0.
         """
-        if self._pre_hooks.hooks or self._post_hooks.hooks or EVERY_PRE_STEP.hooks or EVERY_POST_STEP.hooks:
+        if self._step_hooks:
             return self._hooked_step(closure)
         return self._step(closure)
 
@@ -946,9 +945,9 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
     def _hooked_step(self, closure: Callable[[], LossT] | None) -> LossT | None:
         """`step()` with its pre-hooks before it and its post-hooks after it (torch's
         order and arguments: the step's positional and keyword arguments)."""
-        args, kwargs, given = self._pre_step(closure)
+        args, kwargs, given = self._step_hooks.before(self, closure)
         loss = self._step(given)
-        self._post_step(args, kwargs)
+        self._step_hooks.after(self, args, kwargs)
         return loss
 
     def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
@@ -959,83 +958,10 @@ class Optimizer(Generic[GroupT, GroupInputT, StateT, StateDictT]):
         rank's work is done. (Hooks that ran in the agreement raise on one rank
         before any rank communicates.)"""
         none: Callable[[], object] | None = None
-        args, kwargs, given = self._pre_step(none)
+        args, kwargs, given = self._step_hooks.before(self, none)
         loss_of(given)
         self._check_step()
-        return (lambda: self._step(None)), (lambda: self._post_step(args, kwargs))
-
-    def _pre_step(
-        self, closure: Callable[[], LossT] | None
-    ) -> tuple[tuple[object, ...], dict[str, object], Callable[[], LossT] | None]:
-        """Run the step pre-hooks; return the step's arguments as they left them, and
-        the closure those give."""
-        args: tuple[object, ...] = (self,) if closure is None else (self, closure)  # (torch's: `step`'s own)
-        kwargs: dict[str, object] = {}
-        for hook in (*EVERY_PRE_STEP, *self._pre_hooks):  # (torch's order: every optimizer's first)
-            result = hook(self, args, kwargs)
-            if result is None:
-                continue
-            if not (
-                isinstance(result, tuple)
-                and len(result) == 2
-                and isinstance(result[0], tuple)
-                and isinstance(result[1], dict)
-            ):
-                raise TypeError(
-                    f"a step pre-hook returned {describe(result)}; it returns None, or a tuple (args, kwargs) "
-                    "of the step's new arguments"
-                )
-            args, kwargs = result
-        if not args or args[0] is not self or len(args) > 2 or set(kwargs) - {"closure"} or (args[1:] and kwargs):
-            raise TypeError(
-                f"the step pre-hooks gave step() the arguments {args!r}, {kwargs!r}; it takes the optimizer "
-                "and one more, the closure"
-            )
-        given = args[1] if len(args) > 1 else kwargs.get("closure")
-        return args, kwargs, cast("Callable[[], LossT] | None", given)
-
-    def _post_step(self, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        """Run the step post-hooks with the step's arguments (its own, then every
-        optimizer's, as torch does)."""
-        for hook in (*self._post_hooks, *EVERY_POST_STEP):
-            hook(self, args, kwargs)
-
-    def register_step_pre_hook(
-        self,
-        hook: Callable[
-            [Self, tuple[object, ...], dict[str, object]], tuple[tuple[object, ...], dict[str, object]] | None
-        ],
-    ) -> HookHandle:
-        """Call `hook(optimizer, args, kwargs)` before each `step()`, as torch does:
-        `args` and `kwargs` are the step's arguments, the optimizer first (`(optimizer,)`
-        and `{}` for `step()`, `(optimizer, closure)` for `step(closure)`); a hook that
-        returns `(args, kwargs)` gives the step (and the next hooks) those instead. Hooks run in the order registered,
-        outside the step's checks: one that raises stops the step before it changes
-        anything.
-
-        Returns:
-            A handle whose `remove()` takes the hook away.
-
-        Raises:
-            TypeError: `hook` is not callable (at once), or returned something other
-                than None or `(args, kwargs)` of one closure (at the step).
-        """
-        return self._pre_hooks.add(hook)
-
-    def register_step_post_hook(
-        self, hook: Callable[[Self, tuple[object, ...], dict[str, object]], None]
-    ) -> HookHandle:
-        """Call `hook(optimizer, args, kwargs)` after each `step()` that succeeded, with
-        the step's arguments (as the pre-hooks left them), as torch does; hooks run in
-        the order registered.
-
-        Returns:
-            A handle whose `remove()` takes the hook away.
-
-        Raises:
-            TypeError: `hook` is not callable.
-        """
-        return self._post_hooks.add(hook)
+        return (lambda: self._step(None)), (lambda: self._step_hooks.after(self, args, kwargs))
 
     def _check_step(self) -> None:
         """Raise as `step()` would on this input, and change nothing (the distributed
