@@ -376,10 +376,13 @@ def bad_input_of(kind: str) -> None:
 
 
 def step_hooks() -> None:
-    """The wrapped optimizer's step hooks (and those of ZeRO's optimizer of this rank's
-    share) run on every rank: a pre-hook that raises on one rank makes every rank raise
-    before anything is averaged or changed (nobody left waiting), a closure a pre-hook
-    gives runs before the averaging, and the post-hooks run once the step is done."""
+    """Step hooks run on every rank, and see what one process would: the wrapped
+    optimizer's (and those of ZeRO and of ZeRO's optimizer of this rank's share, where
+    DistributedOptimizer steps it) on the mean gradients, a distributed optimizer's own
+    before the averaging. A pre-hook that raises on one rank makes every rank raise
+    (nobody left waiting) with the parameters unchanged everywhere (the gradients are
+    the mean then, where the averaging came first); a closure a pre-hook gives after the
+    averaging is refused on every rank; the post-hooks run once the step is done."""
     for kind in ("numpy", "torch"):
         step_hooks_of(kind)
 
@@ -390,36 +393,46 @@ def step_hooks_of(kind: str) -> None:
     adam = Adam(model.params, lr=1e-2)
     optimizer = DistributedOptimizer(adam)
     seen: list[str] = []
+    grads_seen: list[list[F]] = []
     fail = [False]
 
     def pre(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         seen.append("pre")
+        grads_seen.append([get(p.grad) for p in model.params])
         if fail[0] and RANK == 1:
             raise ValueError("a pre-hook of rank 1 refuses")
 
     def post(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        # (every rank's gradients averaged, its parameters stepped)
         seen.append("post")
+
+    def mean(at: int) -> list[F]:
+        """The mean of both ranks' gradients of step `at` (exact, with 2 ranks)."""
+        return [(a + b) / np.float32(2) for a, b in zip(gradients(at, 0), gradients(at, 1), strict=True)]
 
     adam.register_step_pre_hook(pre)
     adam.register_step_post_hook(post)
     model.set_grads(gradients(0, RANK))
     optimizer.step()
     assert seen == ["pre", "post"], seen
+    equal(grads_seen[-1], mean(0), f"{kind}: the gradients a pre-hook saw")  # (as one process's would be)
     same_on_every_rank(model.values(), f"{kind}: parameters after a hooked step")
 
-    def refused(step: Callable[[], object], at: int, what: str) -> None:
-        """`step` with the pre-hook refusing on rank 1: every rank raises, and neither
-        the parameters nor the gradients change anywhere."""
+    def refused(step: Callable[[], object], at: int, what: str, averaged: bool) -> None:
+        """`step` with a pre-hook refusing on rank 1: every rank raises, the parameters
+        do not change anywhere, and the gradients are the mean where `averaged`, else
+        as they were."""
         before, grads = model.values(), gradients(at, RANK)
         model.set_grads(grads)
         fail[0] = True
-        raises(step, ValueError, "refuses" if RANK == 1 else "rank 1")
+        message = raises(step, ValueError, "refuses" if RANK == 1 else "rank 1")
         fail[0] = False
+        if RANK == 0:
+            assert ("but averaging the gradients" in message) == averaged, message
         equal(model.values(), before, f"{kind} {what}: a refusing pre-hook changed parameters")
-        equal([get(p.grad) for p in model.params], grads, f"{kind} {what}: a refusing pre-hook averaged gradients")
+        now = [get(p.grad) for p in model.params]
+        equal(now, mean(at) if averaged else grads, f"{kind} {what}: the gradients after a refusing pre-hook")
 
-    refused(optimizer.step, 1, "DistributedOptimizer")
+    refused(optimizer.step, 1, "DistributedOptimizer", averaged=True)
 
     def give_closure(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> Any:
         def closure() -> float:
@@ -429,23 +442,26 @@ def step_hooks_of(kind: str) -> None:
         return (*args, closure), kwargs
 
     handle = adam.register_step_pre_hook(give_closure)
-    optimizer.step()
+    before = model.values()
+    model.set_grads(gradients(2, RANK))
+    raises(optimizer.step, TypeError, "closure")
     handle.remove()
-    same_on_every_rank(model.values(), f"{kind}: parameters after a pre-hook's closure")
-    same_on_every_rank([get(p.grad) for p in model.params], f"{kind}: gradients after a pre-hook's closure")
+    equal(model.values(), before, f"{kind}: a pre-hook's closure after the averaging changed parameters")
 
     sharded = ZeroRedundancyOptimizer(model.params, SGD, lr=0.1)
     sharded.optim.register_step_pre_hook(pre)
-    refused(sharded.step, 3, "ZeRO")
+    refused(sharded.step, 3, "ZeRO", averaged=False)
     sharded.step()
     same_on_every_rank(model.values(), f"{kind} ZeRO: parameters after a hooked step")
 
-    # ZeRO under DistributedOptimizer: its optimizer's pre-hooks run before the averaging
+    # ZeRO under DistributedOptimizer: its optimizer's pre-hooks see the mean gradients
     both = DistributedOptimizer(sharded)
-    refused(both.step, 4, "ZeRO under DistributedOptimizer")
+    refused(both.step, 4, "ZeRO under DistributedOptimizer", averaged=True)
     seen.clear()
+    model.set_grads(gradients(5, RANK))
     both.step()
-    assert seen == ["pre"], seen  # (once: not again in ZeRO's own agreement)
+    assert seen == ["pre"], seen
+    equal(grads_seen[-1], mean(5), f"{kind} ZeRO under DistributedOptimizer: the gradients a pre-hook saw")
     same_on_every_rank(model.values(), f"{kind} ZeRO under DistributedOptimizer: parameters")
 
     # the distributed optimizers' own hooks: before and after those of what they step
@@ -464,7 +480,7 @@ def step_hooks_of(kind: str) -> None:
         sharded.register_step_pre_hook(named("zero pre", refuses=True)),
         sharded.register_step_post_hook(named("zero post")),
     ]
-    refused(both.step, 5, "DistributedOptimizer's own hook")
+    refused(both.step, 6, "DistributedOptimizer's own hook", averaged=False)
     seen.clear()
     both.step()
     assert seen == ["both pre", "zero pre", "pre", "zero post", "both post"], seen
@@ -472,7 +488,7 @@ def step_hooks_of(kind: str) -> None:
     sharded.step()
     assert seen == ["zero pre", "pre", "zero post"], seen
     handles[0].remove()
-    refused(both.step, 6, "ZeroRedundancyOptimizer's own hook")
+    refused(both.step, 7, "ZeroRedundancyOptimizer's own hook", averaged=True)
     for handle in handles:
         handle.remove()
     same_on_every_rank(model.values(), f"{kind} distributed optimizers' hooks: parameters")

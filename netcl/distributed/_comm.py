@@ -72,18 +72,15 @@ def signature(description: object) -> bytes:
     return hashlib.blake2b(repr(description).encode(), digest_size=16).digest()
 
 
-def agree(
-    comm: MPI.Comm,
-    what: str,
-    check: Callable[[], object],
-) -> None:
+def agree(comm: MPI.Comm, what: str, check: Callable[[], object], changed: str = "nothing") -> None:
     """Run `check` on every rank, and raise on every rank if it raised on any, or if the
     ranks' results differ (they describe what each rank is about to send: shapes,
     dtypes, hyperparameters). One small all-gather, which every rank reaches whatever
     its own check did: so no rank is left waiting in a later collective.
 
     The rank whose check raised re-raises its own exception; the others raise the same
-    kind (TypeError or ValueError, else RuntimeError) naming that rank and its message.
+    kind (TypeError or ValueError, else RuntimeError) naming that rank and its message,
+    and what the call `changed` before it (nothing, but where said).
     """
     failure: Exception | None = None
     description: object = None
@@ -102,7 +99,7 @@ def agree(
         others = f" (and on rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if len(failed) > 1 else ""
         error_type: type[Exception] = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
         raise error_type(
-            f"{what} failed on rank {rank}{others}, so on every rank, and changed nothing: {kind}: {message}"
+            f"{what} failed on rank {rank}{others}, so on every rank, and changed {changed}: {kind}: {message}"
         )
     digests = [digest for _, digest in verdicts]
     if len(set(digests)) > 1:
@@ -110,7 +107,7 @@ def agree(
         descriptions: list[object] = comm.allgather(description)
         differing = [rank for rank, d in enumerate(descriptions) if d != descriptions[0]]
         raise ValueError(
-            f"{what}: the ranks do not agree, so nothing changed on any rank. Rank 0 has "
+            f"{what}: the ranks do not agree, so the call changed {changed} on any rank. Rank 0 has "
             f"{_brief(descriptions[0])}; rank {differing[0]} has {_brief(descriptions[differing[0]])}"
         )
 

@@ -165,38 +165,63 @@ class DistributedOptimizer(WithStepHooks, Generic[OptimizerT]):
             TypeError, ValueError: The step is invalid on this rank (as the wrapped
                 optimizer's `step()` says), or on another rank (named), or the ranks
                 disagree on the hyperparameters or on which gradients they hold, of
-                which shape and dtype. Nothing has changed on any rank.
-            RuntimeError: The closure raised something else on another rank.
+                which shape and dtype. Nothing has changed on any rank (but where a
+                step pre-hook of the wrapped optimizer raised, or gave a closure: they
+                run on the mean gradients, so the gradients are the mean then).
+            RuntimeError: The closure (or a step hook) raised something else on
+                another rank.
         """
         loss: LossT | None = None
-        step_and_post: tuple[Callable[[], object], Callable[[], None]] | None = None
         args: tuple[object, ...] = ()
         kwargs: dict[str, object] = {}
+        hooked = False
         with contextlib.ExitStack() as stack:
             runs: list[npt.NDArray[Any]] = []
 
             def check() -> object:
-                nonlocal loss, runs, step_and_post, args, kwargs
-                # (the step pre-hooks, this one's and the wrapped optimizer's, run here,
-                # on every rank, before the ranks agree: one that raises on one rank
-                # stops every rank)
+                nonlocal loss, runs, args, kwargs, hooked
+                # (this one's step pre-hooks run here, on every rank, before the ranks
+                # agree: one that raises on one rank stops every rank)
                 args, kwargs, given = self._step_hooks.before(self, closure)
                 loss = loss_of(given)
-                step_and_post = self.optimizer._prepared_step()
+                self.optimizer._check_step()
+                # (the wrapped optimizer's own hooks run on the mean gradients, below: the
+                # ranks agree on whether there are any, so all or none agree again)
+                hooked = isinstance(self.optimizer, Optimizer) and bool(self.optimizer._step_hooks)
                 described = describe_groups(self.param_groups)
                 if self.comm.Get_size() > 1:
                     grads = [param.grad for group in self.param_groups for param in group["params"]]
                     runs = stack.enter_context(host_views([g for g in grads if g is not None], write=True)).runs
-                return described
+                return described, hooked
 
             agree(self.comm, "step()", check)
             allreduce_mean(self.comm, runs, self.bucket_bytes, self._buckets)
-        assert step_and_post is not None  # (set by the check every rank passed)
-        step, post = step_and_post
-        step()
-        post()
+        optimizer = self.optimizer
+        if isinstance(optimizer, Optimizer):
+            if hooked:
+                self._hooked_step(optimizer)
+            else:
+                optimizer.step()  # (its checks passed)
+        else:  # (a ZeroRedundancyOptimizer agrees again, around its hooks)
+            optimizer._step(None, averaged=True)
         self._step_hooks.after(self, args, kwargs)
         return loss
+
+    def _hooked_step(self, optimizer: Optimizer[Any, Any, Any, Any]) -> None:
+        """Step `optimizer` on the mean gradients, its step pre-hooks first on every rank
+        in an agreement of their own (one that raises on one rank makes every rank raise,
+        the gradients then averaged and nothing else changed), its post-hooks after."""
+        prepared: tuple[Callable[[], object], Callable[[], None]] | None = None
+
+        def check() -> None:
+            nonlocal prepared
+            prepared = optimizer._prepared_step(averaged=True)
+
+        agree(self.comm, "step()", check, changed="nothing but averaging the gradients")
+        assert prepared is not None  # (set by the check every rank passed)
+        step, post = prepared
+        step()
+        post()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The wrapped optimizer's `zero_grad`."""

@@ -135,18 +135,11 @@ class ZeroRedundancyOptimizer(WithStepHooks, Generic[OptimizerT]):
                     )
                 local[name] = group[name]
 
-    def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
-        """For `DistributedOptimizer`, which agrees across ranks before it steps this:
-        run the step pre-hooks (this one's, then the local optimizer's) and raise as
-        `step()` would here, changing nothing but the local optimizer's copy of the
-        hyperparameters; return the step (whose ranks agree again, without those hooks)
-        and the post-hooks (see `Optimizer._prepared_step`)."""
-        none: Callable[[], object] | None = None
-        args, kwargs, given = self._step_hooks.before(self, none)
-        loss_of(given)
+    def _check_step(self) -> None:
+        """Raise as `step()` would here, and change nothing but the local optimizer's
+        copy of the hyperparameters (without running any hook)."""
         self._sync()
-        prepared = self.optim._prepared_step()
-        return (lambda: self._step(None, prepared)), (lambda: self._step_hooks.after(self, args, kwargs))
+        self.optim._check_step()
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -166,29 +159,25 @@ class ZeroRedundancyOptimizer(WithStepHooks, Generic[OptimizerT]):
             TypeError, ValueError: The step is invalid on this rank or another (named),
                 or the ranks' parameters or hyperparameters differ.
         """
-        return self._step(closure, None)
+        return self._step(closure)
 
-    def _step(
-        self, closure: Callable[[], LossT] | None, prepared: tuple[Callable[[], object], Callable[[], None]] | None
-    ) -> LossT | None:
-        """`step()`; `prepared`: the local optimizer's step and post-hooks where its
-        pre-hooks ran already (`_prepared_step`)."""
+    def _step(self, closure: Callable[[], LossT] | None, averaged: bool = False) -> LossT | None:
+        """`step()`; `averaged`: under a `DistributedOptimizer`, which averaged the
+        gradients already (see `StepHooks.before`)."""
         loss: LossT | None = None
-        step_and_post = prepared
+        step_and_post: tuple[Callable[[], object], Callable[[], None]] | None = None
         args: tuple[object, ...] = ()
         kwargs: dict[str, object] = {}
         datas = [param.data for group in self.param_groups for param in group["params"]]
 
         def check() -> object:
             nonlocal loss, step_and_post, args, kwargs
-            if prepared is None:  # (the step pre-hooks run here, before the ranks agree)
-                args, kwargs, given = self._step_hooks.before(self, closure)
-                loss = loss_of(given)
-                self._sync()
-                step_and_post = self.optim._prepared_step()
-            else:
-                self._sync()
-                self.optim._check_step()
+            # (the step pre-hooks, this one's and the local optimizer's, run here, on
+            # every rank, before the ranks agree: one that raises on one rank stops all)
+            args, kwargs, given = self._step_hooks.before(self, closure, averaged)
+            loss = loss_of(given)
+            self._sync()
+            step_and_post = self.optim._prepared_step(averaged)
             return [
                 (
                     sorted((k, repr(v)) for k, v in self._hyper(group).items()),
@@ -197,15 +186,14 @@ class ZeroRedundancyOptimizer(WithStepHooks, Generic[OptimizerT]):
                 for group in self.param_groups
             ], [str(backend_for(data, "data").dtype(data)) for data in datas]
 
-        agree(self.comm, "step()", check)
+        agree(self.comm, "step()", check, changed="nothing but averaging the gradients" if averaged else "nothing")
         self._consolidated = None
         assert step_and_post is not None  # (set by the check every rank passed)
         step, post = step_and_post
         step()
         self._gather(datas)
         post()  # (after the gather, which every rank must reach)
-        if prepared is None:  # (else the caller's)
-            self._step_hooks.after(self, args, kwargs)
+        self._step_hooks.after(self, args, kwargs)
         return loss
 
     def _gather(self, datas: list[Any]) -> None:
@@ -311,7 +299,3 @@ class ZeroRedundancyOptimizer(WithStepHooks, Generic[OptimizerT]):
     def __repr__(self) -> str:
         where = f"rank {self.comm.Get_rank()} of {self.comm.Get_size()}"
         return f"ZeroRedundancyOptimizer({type(self.optim).__name__}, {where})"
-
-
-def _nothing() -> None:
-    """Nothing to do."""

@@ -93,10 +93,13 @@ class StepHooks:
         )
 
     def before(
-        self, owner: object, closure: Callable[[], LossT] | None
+        self, owner: object, closure: Callable[[], LossT] | None, averaged: bool = False
     ) -> tuple[tuple[object, ...], dict[str, object], Callable[[], LossT] | None]:
         """Run the pre-hooks of `owner`'s step; return the step's arguments as they left
-        them (torch's: `step`'s own, `owner` first), and the closure those give."""
+        them (torch's: `step`'s own, `owner` first), and the closure those give. Where
+        the gradients were `averaged` over MPI ranks already (by a distributed optimizer
+        that steps `owner`), a closure there would compute new ones that are not: then
+        raise TypeError if the hooks give one."""
         args: tuple[object, ...] = (owner,) if closure is None else (owner, closure)
         kwargs: dict[str, object] = {}
         every: Iterable[Callable[..., object]] = EVERY_PRE_STEP if self.every else ()
@@ -121,6 +124,11 @@ class StepHooks:
                 "and one more, the closure"
             )
         given = args[1] if len(args) > 1 else kwargs.get("closure")
+        if given is not None and averaged:
+            raise TypeError(
+                "a step pre-hook gave the step a closure, which would compute gradients after they were averaged "
+                "over the ranks; give the closure to the distributed optimizer's step() instead"
+            )
         return args, kwargs, cast("Callable[[], LossT] | None", given)
 
     def after(self, owner: object, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -147,9 +155,12 @@ class WithStepHooks:
         returns `(args, kwargs)` gives the step (and the next hooks) those instead.
         Hooks run in the order registered, outside the step's checks: one that raises
         stops the step before it changes anything. Under a distributed optimizer
-        (`netcl.distributed`), its hooks and those of the optimizer it steps run on
-        every rank before the ranks agree: one that raises on one rank makes every
-        rank raise, with nothing changed on any.
+        (`netcl.distributed`), each runs on every rank where the ranks agree: a
+        distributed optimizer's own before the gradients are averaged, those of the
+        optimizer it steps after (they see the mean gradients, as in one process); one
+        that raises on one rank makes every rank raise, with no parameter changed (the
+        gradients averaged, where that came first), and a closure given there after the
+        averaging is refused.
 
         Returns:
             A handle whose `remove()` takes the hook away.

@@ -950,15 +950,14 @@ class Optimizer(WithStepHooks, Generic[GroupT, GroupInputT, StateT, StateDictT])
         self._step_hooks.after(self, args, kwargs)
         return loss
 
-    def _prepared_step(self) -> tuple[Callable[[], object], Callable[[], None]]:
-        """For a wrapper that steps this optimizer once its ranks agree (the
-        distributed optimizers): run the step pre-hooks, and the closure they give, and
-        check the step as `step()` would, raising as it would; return the step itself
-        (without them again) and the post-hooks, which the wrapper calls once every
-        rank's work is done. (Hooks that ran in the agreement raise on one rank
-        before any rank communicates.)"""
+    def _prepared_step(self, averaged: bool = False) -> tuple[Callable[[], object], Callable[[], None]]:
+        """For a distributed optimizer, which steps this one once its ranks agree: run
+        the step pre-hooks and check the step as `step()` would, raising as it would;
+        return the step itself (without them again) and the post-hooks, which it calls
+        once every rank's work is done. A closure the pre-hooks give runs here (not
+        where the gradients were `averaged` already: see `StepHooks.before`)."""
         none: Callable[[], object] | None = None
-        args, kwargs, given = self._step_hooks.before(self, none)
+        args, kwargs, given = self._step_hooks.before(self, none, averaged)
         loss_of(given)
         self._check_step()
         return (lambda: self._step(None)), (lambda: self._step_hooks.after(self, args, kwargs))
