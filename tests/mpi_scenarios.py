@@ -448,6 +448,16 @@ def step_hooks_of(kind: str) -> None:
     handle.remove()
     equal(model.values(), before, f"{kind}: a pre-hook's closure after the averaging changed parameters")
 
+    def other_lr(opt: Any, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        opt.param_groups[0]["lr"] = 1e-2 * (RANK + 1)
+
+    handle = adam.register_step_pre_hook(other_lr)  # (a learning rate of its own on each rank)
+    model.set_grads(gradients(2, RANK))
+    raises(optimizer.step, ValueError, "do not agree")
+    handle.remove()
+    adam.param_groups[0]["lr"] = 1e-2
+    equal(model.values(), before, f"{kind}: a pre-hook's learning rates that differ changed parameters")
+
     sharded = ZeroRedundancyOptimizer(model.params, SGD, lr=0.1)
     sharded.optim.register_step_pre_hook(pre)
     refused(sharded.step, 3, "ZeRO", averaged=False)

@@ -213,9 +213,10 @@ class DistributedOptimizer(WithStepHooks, Generic[OptimizerT]):
         the gradients then averaged and nothing else changed), its post-hooks after."""
         prepared: tuple[Callable[[], object], Callable[[], None]] | None = None
 
-        def check() -> None:
+        def check() -> object:
             nonlocal prepared
             prepared = optimizer._prepared_step(averaged=True)
+            return describe_groups(self.param_groups)  # (as the hooks left them)
 
         agree(self.comm, "step()", check, changed="nothing but averaging the gradients")
         assert prepared is not None  # (set by the check every rank passed)
