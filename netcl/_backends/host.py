@@ -685,17 +685,17 @@ class _HostLaunches:
         return made
 
     def _torch_grads(
-        self, context: cl.Context, now: list[Any], first: int, launch: _HostLaunch
+        self, context: cl.Context, now: list[Any], kinds: set[type], first: int, launch: _HostLaunch
     ) -> list[_GradBuffer] | None:
         """The buffers over `now`, the gradients of `launch`'s runs (from the `first`-th
-        place on), where they are torch tensors each in a run of its own and the last
+        place on; `kinds`: their types), where they are torch tensors each in a run of its own and the last
         step had buffers for them: taken by their memory, without a host view (which
         costs a DLPack export): the same tensor's or, in a training loop, the next
         gradient's (`_kept_grad`). Else None (`_grad` takes them one by one). A buffer
         over a tensor's memory fits the launch because the plan checked the tensor's
         fingerprint (shape, strides, dtype, device): the one of the gradient the launch
         was laid out with, so its memory is laid out alike."""
-        if not launch.alone or not torch_kinds(set(map(type, now))):
+        if not launch.alone or not torch_kinds(kinds):
             return None
         grads, kept, itemsize = [], self.grads, launch.itemsize
         for place, grad in enumerate(now, first):
@@ -737,13 +737,14 @@ class _HostLaunches:
             for launch in self.launches:  # every launch's arguments first, then the launches
                 now = [run.items[0].grad for run in launch.runs]
                 kept = launch.grads
-                numpy = list(map(type, now)).count(np.ndarray) == len(now)
+                kinds = set(map(type, now))
+                numpy = kinds == {np.ndarray}
                 if kept and numpy and all(map(is_, now, map(_owner, kept))):
                     # the very numpy arrays of the last step: the same buffers (a numpy
                     # array's memory moves only with a fingerprint the plan checked)
                     grads: list[Any] = kept
                     place += len(kept)
-                elif (torch := self._torch_grads(context, now, place, launch)) is not None:
+                elif (torch := self._torch_grads(context, now, kinds, place, launch)) is not None:
                     grads, launch.grads = torch, []
                     place += len(torch)
                 else:
@@ -754,8 +755,9 @@ class _HostLaunches:
                             return False
                         grads.append(grad)
                         place += 1
-                    alone = all(run.joined is None for run in launch.runs)
-                    launch.grads = grads if numpy and alone and all(type(g) is _GradBuffer for g in grads) else []
+                    launch.grads = (
+                        grads if numpy and launch.alone and all(type(g) is _GradBuffer for g in grads) else []
+                    )
                 if bind:  # (the members stay bound from one step to the next)
                     launch.launcher.bind(launch.members, counter)
                 keys = [run.items[0].member[shared:] for run in launch.runs] if step.kernel.stochastic else []
