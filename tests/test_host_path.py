@@ -272,6 +272,48 @@ def test_new_gradients_at_every_step_keep_the_launches(kind: str, monkeypatch: p
     assert results[0] == results[1]
 
 
+def _steps_over_memory_used_before(
+    monkeypatch: pytest.MonkeyPatch,
+    optimizer: Callable[[list[Any]], Any],
+    sizes: tuple[int, ...],
+    pools: int,
+    steps: int,
+    seed: int,
+    after_step: Callable[[Any], None] | None = None,
+) -> list[int]:
+    """Step torch parameters of `sizes` whose gradients are new tensors over `pools`
+    sets of memory taken in turn (as torch's allocator hands a training loop's
+    gradients the memory the last ones had), on the kernel path and on the array-API
+    path, and assert that the bits are the same; return how many buffers over
+    gradients the kernel path made at each step (`after_step(optimizer)` runs after
+    each of its steps)."""
+    rng = np.random.default_rng(seed)
+    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    memory = [[torch.zeros(n) for n in sizes] for _ in range(pools)]  # the memory the gradients come in
+    values = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(steps)]
+    made = _count_made(monkeypatch, host._GradBuffer)
+    results, on_kernel = [], []
+    for path in ("kernel", "array-api"):
+        monkeypatch.setattr(host, "PATH", path)
+        params = [Parameter(torch.tensor(x)) for x in starts]
+        opt = optimizer(params)
+        made.clear()
+        for k, step in enumerate(values):
+            opt.zero_grad()
+            for p, pool, g in zip(params, memory[k % pools], step, strict=True):
+                pool.copy_(torch.from_numpy(g))
+                p.grad = pool.view(pool.shape)  # a new tensor object over memory used before
+            made.append(0)
+            opt.step()
+            if path == "kernel" and after_step is not None:
+                after_step(opt)
+        results.append([np.asarray(p.data).tobytes() for p in params])
+        if path == "kernel":
+            on_kernel = list(made)
+    assert results[0] == results[1]
+    return on_kernel
+
+
 def test_new_torch_gradients_in_memory_used_before_take_the_buffers_made_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -280,29 +322,10 @@ def test_new_torch_gradients_in_memory_used_before_take_the_buffers_made_for_it(
     # buffer made once each place has been seen), and the bits are the array-API path's
     from netcl.optim import Adam
 
-    rng = np.random.default_rng(11)
-    sizes = (3000, 40, 500)
-    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
-    pools = [[torch.zeros(n) for n in sizes] for _ in range(2)]  # the memory the gradients come in
-    values = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(6)]
-    made = _count_made(monkeypatch, host._GradBuffer)
-    results = []
-    for path in ("kernel", "array-api"):
-        monkeypatch.setattr(host, "PATH", path)
-        params = [Parameter(torch.tensor(x)) for x in starts]
-        opt = Adam(params, lr=1e-2)
-        made.clear()
-        for k, step in enumerate(values):
-            opt.zero_grad()
-            for p, pool, g in zip(params, pools[k % 2], step, strict=True):
-                pool.copy_(torch.from_numpy(g))
-                p.grad = pool.view(pool.shape)  # a new tensor object over memory used before
-            made.append(0)
-            opt.step()
-        results.append([np.asarray(p.data).tobytes() for p in params])
-        if path == "kernel":
-            assert made == [3, 3, 3, 0, 0, 0]  # (the first step lays out; then each pool's memory once)
-    assert results[0] == results[1]
+    made = _steps_over_memory_used_before(
+        monkeypatch, lambda params: Adam(params, lr=1e-2), (3000, 40, 500), pools=2, steps=6, seed=11
+    )
+    assert made == [3, 3, 3, 0, 0, 0]  # (the first step lays out; then each pool's memory once)
 
 
 @pytest.mark.parametrize("pools", [3, 4])
@@ -317,33 +340,17 @@ def test_buffers_kept_over_old_gradients_memory_are_bounded_per_run(
     from netcl.optim import RMSProp
 
     monkeypatch.setattr(host, "SPARE_GRAD_BUFFERS", 2)
-    rng = np.random.default_rng(12)
-    sizes = (300, 40, 500)
-    starts = [rng.standard_normal(n).astype(np.float32) for n in sizes]
-    memory = [[torch.zeros(n) for n in sizes] for _ in range(pools)]
-    values = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(3 * pools)]
-    made = _count_made(monkeypatch, host._GradBuffer)
-    results = []
-    for path in ("kernel", "array-api"):
-        monkeypatch.setattr(host, "PATH", path)
-        params = [Parameter(torch.tensor(x)) for x in starts]
-        opt = RMSProp(params, lr=1e-2)
-        made.clear()
-        for k, step in enumerate(values):
-            for p, pool, g in zip(params, memory[k % pools], step, strict=True):
-                pool.copy_(torch.from_numpy(g))
-                p.grad = pool.view(pool.shape)
-            made.append(0)
-            opt.step()
-            if path == "kernel":
-                (launches,) = [c["host"] for c in opt._kept[0].launches.values()]
-                assert len(launches.spare) <= 2 * 3
-        results.append([np.asarray(p.data).tobytes() for p in params])
-        if path == "kernel":
-            # (the first step's buffers go with its launches: the state it made lays
-            # the launches out again at the second)
-            assert made == ([3] * (pools + 1) + [0] * (2 * pools - 1) if pools == 3 else [3] * 3 * pools)
-    assert results[0] == results[1]
+
+    def bounded(opt: Any) -> None:
+        (launches,) = [c["host"] for c in opt._kept[0].launches.values()]
+        assert len(launches.spare) <= 2 * 3
+
+    made = _steps_over_memory_used_before(
+        monkeypatch, lambda params: RMSProp(params, lr=1e-2), (300, 40, 500), pools, 3 * pools, 12, bounded
+    )
+    # (the first step's buffers go with its launches: the state it made lays the
+    # launches out again at the second)
+    assert made == ([3] * (pools + 1) + [0] * (2 * pools - 1) if pools == 3 else [3] * 3 * pools)
 
 
 def test_torch_parameters_given_other_data_between_steps_are_followed(monkeypatch: pytest.MonkeyPatch) -> None:
