@@ -203,6 +203,67 @@ def test_a_torch_parameter_that_requires_grad_is_updated_as_torch_does() -> None
     assert torch.equal(data.detach(), twin.detach())
 
 
+def _negated(values: torch.Tensor, public: bool) -> torch.Tensor:
+    """`values` as a tensor whose memory holds them negated (torch's negative bit): the
+    imaginary part of a conjugated complex tensor (public, one value), or a lazy
+    negation of the negated values."""
+    if public:
+        assert values.numel() == 1
+        negated = torch.complex(torch.zeros(1), -values.reshape(1)).conj().imag.reshape(values.shape)
+    else:
+        negated = torch._neg_view(-values)
+    assert negated.is_neg() and torch.equal(negated, values)
+    return negated
+
+
+@pytest.mark.parametrize("path", ["kernel", "measured"])
+@pytest.mark.parametrize("negated", ["gradients", "parameter"])
+def test_memory_that_holds_values_negated_steps_by_its_values(
+    negated: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch keeps a lazy negation as a bit beside the memory, which DLPack and an address
+    # do not carry: gradients whose memory holds their values negated (new ones, after
+    # plain ones laid out the launch), and a parameter's array that becomes its own
+    # memory negated (the memory, shape and strides a kept plan was made for), step by
+    # their values, as the same values in plain tensors do
+    monkeypatch.setattr(host, "PATH", path)
+    rng = np.random.default_rng(21)
+    sizes = (LARGE, 1)
+    starts = [rng.standard_normal(n).astype(F32) for n in sizes]
+    ours = [torch.nn.Parameter(torch.tensor(x)) for x in starts]
+    twins = [torch.nn.Parameter(torch.tensor(x)) for x in starts]
+    # (a group each: the first keeps its plan, its new gradients taken by fingerprint)
+    a = RMSProp([{"params": [p]} for p in ours], lr=1e-2, momentum=0.5)
+    b = RMSProp([{"params": [t]} for t in twins], lr=1e-2, momentum=0.5)
+    for k in range(4):
+        if negated == "parameter" and k == 2:
+            ours[0].data, twins[0].data = torch._neg_view(ours[0].data), -twins[0].data
+        for p, t, n, public in zip(ours, twins, sizes, (False, True), strict=True):
+            g = torch.tensor(rng.standard_normal(n).astype(F32))
+            p.grad = _negated(g, public) if negated == "gradients" and k >= 2 else g.clone()
+            t.grad = g.clone()
+        a.step()
+        b.step()
+        for p, t in zip(ours, twins, strict=True):
+            assert torch.equal(p.detach(), t.detach()), f"step {k}"
+
+
+def test_host_views_and_checkpoints_see_a_negated_tensors_values(tmp_path: Any) -> None:
+    # what MPI reads and writes (a backend's host views) and what a checkpoint saves
+    from netcl._backends.array_api import ARRAY_API
+    from netcl.optim import checkpoint
+
+    values = torch.tensor([1.0, -2.0, 3.0])
+    negated = _negated(values, public=False)
+    with ARRAY_API.host_views([negated], write=True) as seen:
+        np.testing.assert_array_equal(seen.arrays[0], [1.0, -2.0, 3.0])
+        seen.arrays[0][:] *= 2
+    assert torch.equal(negated, torch.tensor([2.0, -4.0, 6.0]))
+    checkpoint.save({"state": {0: {"step": 1, "square_avg": negated}}, "param_groups": []}, tmp_path / "n.npz")
+    loaded: Any = checkpoint.load(tmp_path / "n.npz")
+    np.testing.assert_array_equal(np.asarray(loaded["state"][0]["square_avg"]), [2.0, -4.0, 6.0])
+
+
 def _later_group_fails(bad: Parameter[Any], *, in_constructor: bool = True) -> None:
     """The constructor refuses `bad` (which checks arrays, not gradients); so does a step
     when the arrays are swapped in later, before anything is written."""

@@ -126,8 +126,8 @@ class ArrayAPIBackend(Backend):
         # tensor's can (`set_`, `tensor.data = x`), so with `memory` its address too
         if type(array) is np.ndarray:
             return _numpy_print(array)  # (four values: no torch tensor's)
-        if is_torch(array):  # (torch.Size is a tuple)
-            layout = (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout)
+        if is_torch(array):  # (torch.Size is a tuple; the negative bit: see `negated`)
+            layout = (type(array), array.shape, array.stride(), array.dtype, array.device, array.layout, array.is_neg())
             return (*layout, array.data_ptr()) if memory else layout
         return None
 
@@ -156,16 +156,19 @@ class ArrayAPIBackend(Backend):
             return list(map(_numpy_print, arrays))
         if torch_kinds(kinds):  # (of torch tensors: `fingerprint`'s, in one loop)
             if memory:
-                return [(type(a), a.shape, a.stride(), a.dtype, a.device, a.layout, a.data_ptr()) for a in arrays]
-            return [(type(a), a.shape, a.stride(), a.dtype, a.device, a.layout) for a in arrays]
+                return [
+                    (type(a), a.shape, a.stride(), a.dtype, a.device, a.layout, a.is_neg(), a.data_ptr())
+                    for a in arrays
+                ]
+            return [(type(a), a.shape, a.stride(), a.dtype, a.device, a.layout, a.is_neg()) for a in arrays]
         return [self.fingerprint(array, memory=memory) for array in arrays]
 
     def alias_prints(self, params: Sequence[Any]) -> list[Hashable] | None:
         if not (torch_kinds(set(map(type, params))) or all(map(is_torch, params))):
             return None
-        # (a torch parameter's address, shape, strides, dtype, device and layout are its
-        # `data`'s: `parameter.data = x` gives the parameter x's)
-        return [(p.data_ptr(), p.shape, p.stride(), p.dtype, p.device, p.layout) for p in params]
+        # (a torch parameter's address, shape, strides, dtype, device, layout and negative
+        # bit are its `data`'s: `parameter.data = x` gives the parameter x's)
+        return [(p.data_ptr(), p.shape, p.stride(), p.dtype, p.device, p.layout, p.is_neg()) for p in params]
 
     def same_memory(self, array: Any, other: Any) -> bool:
         if array is other:
@@ -235,10 +238,12 @@ class ArrayAPIBackend(Backend):
         return out
 
     def to_host(self, array: Any) -> npt.NDArray[Any]:
+        if is_torch(array):  # (DLPack exports the memory as it is: see `negated`)
+            array = array.detach().resolve_neg()
         if is_torch(array) and str(array.dtype) == "torch.bfloat16":
             import torch  # (DLPack has bfloat16, numpy has not: the bits, as ml_dtypes' bfloat16)
 
-            bits = array.detach().to("cpu").view(torch.int16)
+            bits = array.to("cpu").view(torch.int16)
             return np.array(np.from_dlpack(bits), copy=True).view(BFLOAT16)
         try:
             return np.from_dlpack(array, device="cpu", copy=True)

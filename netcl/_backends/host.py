@@ -40,7 +40,7 @@ from netcl._update import Step
 from netcl._xp import is_torch, torch_kinds
 from netcl.device import compile_failure, create_queue
 
-__all__ = ["PATH", "Costs", "host_queue", "update_on_host"]
+__all__ = ["PATH", "Costs", "host_queue", "negated", "update_on_host"]
 
 PATH: Literal["measured", "kernel", "array-api"] = "measured"
 """Which path host arrays take: by measurement (the default), or always one (tests)."""
@@ -115,17 +115,30 @@ def host_queue() -> cl.CommandQueue | None:
 def dlpack_view(x: Any) -> npt.NDArray[Any] | None:
     """A numpy array over the memory of `x` (an array of another library, in host
     memory), through DLPack; None where it has none, or a dtype numpy lacks, or is on
-    another device."""
+    another device, or its values are not its memory's (`negated`)."""
     try:
-        return np.from_dlpack(x.detach() if is_torch(x) else x)
+        if is_torch(x):
+            return None if negated(x) else np.from_dlpack(x.detach())
+        return np.from_dlpack(x)
     except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
         return None
+
+
+def negated(x: Any) -> bool:
+    """Whether `x`, a torch tensor, holds its values negated in its memory (torch's
+    negative bit, which a real tensor gets from a lazy negation, such as `z.conj().imag`
+    of a complex `z`): DLPack exports the memory as it is, so its values read through
+    memory would come out negated."""
+    is_neg: Callable[[], bool] | None = getattr(x, "is_neg", None)
+    return is_neg is not None and is_neg()
 
 
 def host_view(x: Any) -> npt.NDArray[Any] | None:
     """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
     if isinstance(x, np.ndarray):
         view = x
+    elif is_torch(x) and negated(x):
+        return None
     elif is_torch(x) and str(x.dtype) == "torch.bfloat16":
         # (DLPack has bfloat16, numpy has not: the bits, seen as ml_dtypes' bfloat16)
         import torch

@@ -341,7 +341,9 @@ def _host(value: Any, where: str) -> npt.NDArray[Any]:
     if isinstance(value, np.ndarray) and value.dtype != object:
         return value
     if hasattr(value, "__dlpack__") or hasattr(value, "__array__"):
-        host = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        if hasattr(value, "detach"):  # (a torch tensor: on the host, a lazy negation resolved)
+            value = value.detach().cpu().resolve_neg()
+        host = np.asarray(value)
         if host.dtype != object:
             return host
     raise TypeError(f"{where} is a {type(value).__name__}, which a checkpoint cannot hold")
