@@ -285,6 +285,14 @@ def test_an_expanded_tensor_is_refused_before_anything_is_written() -> None:
     _later_group_fails(Parameter(torch.ones(1).expand(4), torch.ones(4)))
 
 
+def test_a_torch_inference_tensor_is_refused_before_anything_is_written() -> None:
+    # torch updates one in place only within inference mode: the array-API maths raised
+    # torch's error after writing the parameters before it, the fused kernel wrote it
+    with torch.inference_mode():
+        bad = Parameter(torch.ones(4), torch.ones(4))
+    _later_group_fails(bad)
+
+
 def test_an_overlapping_numpy_view_is_refused() -> None:
     base = np.ones(4, F32)
     view = np.lib.stride_tricks.as_strided(base, shape=(3, 2), strides=(4, 4))  # writeable, overlapping

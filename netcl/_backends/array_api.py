@@ -83,11 +83,20 @@ def _check_dense(x: Any, where: str) -> None:
 
 def _check_written_in_place(x: Any, where: str) -> None:
     """Raise ValueError unless netcl can write `x` in place (or rebinds it, jax): it is
-    writeable and no two of its elements share memory."""
+    writeable, not a torch inference tensor, and no two of its elements share memory."""
     if _rebinds(x):
         return
     if not array_api_compat.is_writeable_array(x):
         raise ValueError(f"{where} is read-only; netcl updates parameters in place, so it needs a writeable array")
+    is_inference: Callable[[], bool] | None = getattr(x, "is_inference", None) if is_torch(x) else None
+    if is_inference is not None and is_inference():
+        # (torch lets one be updated in place only within inference mode; a step's checks
+        # are not repeated while nothing changes, so netcl takes none)
+        raise ValueError(
+            f"{where} is a torch inference tensor (made under torch.inference_mode()), which torch updates "
+            "in place only within inference mode; netcl updates parameters in place, so it needs a normal "
+            "tensor (a clone made outside inference mode)"
+        )
     if _overlaps(x):
         raise ValueError(
             f"{where} has elements that share memory (shape {tuple(x.shape)}, a broadcast or expanded "
