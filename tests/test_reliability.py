@@ -293,6 +293,34 @@ def test_a_torch_inference_tensor_is_refused_before_anything_is_written() -> Non
     _later_group_fails(bad)
 
 
+def test_a_torch_tensor_whose_memory_was_freed_is_refused_before_anything_is_written() -> None:
+    # `untyped_storage().resize_(0)` (as sharded training frees a parameter between
+    # uses) leaves the tensor's shape with no memory behind it: torch's own optimizers
+    # crash the process on it, the fused kernel wrote through a null pointer
+    freed = torch.ones(4)
+    freed.untyped_storage().resize_(0)
+    _later_group_fails(Parameter(freed, torch.ones(4)))
+    # a parameter freed after steps, then given its memory back
+    params = [torch.nn.Parameter(torch.ones(n)) for n in (LARGE, 8)]
+    opt = RMSProp([{"params": [p]} for p in params], lr=1e-2)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    kept = [p.detach().clone() for p in params]
+    counts = [opt.state[id(p)]["step"] for p in params]
+    params[1].untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]\.data is a torch tensor whose storage"):
+        opt.step()
+    assert torch.equal(params[0].detach(), kept[0])
+    assert [opt.state[id(p)]["step"] for p in params] == counts
+    params[1].untyped_storage().resize_(8 * 4)
+    with torch.no_grad():
+        params[1].copy_(kept[1])
+    opt.step()
+    assert [opt.state[id(p)]["step"] for p in params] == [c + 1 for c in counts]
+
+
 def test_an_overlapping_numpy_view_is_refused() -> None:
     base = np.ones(4, F32)
     view = np.lib.stride_tricks.as_strided(base, shape=(3, 2), strides=(4, 4))  # writeable, overlapping

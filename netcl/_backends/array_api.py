@@ -76,9 +76,27 @@ def _overlaps(x: Any) -> bool:
 
 
 def _check_dense(x: Any, where: str) -> None:
-    layout = getattr(x, "layout", None) if is_torch(x) else None
+    """Raise TypeError for a torch tensor that is not strided (a sparse one), ValueError
+    for one whose storage does not hold every element (its memory freed, as
+    `untyped_storage().resize_(0)` does: torch's own ops then crash the process)."""
+    if not is_torch(x):
+        return
+    layout = getattr(x, "layout", None)
     if layout is not None and str(layout) != "torch.strided":
         raise TypeError(f"{where} is a torch tensor with layout {layout}; netcl needs dense (strided) tensors")
+    if not x.numel():
+        return
+    try:
+        held = int(x.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):  # (a tensor without one)
+        return
+    span = sum((int(n) - 1) * int(st) for n, st in zip(x.shape, x.stride(), strict=True))
+    needed = (int(x.storage_offset()) + span + 1) * int(x.element_size())
+    if held < needed:
+        raise ValueError(
+            f"{where} is a torch tensor whose storage holds {held} bytes, fewer than the {needed} its elements "
+            "reach (its memory freed, as untyped_storage().resize_(0) does?); netcl reads and writes every element"
+        )
 
 
 def _check_written_in_place(x: Any, where: str) -> None:
