@@ -706,8 +706,9 @@ class _HostLaunches:
         costs a DLPack export): the same tensor's or, in a training loop, the next
         gradient's (`_kept_grad`). Else None (`_grad` takes them one by one). A buffer
         over a tensor's memory fits the launch because the plan checked the tensor's
-        fingerprint (shape, strides, dtype, device): the one of the gradient the launch
-        was laid out with, so its memory is laid out alike."""
+        fingerprint (shape, strides, dtype, device, negative bit: see `negated`): the one
+        of the gradient the launch was laid out with, so its memory holds its values laid
+        out alike."""
         if not launch.alone or not torch_kinds(kinds):
             return None
         grads, kept, itemsize = [], self.grads, launch.itemsize
