@@ -107,6 +107,18 @@ class Model:
         return [get(param.data) for param in self.params]
 
 
+def written_versions(model: Model) -> list[int]:
+    """The autograd version counter of each torch parameter's tensor (none for others)."""
+    return [param.data._version for param in model.params if isinstance(param.data, torch.Tensor)]
+
+
+def written_since(model: Model, versions: list[int], what: str) -> None:
+    """Assert that torch's autograd learnt of a write to every torch parameter since
+    `versions` (this rank's step and the parameters other ranks sent alike)."""
+    now = written_versions(model)
+    assert all(n > v for n, v in zip(now, versions, strict=True)), f"{what}: versions {versions} -> {now}"
+
+
 def same_on_every_rank(arrays: Sequence[F], what: str) -> None:
     gathered: list[list[bytes]] = COMM.allgather([a.tobytes() for a in arrays])
     assert all(g == gathered[0] for g in gathered), f"{what} differ between ranks"
@@ -206,14 +218,19 @@ def zero() -> None:
     for cls, hyper in OPTIMIZERS:
         for kind in ("pyopencl", "numpy", "torch", "flat-pyopencl"):
             model = Model(kind, starts())
+            versions = written_versions(model)
             broadcast_parameters(model.params)
+            if RANK != 0:
+                written_since(model, versions, f"broadcast_parameters {kind}")
             reference = Model("numpy", model.values())
             sharded = ZeroRedundancyOptimizer(model.params, cls, **hyper)
             optimizer = DistributedOptimizer(sharded)
             single = cls(reference.params, **hyper)
             for step in range(STEPS):
                 model.set_grads(gradients(step, RANK))
+                versions = written_versions(model)
                 optimizer.step()
+                written_since(model, versions, f"ZeRO {cls.__name__} {kind} step {step}")
                 reference.set_grads(mean(step))
                 single.step()
             where = f"ZeRO {cls.__name__} {kind}"

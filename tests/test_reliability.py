@@ -264,6 +264,29 @@ def test_host_views_and_checkpoints_see_a_negated_tensors_values(tmp_path: Any) 
     np.testing.assert_array_equal(np.asarray(loaded["state"][0]["square_avg"]), [2.0, -4.0, 6.0])
 
 
+@pytest.mark.parametrize("path", ["kernel", "array-api"])
+@pytest.mark.parametrize("holder", ["torch.nn.Parameter", "netcl.Parameter"])
+def test_a_step_after_autograd_saved_a_parameter_makes_backward_raise_as_torch_does(
+    holder: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's optimizers update a parameter with in-place ops, which autograd counts, so
+    # a backward pass that needs the parameter's values from before the step raises;
+    # netcl writes the memory (or `parameter.data`, whose count is its own), and tells
+    # autograd, or the backward pass would use the new values without a word
+    monkeypatch.setattr(host, "PATH", path)
+    data = torch.ones(LARGE, requires_grad=holder == "torch.nn.Parameter")
+    param: Any = torch.nn.Parameter(data) if holder == "torch.nn.Parameter" else Parameter(data)
+    held = param if holder == "torch.nn.Parameter" else param.data
+    x = torch.ones(LARGE, requires_grad=True)
+    loss = (held * x).sum()  # (saves the parameter for x's gradient)
+    param.grad = torch.ones(LARGE)
+    before = held._version
+    RMSProp([param], lr=1e-2).step()
+    assert held._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def _later_group_fails(bad: Parameter[Any], *, in_constructor: bool = True) -> None:
     """The constructor refuses `bad` (which checks arrays, not gradients); so does a step
     when the arrays are swapped in later, before anything is written."""

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-from netcl._backends.array_api import ARRAY_API, is_array_api
+from netcl._backends.array_api import ARRAY_API, is_array_api, note_written
 from netcl._backends.base import Backend, Work, describe
 from netcl._backends.opencl import OPENCL, is_opencl
 
-__all__ = ["Backend", "Work", "backend_for", "checked_backend", "describe"]
+__all__ = ["Backend", "Work", "backend_for", "checked_backend", "describe", "note_written"]
 
 
 def backend_for(array: object, where: str) -> Backend:

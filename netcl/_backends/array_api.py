@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from collections.abc import Callable, Hashable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, cast
 
 import array_api_compat
@@ -319,9 +319,46 @@ class ArrayAPIBackend(Backend):
     ) -> None:
         """Contiguous host arrays go to the fused kernel on a CPU OpenCL device where
         that is faster (bit-identical results); the rest are updated with the reference
-        maths."""
+        maths. torch's autograd then learns that the torch parameters were written
+        (`note_written`)."""
         for item in update_on_host(step, work, cache, tally, lambda x: _rebinds(x)):
             update_by_reference(step, item, tally)
+        written = cache.get("written")
+        if written is None or written[0] is not work:  # (the same list while the plan is kept)
+            written = cache["written"] = (work, written_tensors(item.param for item in work))
+        if written[1]:
+            _increment_version(written[1])
+
+
+def written_tensors(params: Iterable[Any]) -> list[Any]:
+    """The torch tensors a user holds of `params` whose arrays netcl writes: a torch
+    parameter itself (its `data` is another tensor object, with a version counter of
+    its own), or the `data` of another kind of parameter where that is a torch tensor."""
+    return [p if is_torch(p) else p.data for p in params if is_torch(p) or is_torch(getattr(p, "data", None))]
+
+
+def note_written(params: Iterable[Any]) -> None:
+    """Tell torch's autograd that the arrays of the torch ones among `params` were
+    written in place, as torch's own in-place ops tell it (their version counter): netcl
+    writes a parameter's memory (the fused kernel, MPI) or its `data`, so a tensor that
+    autograd saved for a backward pass before the write would otherwise be read after
+    it without the error torch raises."""
+    tensors = written_tensors(params)
+    if tensors:
+        _increment_version(tensors)
+
+
+def _increment_version(tensors: list[Any]) -> None:
+    from torch.autograd import graph
+
+    increment: Callable[[Any], None] | None = getattr(graph, "increment_version", None)
+    if increment is None:  # (torch before 2.1 has no public call for it)
+        return
+    try:
+        increment(tensors)
+    except TypeError:  # (torch before 2.4 takes one tensor)
+        for tensor in tensors:
+            increment(tensor)
 
 
 def update_by_reference(step: Step, item: Work, tally: Tally) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import numpy as np
 import numpy.typing as npt
 
-from netcl._backends import checked_backend, describe
+from netcl._backends import checked_backend, describe, note_written
 from netcl._types import ParameterLike
 from netcl.distributed._comm import (
     DEFAULT_BUCKET_BYTES,
@@ -271,6 +271,8 @@ def broadcast_parameters(params: Iterable[ParameterLike], root: int = 0, comm: M
 
         agree(comm, "broadcast_parameters()", check)
         broadcast(comm, runs, int(root), DEFAULT_BUCKET_BYTES)
+    if comm.Get_size() > 1 and comm.Get_rank() != int(root):
+        note_written(params)
 
 
 def broadcast(comm: MPI.Comm, runs: Sequence[npt.NDArray[Any]], root: int, bucket_bytes: int) -> None:

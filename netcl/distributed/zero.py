@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
-from netcl._backends import backend_for
+from netcl._backends import backend_for, note_written
 from netcl._types import ParameterLike
 from netcl.distributed._comm import MPI, agree, communicator, host_views
 from netcl.distributed.data_parallel import _check_root
@@ -218,6 +218,7 @@ class ZeroRedundancyOptimizer(WithStepHooks, Generic[OptimizerT]):
                 if owner != rank:
                     view[...] = received[at[owner] : at[owner] + view.size]
                 at[owner] += view.size
+        note_written(param for group in self.param_groups for param in group["params"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradient of every parameter (this rank's and the others')."""
