@@ -115,11 +115,9 @@ def host_queue() -> cl.CommandQueue | None:
 def dlpack_view(x: Any) -> npt.NDArray[Any] | None:
     """A numpy array over the memory of `x` (an array of another library, in host
     memory), through DLPack; None where it has none, or a dtype numpy lacks, or is on
-    another device, or its values are not its memory's (`negated`)."""
+    another device. (The memory as it is: `host_view` refuses a `negated` tensor.)"""
     try:
-        if is_torch(x):
-            return None if negated(x) else np.from_dlpack(x.detach())
-        return np.from_dlpack(x)
+        return np.from_dlpack(x.detach() if is_torch(x) else x)
     except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
         return None
 
@@ -134,7 +132,8 @@ def negated(x: Any) -> bool:
 
 
 def host_view(x: Any) -> npt.NDArray[Any] | None:
-    """`x` as a writeable, contiguous numpy array sharing its memory, or None."""
+    """`x` as a writeable, contiguous numpy array sharing its memory, or None (also for
+    a torch tensor whose memory does not hold its values: `negated`)."""
     if isinstance(x, np.ndarray):
         view = x
     elif is_torch(x) and negated(x):
