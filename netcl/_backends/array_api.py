@@ -90,13 +90,19 @@ def _check_dense(x: Any, where: str) -> None:
         held = int(x.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):  # (a tensor without one)
         return
-    span = sum((int(n) - 1) * int(st) for n, st in zip(x.shape, x.stride(), strict=True))
-    needed = (int(x.storage_offset()) + span + 1) * int(x.element_size())
+    needed = int(x.storage_offset()) * int(x.element_size()) + _torch_reach(x)
     if held < needed:
         raise ValueError(
             f"{where} is a torch tensor whose storage holds {held} bytes, fewer than the {needed} its elements "
             "reach (its memory freed, as untyped_storage().resize_(0) does?); netcl reads and writes every element"
         )
+
+
+def _torch_reach(x: Any) -> int:
+    """The bytes from a non-empty torch tensor's first element to one past its last (its
+    strides are never negative)."""
+    span = sum((int(n) - 1) * int(st) for n, st in zip(x.shape, x.stride(), strict=True))
+    return (span + 1) * int(x.element_size())
 
 
 def _check_written_in_place(x: Any, where: str) -> None:
@@ -165,10 +171,9 @@ class ArrayAPIBackend(Backend):
         if is_torch(array):
             if array.numel() == 0:
                 return None
-            start, itemsize = int(array.data_ptr()), array.element_size()
-            span = sum((int(n) - 1) * int(st) for n, st in zip(array.shape, array.stride(), strict=True))
+            start = int(array.data_ptr())
             where = "host" if array.device.type == "cpu" else str(array.device)
-            return where, start, start + (span + 1) * itemsize
+            return where, start, start + _torch_reach(array)
         if _rebinds(array):
             return None
         view = array if isinstance(array, np.ndarray) else dlpack_view(array)
