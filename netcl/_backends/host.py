@@ -700,10 +700,10 @@ class _HostLaunches:
         self, context: cl.Context, now: list[Any], kinds: set[type], first: int, launch: _HostLaunch
     ) -> list[_GradBuffer] | None:
         """The buffers over `now`, the gradients of `launch`'s runs (from the `first`-th
-        place on; `kinds`: their types), where they are torch tensors each in a run of its own and the last
-        step had buffers for them: taken by their memory, without a host view (which
-        costs a DLPack export): the same tensor's or, in a training loop, the next
-        gradient's (`_kept_grad`). Else None (`_grad` takes them one by one). A buffer
+        place on; `kinds`: their types), where they are torch tensors each in a run of
+        its own and the last step had buffers for them: taken by their memory, without a
+        host view (which costs a DLPack export): the same tensor's or, in a training loop,
+        the next gradient's (`_kept_grad`). Else None (`_grad` takes them one by one). A buffer
         over a tensor's memory fits the launch because the plan checked the tensor's
         fingerprint (shape, strides, dtype, device, negative bit: see `negated`): the one
         of the gradient the launch was laid out with, so its memory holds its values laid
